@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 CAHP_DATA_DIR ?= $(abspath ../shared/data)
 export CAHP_DATA_DIR
 export TOKENIZERS_PARALLELISM := false
+# OpenMP threads that spin while waiting slow everything down several-fold on shared cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install install-all demo test lint bench-finetune bench-speedup clean
 

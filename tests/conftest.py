@@ -42,3 +42,43 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor", "scene", "music"]
+
+
+def tiny_bert_folder(folder: Path, layers: int = 2, heads: int = 4) -> Path:
+    """A tiny random BERT base model (no task head) saved with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from cahp.models import load_tokenizer, resolve_model
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=8 * heads,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_task_folder(folder: Path, examples: int = 48) -> Path:
+    """A 3-class toy task: train (all), validation (first 16), test (next 16) as JSON lines."""
+    rows = [
+        {
+            "text": " ".join(WORDS[(i * 7 + j) % 10] for j in range(3 + i % 5)),
+            "label": int(i % 10 < 5) + i % 2,
+        }
+        for i in range(examples)
+    ]
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "validation.jsonl", rows[:16])
+    write_jsonl(folder / "test.jsonl", rows[16:32])
+    return folder

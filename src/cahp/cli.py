@@ -131,6 +131,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("prune")
+def _prune(args: argparse.Namespace) -> int:
+    from cahp.pipeline import PruneConfig, prune, summary
+    from cahp.selection.cahp import CAHPSettings
+
+    config = PruneConfig(
+        model=args.model,
+        task=_task_options(args),
+        method=args.method,
+        cahp=CAHPSettings(
+            metric=args.metric,
+            embedding=args.embedding,
+            poly_degree=args.poly_degree,
+            representative=args.representative,
+            allow_empty_layers=args.allow_empty_layers,
+            keep=args.keep,
+            sparsity=args.sparsity,
+            seed=args.seed,
+        ),
+        calibration_size=args.calibration_size,
+        salience_fraction=args.salience_fraction,
+        recovery=_training_config(args, prefix="recovery_"),
+        recovery_max_examples=args.recovery_max_examples,
+        gqa_mode=args.gqa_mode,
+    )
+    report = prune(config, args.out, overwrite=args.overwrite, command=_command_line())
+    print(summary(report))
+    print(f"pruned model, report.json and plots saved to {args.out}")
+    return 0
+
+
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
     from cahp.demo import run_demo
@@ -159,6 +190,24 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_choices() -> list[str]:
+    from cahp.scoring import available_scorers
+
+    return ["cahp", *available_scorers()]
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    from cahp.bench import BenchConfig, run_bench
+
+    config = BenchConfig.from_file(args.config)
+    if args.out is not None:
+        config.out = args.out
+    result = run_bench(config, progress=not args.quiet)
+    print(f"{result['cells']} cells ({result['computed']} computed now); summary: {result['summary']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cahp",
@@ -183,6 +232,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
     _add_task_arguments(evaluate)
 
+    prune = sub.add_parser("prune", help="prune attention heads (CAHP), recover, report")
+    prune.add_argument("--model", required=True, help="a fine-tuned classifier folder")
+    prune.add_argument("--out", required=True, help="output folder (refused if it exists)")
+    prune.add_argument("--overwrite", action="store_true", help="replace --out once the run finishes")
+    prune.add_argument(
+        "--method",
+        default="cahp",
+        choices=_method_choices(),
+        help="cahp (clusters; finds k* itself) or a head scorer + global top-K (needs --keep or --sparsity)",
+    )
+    group = prune.add_argument_group("CAHP")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, default=None, help="keep K heads (default: the knee decides)")
+    budget.add_argument("--sparsity", type=float, default=None, help="remove this share of heads")
+    group.add_argument("--calibration-size", type=int, default=None, help="signature examples (default: all)")
+    group.add_argument("--salience-fraction", type=float, default=0.25, help="share of batches for salience")
+    group.add_argument("--metric", default="jm", choices=["jm", "bhattacharyya"])
+    group.add_argument("--embedding", default="tsne", choices=["tsne", "none"])
+    group.add_argument("--poly-degree", type=int, default=6)
+    group.add_argument("--representative", default="salience", choices=["salience", "medoid"])
+    group.add_argument("--allow-empty-layers", action="store_true", help="a layer may lose every head")
+    group.add_argument("--gqa-mode", default="groups", choices=["groups", "uniform"])
+    recovery = prune.add_argument_group("recovery fine-tune (0 epochs: retraining-free)")
+    recovery.add_argument("--recovery-epochs", type=float, default=3.0)
+    recovery.add_argument("--recovery-learning-rate", type=float, default=2e-5)
+    recovery.add_argument("--recovery-max-examples", type=int, default=None)
+    _add_task_arguments(prune)
+    group = prune.add_argument_group("training")
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--warmup-ratio", type=float, default=0.1)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--checkpoint-every", type=int, default=200)
+
+    bench = sub.add_parser("bench", help="compare pruning methods over budgets and seeds (resumable)")
+    bench.add_argument("--config", required=True, help="JSON file: model, task, methods, budgets, seeds, ...")
+    bench.add_argument("--out", default=None, help="output folder (default: the config's out)")
+    bench.add_argument("--quiet", action="store_true", help="no progress messages")
+
     demo = sub.add_parser("demo", help="the main job on the embedded default (MiniLM-L6 on SST-5)")
     demo.add_argument("--data-dir", default=None)
     demo.add_argument("--refresh", action="store_true", help="redo the cached fine-tuning")
@@ -195,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Spinning OpenMP threads slow training several-fold when other processes share the cores (set before
+    # torch is imported; export OMP_WAIT_POLICY=ACTIVE to override).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_transformers()
     try:
         return COMMANDS[args.command](args)

@@ -159,9 +159,7 @@ def test_interpolation_matrices_rows_sum_to_one_and_ignore_padding() -> None:
 def test_bhattacharyya_and_jm_hand_values() -> None:
     # Equal variances 1, means 0 and 2: B = 1/4 * 4 / 2 + 1/2 ln(1) = 0.5.
     assert bhattacharyya_distance(0.0, 1.0, 2.0, 1.0) == pytest.approx(0.5, abs=1e-15)
-    assert jeffries_matusita_distance(0.0, 1.0, 2.0, 1.0) == pytest.approx(
-        2 * (1 - math.exp(-0.5)), abs=1e-15
-    )
+    assert jeffries_matusita_distance(0.0, 1.0, 2.0, 1.0) == pytest.approx(2 * (1 - math.exp(-0.5)), abs=1e-15)
     # Equal means, variances 1 and 4: B = 1/2 ln(5 / (2 * 2)).
     assert bhattacharyya_distance(1.0, 1.0, 1.0, 4.0) == pytest.approx(0.5 * math.log(1.25), abs=1e-15)
     # Variance floor 1e-6: zero variances behave like 1e-6 (and NaN, an undefined variance, too).
@@ -196,9 +194,7 @@ def test_separability_profiles_layout_and_missing_classes() -> None:
     assert profiles.shape == (n_heads, n_features * len(pairs))
     for p, (a, b) in enumerate(pairs):  # pair-major: block p holds the D features of pair p
         block = profiles[:, p * n_features : (p + 1) * n_features]
-        np.testing.assert_allclose(
-            block, jeffries_matusita_distance(means[a], variances[a], means[b], variances[b])
-        )
+        np.testing.assert_allclose(block, jeffries_matusita_distance(means[a], variances[a], means[b], variances[b]))
     bhat = separability_profiles(means, variances, metric="bhattacharyya")
     np.testing.assert_allclose(profiles, 2 * (1 - np.exp(-bhat)), rtol=1e-12)
     means[2] = np.nan  # class 2 never seen

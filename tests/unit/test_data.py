@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import write_jsonl
 
 from cahp.data import encode_split, iter_batches, load_task, stratified_holdout
 from cahp.errors import DataError
+from tests.conftest import write_jsonl
 
 ROWS = [{"text": f"example number {i}", "label": i % 3} for i in range(30)]
 

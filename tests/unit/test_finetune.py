@@ -7,49 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import write_jsonl
 
 from cahp.errors import ModelNotFoundError, OutputExistsError
 from cahp.train import FinetuneConfig, TaskOptions, TrainingConfig, finetune
-
-WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor", "scene", "music"]
-
-
-def _tiny_classifier_folder(folder: Path) -> Path:
-    from transformers import BertConfig, BertModel
-
-    from cahp.models import load_tokenizer, resolve_model
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)  # a base model: finetune adds the task head
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.conftest import tiny_bert_folder, tiny_task_folder
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    model = _tiny_classifier_folder(root / "tiny-bert")
-    rows = [
-        {
-            "text": " ".join(WORDS[(i * 7 + j) % 10] for j in range(3 + i % 5)),
-            "label": int(i % 10 < 5) + i % 2,
-        }
-        for i in range(48)
-    ]
-    write_jsonl(root / "task" / "train.jsonl", rows)
-    write_jsonl(root / "task" / "validation.jsonl", rows[:16])
-    write_jsonl(root / "task" / "test.jsonl", rows[16:32])
-    return model, root / "task"
+    return tiny_bert_folder(root / "tiny-bert"), tiny_task_folder(root / "task")
 
 
 def _config(model: Path, task: Path) -> FinetuneConfig:

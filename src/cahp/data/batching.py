@@ -39,9 +39,7 @@ def encode_split(tokenizer: Any, split: TextSplit, max_length: int = 128) -> Enc
     return EncodedSplit(features, split.labels)
 
 
-def collate(
-    tokenizer: Any, features: list[dict[str, list[int]]], labels: np.ndarray | None
-) -> dict[str, Any]:
+def collate(tokenizer: Any, features: list[dict[str, list[int]]], labels: np.ndarray | None) -> dict[str, Any]:
     """Pad one batch to its longest example and return tensors (``labels`` included when given)."""
     batch = tokenizer.pad(features, padding=True, return_tensors="pt")
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -259,9 +259,7 @@ def _load_hub(
     except Exception as error:  # offline, unknown id, ... all mean "not found here"
         raise DataError(f"hub dataset {path!r}{f' ({config})' if config else ''}: {error}") from error
     return {
-        split: _rows_to_split(
-            dataset[hub_split].to_list(), split, text_columns, label_column, None, f"hub {path}"
-        )
+        split: _rows_to_split(dataset[hub_split].to_list(), split, text_columns, label_column, None, f"hub {path}")
         for split, hub_split in split_names.items()
         if hub_split in dataset
     }
@@ -305,9 +303,7 @@ def _finish_mnli(splits: dict[str, TextSplit], protocol: str, source: str) -> Ta
         )
     else:
         raise DataError(f"unknown MNLI protocol {protocol!r}: use auto, standard or offline")
-    return TaskData(
-        "mnli", spec.num_labels, list(spec.label_names), spec.text_columns, final, source, protocol, notes
-    )
+    return TaskData("mnli", spec.num_labels, list(spec.label_names), spec.text_columns, final, source, protocol, notes)
 
 
 def _load_builtin(spec: TaskSpec, data_dir: str | os.PathLike[str] | None, protocol: str) -> TaskData:
@@ -354,9 +350,7 @@ def _load_custom(
         files = {split: _find_split_file(folder, split) for split in CANONICAL_SPLITS}
         files = {split: path for split, path in files.items() if path is not None}
         if "train" not in files and "test" not in files and "validation" not in files:
-            raise DataError(
-                f"folder {folder} holds no train/validation/test file (.jsonl[.gz], .json[.gz], .csv[.gz])"
-            )
+            raise DataError(f"folder {folder} holds no train/validation/test file (.jsonl[.gz], .json[.gz], .csv[.gz])")
         raw = {split: _read_rows(path) for split, path in files.items()}
         source = str(folder)
     elif folder.is_file():
@@ -391,15 +385,11 @@ def _load_custom(
     label_to_id = None
     train_rows = raw.get("train") or first_rows
     if label_column in train_rows[0] and not all(
-        isinstance(row[label_column], int) or str(row[label_column]).lstrip("-").isdigit()
-        for row in train_rows
+        isinstance(row[label_column], int) or str(row[label_column]).lstrip("-").isdigit() for row in train_rows
     ):
         names = sorted({str(row[label_column]) for row in train_rows})
         label_to_id = {name: i for i, name in enumerate(names)}
-        raw = {
-            split: [{**row, label_column: str(row[label_column])} for row in rows]
-            for split, rows in raw.items()
-        }
+        raw = {split: [{**row, label_column: str(row[label_column])} for row in rows] for split, rows in raw.items()}
     splits = {
         split: _rows_to_split(rows, split, text_columns, label_column, label_to_id, source)
         for split, rows in raw.items()

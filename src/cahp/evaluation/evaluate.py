@@ -46,9 +46,7 @@ def evaluate(
     results = {}
     for name, split in chosen.items():
         encoded = encode_split(tokenizer, split, task.max_length)
-        results[name] = evaluate_split(
-            classifier, tokenizer, encoded, batch_size, progress, f"evaluate {name}"
-        )
+        results[name] = evaluate_split(classifier, tokenizer, encoded, batch_size, progress, f"evaluate {name}")
     report: dict[str, Any] = {
         "model": str(model),
         "task": data.describe(),
@@ -57,7 +55,5 @@ def evaluate(
         "results": results,
     }
     if data.name == "mnli":
-        report["mnli"] = {
-            MNLI_SPLIT_NAMES[data.protocol][k]: results[k]["accuracy"] for k in ("validation", "test")
-        }
+        report["mnli"] = {MNLI_SPLIT_NAMES[data.protocol][k]: results[k]["accuracy"] for k in ("validation", "test")}
     return report

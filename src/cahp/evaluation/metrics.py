@@ -65,7 +65,5 @@ def evaluate_split(
     logits = predict_logits(model, tokenizer, data, batch_size, progress, desc)
     seconds = time.perf_counter() - start
     metrics = classification_metrics(data.labels, logits.argmax(-1))
-    metrics.update(
-        examples=len(data), seconds=round(seconds, 3), examples_per_second=round(len(data) / seconds, 2)
-    )
+    metrics.update(examples=len(data), seconds=round(seconds, 3), examples_per_second=round(len(data) / seconds, 2))
     return metrics

@@ -1,4 +1,14 @@
-"""Head scoring. For now: the class-separability profiles used by CAHP."""
+"""Head scoring: interchangeable scorers behind one small interface, registered by a decorator.
+
+``get_scorer(name, **settings).score(model, tokenizer, data, num_labels)`` gives ``[layers, heads]`` scores
+(higher = keep). Built-in: ``random`` (control), ``magnitude``, ``entropy``, ``gradient`` (Michel et al.),
+``hies``, ``attattr`` (Hao et al.), ``l0`` (Voita et al.), ``dsp`` (Li et al.), ``fisher`` (Kwon et al.).
+Also here: the class-separability profiles used by CAHP.
+
+The scorer interface is imported on first use, so ``import cahp.scoring`` stays light (NumPy only).
+"""
+
+from typing import Any
 
 from cahp.scoring.separability import (
     bhattacharyya_distance,
@@ -7,4 +17,24 @@ from cahp.scoring.separability import (
     separability_profiles,
 )
 
-__all__ = ["bhattacharyya_distance", "class_pairs", "jeffries_matusita_distance", "separability_profiles"]
+_LAZY = ("HeadScorer", "available_scorers", "get_scorer", "register_scorer", "scorer_class")
+
+__all__ = [
+    "HeadScorer",
+    "available_scorers",
+    "bhattacharyya_distance",
+    "class_pairs",
+    "get_scorer",
+    "jeffries_matusita_distance",
+    "register_scorer",
+    "scorer_class",
+    "separability_profiles",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from cahp.scoring import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'cahp.scoring' has no attribute {name!r}")

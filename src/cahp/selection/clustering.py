@@ -245,12 +245,8 @@ def sweep_k(
     for position, k in enumerate(ks.tolist()):
         clustering = cluster_heads(distances, k, seed)
         clusterings[k] = clustering
-        mss[position] = mean_simplified_silhouette(
-            distances, clustering.labels, clustering.medoids, exclude_zero_intra
-        )
+        mss[position] = mean_simplified_silhouette(distances, clustering.labels, clustering.medoids, exclude_zero_intra)
         if early_stop and mss[position] == 1.0:
             stopped_at = k
             break
-    return KSweep(
-        ks=ks, mss=mss, clusterings=clusterings, stopped_at=stopped_at, distances=distances, seed=seed
-    )
+    return KSweep(ks=ks, mss=mss, clusterings=clusterings, stopped_at=stopped_at, distances=distances, seed=seed)

@@ -103,9 +103,7 @@ def find_knee(
     ks = np.asarray(ks, dtype=np.float64).reshape(-1)
     mss = np.asarray(mss, dtype=np.float64).reshape(-1)
     if ks.shape != mss.shape or ks.size == 0:
-        raise CahpError(
-            f"find_knee needs equally long, non-empty ks and mss; got {ks.size} ks and {mss.size} values."
-        )
+        raise CahpError(f"find_knee needs equally long, non-empty ks and mss; got {ks.size} ks and {mss.size} values.")
     if ks.size > 1 and np.any(np.diff(ks) <= 0):
         raise CahpError("find_knee needs strictly increasing ks.")
     if degree < 0:
@@ -129,9 +127,7 @@ def find_knee(
         "sensitivity": sensitivity,
     }
 
-    def fallback(
-        reason: str, kneedle_k: int | None = None, difference: np.ndarray | None = None
-    ) -> KneeResult:
+    def fallback(reason: str, kneedle_k: int | None = None, difference: np.ndarray | None = None) -> KneeResult:
         return KneeResult(
             k=int(int_ks[_first_argmax(mss)]),
             method="fallback",

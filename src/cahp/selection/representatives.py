@@ -170,9 +170,7 @@ def select_representatives(
     for layer, head in head_ids:
         all_heads[layer].add(head)
     kept_by_layer = {layer: sorted(kept[layer]) for layer in layers}
-    to_prune = {
-        layer: sorted(all_heads[layer] - kept[layer]) for layer in layers if all_heads[layer] - kept[layer]
-    }
+    to_prune = {layer: sorted(all_heads[layer] - kept[layer]) for layer in layers if all_heads[layer] - kept[layer]}
     return HeadSelection(
         kept_heads_by_layer=kept_by_layer,
         heads_to_prune=to_prune,

@@ -124,9 +124,7 @@ class StreamingMoments:
         if not other.is_fitted:
             return self
         if other.n_groups != self.n_groups:
-            raise CahpError(
-                f"cannot merge StreamingMoments with {other.n_groups} groups into {self.n_groups}."
-            )
+            raise CahpError(f"cannot merge StreamingMoments with {other.n_groups} groups into {self.n_groups}.")
         if not self.is_fitted:
             self._allocate(
                 other.feature_shape, other._mean.device if self.device is None else torch.device(self.device)
@@ -217,16 +215,12 @@ class StreamingMoments:
         )
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None
-    ) -> StreamingMoments:
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> StreamingMoments:
         """Read a state written by :meth:`save`."""
         with np.load(path) as data:
             state = {key: data[key] for key in ("n_groups", "count", "mean", "m2")}
         moments = cls(int(state["n_groups"]), device=device)
-        return moments.load_state_dict(
-            {k: (torch.from_numpy(v) if k != "n_groups" else v) for k, v in state.items()}
-        )
+        return moments.load_state_dict({k: (torch.from_numpy(v) if k != "n_groups" else v) for k, v in state.items()})
 
     def __repr__(self) -> str:
         shape = self.feature_shape if self.is_fitted else "unset"

@@ -67,9 +67,7 @@ def subsample(split: TextSplit, size: int | None, seed: int) -> TextSplit:
     taken = np.floor(quotas).astype(int)
     taken[np.argsort(taken - quotas)[: size - taken.sum()]] += 1  # largest remainders: exactly `size`
     rng = np.random.default_rng(seed)
-    chosen = [
-        rng.permutation(np.flatnonzero(split.labels == c))[:n] for c, n in zip(classes, taken, strict=True)
-    ]
+    chosen = [rng.permutation(np.flatnonzero(split.labels == c))[:n] for c, n in zip(classes, taken, strict=True)]
     return split.subset(np.sort(np.concatenate(chosen)))
 
 
@@ -99,9 +97,7 @@ def finetune(
     if torch.cuda.is_available():
         model.cuda()
     train_data = encode_split(tokenizer, train_split, config.task.max_length)
-    encoded_eval = {
-        name: encode_split(tokenizer, s, config.task.max_length) for name, s in eval_splits.items()
-    }
+    encoded_eval = {name: encode_split(tokenizer, s, config.task.max_length) for name, s in eval_splits.items()}
     start = time.perf_counter()
     history = train_model(
         model,
@@ -115,9 +111,7 @@ def finetune(
     )
     train_seconds = time.perf_counter() - start
     results = {
-        name: evaluate_split(
-            model, tokenizer, data, config.training.eval_batch_size, progress, f"evaluate {name}"
-        )
+        name: evaluate_split(model, tokenizer, data, config.training.eval_batch_size, progress, f"evaluate {name}")
         for name, data in encoded_eval.items()
     }
     metrics = {

@@ -57,9 +57,7 @@ def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
-def _linear_schedule(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)

@@ -1,0 +1,208 @@
+"""CAHP benchmark: k*, accuracy before pruning / after pruning / after recovery, wall time of each stage,
+and the speed targets of the selection stage.
+
+    python benchmarks/cahp_bench.py --speed                      # speed targets (MiniLM, full SST-5 train)
+    python benchmarks/cahp_bench.py --rows minilm-l6:sst5        # one pruning row (reference recipe)
+    python benchmarks/cahp_bench.py                              # every row
+
+Rows start from the fine-tuned baselines of ``finetune_baselines.py`` (made first when missing), prune with
+the reference settings (the knee decides k; signatures on the whole training split; recovery 3 epochs at
+2e-5) into ``$CAHP_HOME/cahp/<model>-<task>``, and are written to ``benchmarks/results/cahp.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_baselines import ensure_finetuned
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = [("minilm-l6", "sst5"), ("minilm-l6", "mnli"), ("mpnet-base", "sst5"), ("mpnet-base", "mnli")]
+
+
+def pruned_dir(model: str, task: str) -> Path:
+    home = Path(os.environ.get("CAHP_HOME", "~/.cache/cahp")).expanduser()
+    return home / "cahp" / f"{model}-{task}"
+
+
+def run_row(model: str, task: str) -> dict:
+    finetuned = ensure_finetuned(model, task)
+    out = pruned_dir(model, task)
+    command = ["cahp", "prune", "--model", str(finetuned), "--task", task, "--out", str(out)]
+    if task == "mnli":
+        command += ["--protocol", "offline"]
+    if not (out / "report.json").is_file():
+        print("$", shlex.join(command), flush=True)
+        subprocess.run([str(Path(sys.executable).with_name("cahp")), *command[1:]], check=True)
+    report = json.loads((out / "report.json").read_text())
+    accuracy = report["accuracy"]
+    shown = [
+        part.replace(str(finetuned), f"$CAHP_HOME/finetuned/{model}-{task}").replace(
+            str(out), f"$CAHP_HOME/cahp/{model}-{task}"
+        )
+        for part in command
+    ]
+    return {
+        "model": model,
+        "task": task,
+        "protocol": report["task"]["protocol"],
+        "heads_total": report["heads"]["total"],
+        "k_star": report["selection"]["k"],
+        "knee_method": report["selection"]["knee"]["method"],
+        "knee_fallback": report["selection"]["knee"]["fallback"],
+        "heads_kept": report["heads"]["kept"],
+        "test_before": accuracy["before_pruning"]["test"]["accuracy"],
+        "test_after_pruning": accuracy["after_pruning"]["test"]["accuracy"],
+        "test_after_recovery": accuracy["after_recovery"]["test"]["accuracy"],
+        "validation_after_recovery": accuracy["after_recovery"]["validation"]["accuracy"],
+        "measured_speedup": report["latency"]["measured_speedup"],
+        "flops_ideal_speedup": report["latency"]["flops_ideal_speedup"],
+        "stage_seconds": report["stage_seconds"],
+        "command": shlex.join(shown),
+    }
+
+
+def speed_targets(calibration_size: int | None) -> dict:
+    """Signature collection vs a plain forward pass over the same examples, and the whole selection stage
+    (signatures -> kept heads, no fine-tuning) for MiniLM on the SST-5 training split, measured in one run."""
+    import numpy as np
+    import torch
+
+    from cahp.data import encode_split, iter_batches, load_task
+    from cahp.models import load_classifier
+    from cahp.scoring.salience import gradient_salience
+    from cahp.selection.cahp import CAHPSelector, CAHPSettings
+    from cahp.signatures.collector import collect_signatures, eager_attention
+    from cahp.train.finetune import subsample
+
+    model_dir = ensure_finetuned("minilm-l6", "sst5")
+    task = load_task("sst5")
+    model, tokenizer = load_classifier(str(model_dir), task.num_labels)
+    split = subsample(task.split("train"), calibration_size, 42)
+    data = encode_split(tokenizer, split, 128)
+
+    @torch.inference_mode()
+    def plain_forward(eager: bool) -> float:
+        start = time.perf_counter()
+        if eager:
+            with eager_attention(model):
+                for _, batch in iter_batches(tokenizer, data, 32, sort_by_length=True):
+                    batch.pop("labels")
+                    model(**batch)
+        else:
+            for _, batch in iter_batches(tokenizer, data, 32, sort_by_length=True):
+                batch.pop("labels")
+                model(**batch)
+        return time.perf_counter() - start
+
+    plain_forward(False)  # warm-up
+    timings: dict[str, float] = {"plain_forward_default_attention": plain_forward(False)}
+    timings["plain_forward_eager_attention"] = plain_forward(True)
+    start = time.perf_counter()
+    moments = collect_signatures(model, tokenizer, data, task.num_labels, progress=False)
+    timings["signatures"] = time.perf_counter() - start
+    train = encode_split(tokenizer, task.split("train"), 128)
+    start = time.perf_counter()
+    salience = gradient_salience(model, tokenizer, train, progress=False)
+    timings["salience"] = time.perf_counter() - start
+    start = time.perf_counter()
+    selector = CAHPSelector(CAHPSettings()).fit(moments, np.asarray(salience))
+    timings["clustering_and_knee"] = time.perf_counter() - start
+    timings["selection_stage_total"] = timings["signatures"] + timings["salience"] + timings["clustering_and_knee"]
+    return {
+        "model": "minilm-l6",
+        "task": "sst5",
+        "examples": len(data),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "signatures_over_plain_forward": round(timings["signatures"] / timings["plain_forward_default_attention"], 3),
+        "signatures_over_eager_forward": round(timings["signatures"] / timings["plain_forward_eager_attention"], 3),
+        "target_signatures_over_forward": 1.5,
+        "target_selection_stage_seconds": 120,
+        "k_star": int(selector.k_),
+        "command": "python benchmarks/cahp_bench.py --speed",
+    }
+
+
+def write_table(results: dict) -> None:
+    lines = [
+        "# CAHP benchmark",
+        "",
+        "Machine: 2 CPU cores, no GPU. MNLI rows: offline protocol (see finetune_baselines.md).",
+        "",
+    ]
+    speed = results.get("speed")
+    if speed:
+        s = speed["seconds"]
+        lines += [
+            "## Speed targets (one run, ratios)",
+            "",
+            f"MiniLM-L6 on the SST-5 training split ({speed['examples']} examples, {speed['torch_threads']} threads):",
+            "",
+            "| measure | seconds | target |",
+            "|---|---:|---|",
+            f"| plain forward (default attention) | {s['plain_forward_default_attention']} | |",
+            f"| plain forward (eager attention) | {s['plain_forward_eager_attention']} | |",
+            f"| signature collection | {s['signatures']} | <= 1.5 x plain forward: "
+            f"**{speed['signatures_over_plain_forward']}x** "
+            f"(vs eager forward: {speed['signatures_over_eager_forward']}x) |",
+            f"| gradient salience (25% of batches) | {s['salience']} | |",
+            f"| t-SNE + MSS sweep + knee + selection | {s['clustering_and_knee']} | |",
+            f"| whole selection stage | {s['selection_stage_total']} | < 120 s |",
+            "",
+            f"Command: `{speed['command']}`",
+            "",
+        ]
+    rows = [r for key, r in results.items() if key != "speed"]
+    if rows:
+        lines += [
+            "## Pruning runs (reference settings: knee decides k, full training split, recovery 3 epochs)",
+            "",
+            "| model | task | heads kept / total | k* (how) | test before | after pruning | after recovery "
+            "| speedup measured / ideal | signatures s | salience s | selection s | recovery s |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            s = r["stage_seconds"]
+            how = r["knee_method"] if not r["knee_fallback"] else f"fallback: {r['knee_fallback']}"
+            lines.append(
+                f"| {r['model']} | {r['task']} ({r['protocol']}) | {r['heads_kept']} / {r['heads_total']} "
+                f"| {r['k_star']} ({how}) | {r['test_before']:.4f} | {r['test_after_pruning']:.4f} "
+                f"| {r['test_after_recovery']:.4f} | {r['measured_speedup']:.2f}x / {r['flops_ideal_speedup']:.2f}x "
+                f"| {s.get('signatures', '')} | {s.get('salience', '')} | {s.get('selection', '')} "
+                f"| {s.get('recovery', '')} |"
+            )
+        lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
+    (RESULTS / "cahp.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=None, help="model:task pairs (default: all)")
+    parser.add_argument("--speed", action="store_true", help="measure the speed targets only")
+    parser.add_argument("--calibration-size", type=int, default=None, help="for --speed (default: all)")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    results_file = RESULTS / "cahp.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.speed:
+        results["speed"] = speed_targets(args.calibration_size)
+    else:
+        for model, task in [tuple(r.split(":")) for r in args.rows] if args.rows else ROWS:
+            results[f"{model}:{task}"] = run_row(model, task)
+            results_file.write_text(json.dumps(results, indent=2) + "\n")
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    write_table(results)
+
+
+if __name__ == "__main__":
+    main()

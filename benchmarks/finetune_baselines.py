@@ -1,0 +1,110 @@
+"""Fine-tuning baselines: the dense classifiers that every pruning benchmark starts from.
+
+Each row fine-tunes one model on one task with the command printed in the table, into
+``$CAHP_HOME/finetuned/<model>-<task>`` (reused when it is already there: rerunning resumes or skips), and
+records validation and test accuracy and wall time in ``benchmarks/results/finetune_baselines.{json,md}``.
+
+    python benchmarks/finetune_baselines.py                    # every row
+    python benchmarks/finetune_baselines.py --rows minilm-l6:sst5 mpnet-base:mnli
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: (model, task) -> extra `cahp finetune` arguments. MNLI runs under the offline protocol here.
+ROWS: dict[tuple[str, str], list[str]] = {
+    ("minilm-l6", "sst5"): ["--epochs", "3", "--learning-rate", "5e-5"],
+    ("minilm-l6", "mnli"): ["--epochs", "3", "--learning-rate", "5e-5", "--protocol", "offline"],
+    ("mpnet-base", "sst5"): ["--epochs", "2", "--learning-rate", "2e-5"],
+    ("mpnet-base", "mnli"): ["--epochs", "1", "--learning-rate", "3e-5", "--protocol", "offline"],
+}
+
+
+def finetuned_dir(model: str, task: str) -> Path:
+    home = Path(os.environ.get("CAHP_HOME", "~/.cache/cahp")).expanduser()
+    return home / "finetuned" / f"{model}-{task}"
+
+
+def finetune_command(model: str, task: str) -> list[str]:
+    out = finetuned_dir(model, task)
+    return ["cahp", "finetune", "--model", model, "--task", task, "--out", str(out), *ROWS[(model, task)]]
+
+
+def ensure_finetuned(model: str, task: str) -> Path:
+    """Fine-tune (model, task) unless its folder is already complete; return the folder."""
+    out = finetuned_dir(model, task)
+    if not (out / "metrics.json").is_file():
+        command = finetune_command(model, task)
+        print("$", shlex.join(command), flush=True)
+        cahp = Path(sys.executable).with_name("cahp")
+        subprocess.run([str(cahp), *command[1:]], check=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=None, help="model:task pairs (default: all)")
+    args = parser.parse_args()
+    rows = [tuple(r.split(":")) for r in args.rows] if args.rows else list(ROWS)
+    RESULTS.mkdir(exist_ok=True)
+    results_file = RESULTS / "finetune_baselines.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for model, task in rows:
+        start = time.perf_counter()
+        out = ensure_finetuned(model, task)
+        metrics = json.loads((out / "metrics.json").read_text())
+        command = finetune_command(model, task)
+        command[command.index("--out") + 1] = f"$CAHP_HOME/finetuned/{model}-{task}"
+        results[f"{model}:{task}"] = {
+            "model": model,
+            "task": task,
+            "protocol": metrics["task"]["protocol"],
+            "train_examples": metrics["train_examples"],
+            "validation_accuracy": metrics["results"]["validation"]["accuracy"],
+            "test_accuracy": metrics["results"]["test"]["accuracy"],
+            "test_macro_f1": metrics["results"]["test"]["macro_f1"],
+            "train_seconds": metrics["train_seconds"],
+            "history": metrics["history"],
+            "command": shlex.join(command),
+            "wall_seconds_this_invocation": round(time.perf_counter() - start, 1),
+        }
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+    write_table(results)
+
+
+def write_table(results: dict) -> None:
+    lines = [
+        "# Fine-tuning baselines",
+        "",
+        "Dense classifiers that every pruning benchmark starts from. Machine: 2 CPU cores, no GPU.",
+        "MNLI rows use the **offline protocol** (no MNLI train split offline): fine-tuned on",
+        "validation_matched minus a label-stratified 10% (validation = that 10%), tested on",
+        "validation_mismatched. SST-5: standard splits (train 8,544 / validation 1,101 / test 2,210).",
+        "",
+        "| model | task | protocol | train examples | validation acc | test acc | test macro-F1 | train time |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in results.values():
+        lines.append(
+            f"| {row['model']} | {row['task']} | {row['protocol']} | {row['train_examples']} "
+            f"| {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | {row['test_macro_f1']:.4f} "
+            f"| {row['train_seconds'] / 60:.1f} min |"
+        )
+    lines += ["", "Commands (each reproduces its row; `make bench-finetune` runs them all):", ""]
+    lines += [f"- `{row['command']}`" for row in results.values()]
+    (RESULTS / "finetune_baselines.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

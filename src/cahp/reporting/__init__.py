@@ -1,0 +1,1 @@
+"""Results: JSON reports, markdown tables and plots (they read results, never recompute them)."""

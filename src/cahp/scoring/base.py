@@ -1,0 +1,227 @@
+"""The head-scorer interface, its registry, and the helpers every scorer shares.
+
+A scorer follows scikit-learn's shape: ``__init__`` only stores settings (``seed`` among them), and
+:meth:`HeadScorer.score` does the work, sets ``scores_`` ``[layers, heads]`` (higher = keep, finite, original
+head numbering) and returns it. Scoring never changes a model: weights are only read, and the
+``requires_grad`` flags, the train/eval mode of every module and the attention implementation are restored
+afterwards. :class:`~cahp.scoring.random.RandomScorer` is both the control baseline and the spec of this
+contract.
+
+Adding a method is one file::
+
+    @register_scorer("mine")
+    class MyScorer(HeadScorer):
+        def __init__(self, *, alpha: float = 1.0, seed: int = 0) -> None:
+            super().__init__(seed=seed)
+            self.alpha = alpha
+
+        def _score(self, model, tokenizer, data, num_labels) -> np.ndarray:
+            ...  # [layers, heads]
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from cahp.adapters import get_adapter
+from cahp.data.batching import EncodedSplit
+from cahp.errors import CahpError
+from cahp.signatures.collector import eager_attention
+from cahp.surgery import is_pruned
+
+#: Modules of the built-in scorers, imported on the first registry look-up (keeps ``import cahp.scoring``
+#: light and free of import cycles).
+BUILTIN_MODULES = ("attattr", "dsp", "entropy", "fisher", "gradient", "hies", "l0", "magnitude", "random")
+
+
+class HeadScorer:
+    """Base class: scores every attention head of an unpruned classifier.
+
+    Class attributes:
+        name: the registry name (set by :func:`register_scorer`).
+        deterministic: the method has no randomness of its own (``seed`` at most picks which examples or
+            batches are used), so one seed is enough in a benchmark.
+        budget_aware: the scores depend on the number of heads to keep (setting ``keep``).
+
+    Learned state: ``scores_`` ``[layers, heads]`` float64.
+    """
+
+    name: ClassVar[str] = ""
+    deterministic: ClassVar[bool] = False
+    budget_aware: ClassVar[bool] = False
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+
+    def get_settings(self) -> dict[str, Any]:
+        """The constructor arguments as stored (JSON-ready for the built-in scorers)."""
+        parameters = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in parameters if name != "self"}
+
+    def score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+        """Score every head of ``model`` on ``data``.
+
+        Args:
+            model: an unpruned classifier with a registered adapter (left exactly as it was given).
+            tokenizer: its tokenizer (pads the batches).
+            data: the calibration examples and their gold labels.
+            num_labels: number of classes.
+
+        Returns:
+            ``scores_``: ``[layers, heads]`` float64, higher = keep.
+
+        Raises:
+            CahpError: a pruned model, or a scorer that produced a wrong shape or non-finite scores.
+        """
+        adapter = get_adapter(model)
+        expected = (adapter.num_layers(model), adapter.num_heads(model))
+        if is_pruned(model):
+            raise CahpError(f"scorer {self.name!r} needs an unpruned model; score the model before pruning it")
+        with preserved_model(model):
+            scores = np.asarray(self._score(model, tokenizer, data, num_labels), dtype=np.float64)
+        if scores.shape != expected:
+            raise CahpError(f"scorer {self.name!r} returned shape {list(scores.shape)}, expected {list(expected)}")
+        if not np.all(np.isfinite(scores)):
+            raise CahpError(f"scorer {self.name!r} returned non-finite scores")
+        self.scores_ = scores
+        return scores
+
+    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+        """The method itself: ``[layers, heads]``. Runs with every parameter frozen and the model in eval mode."""
+        raise NotImplementedError
+
+
+# ---- registry ------------------------------------------------------------------------------------------------
+
+_SCORERS: dict[str, type[HeadScorer]] = {}
+Scorer = TypeVar("Scorer", bound=type[HeadScorer])
+
+
+def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+    """Class decorator: register a :class:`HeadScorer` subclass under ``name`` (later registrations win)."""
+
+    def register(cls: Scorer) -> Scorer:
+        if not (isinstance(cls, type) and issubclass(cls, HeadScorer)):
+            raise TypeError(f"@register_scorer({name!r}) needs a HeadScorer subclass, got {cls!r}")
+        cls.name = name
+        _SCORERS[name] = cls
+        return cls
+
+    return register
+
+
+def _load_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(f"cahp.scoring.{module}")
+
+
+def available_scorers() -> list[str]:
+    """Every registered scorer name, sorted."""
+    _load_builtins()
+    return sorted(_SCORERS)
+
+
+def scorer_class(name: str) -> type[HeadScorer]:
+    """The class registered under ``name``.
+
+    Raises:
+        CahpError: no scorer has that name (the message lists the available ones).
+    """
+    _load_builtins()
+    if name not in _SCORERS:
+        raise CahpError(f"unknown head scorer {name!r}; available: {', '.join(sorted(_SCORERS))}")
+    return _SCORERS[name]
+
+
+def get_scorer(name: str, **settings: Any) -> HeadScorer:
+    """A new scorer ``name`` built with ``settings`` (unknown settings raise :class:`CahpError`)."""
+    cls = scorer_class(name)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise CahpError(f"scorer {name!r} has no setting(s) {unknown}; its settings are {sorted(accepted)}")
+    return cls(**settings)
+
+
+# ---- helpers shared by the scorers --------------------------------------------------------------------------
+
+
+@contextmanager
+def preserved_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Freeze every parameter and switch to eval mode; restore both flags (per parameter/module) on exit."""
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    training = [(m, m.training) for m in model.modules()]
+    for parameter, _ in requires_grad:
+        parameter.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+        for module, flag in training:
+            module.training = flag
+
+
+def head_grid(model: PreTrainedModel) -> tuple[int, int]:
+    """``(layers, heads)`` of the original model."""
+    adapter = get_adapter(model)
+    return adapter.num_layers(model), adapter.num_heads(model)
+
+
+def take_examples(data: EncodedSplit, max_examples: int | None, seed: int) -> EncodedSplit:
+    """At most ``max_examples`` examples: a seeded random subset in original order (all when ``None``)."""
+    if max_examples is None or max_examples >= len(data):
+        return data
+    if max_examples <= 0:
+        raise CahpError(f"max_examples must be positive, got {max_examples}")
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(data))[:max_examples])
+    return EncodedSplit([data.features[i] for i in chosen], data.labels[chosen])
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+@contextmanager
+def captured_attention(model: PreTrainedModel) -> Iterator[tuple[list[torch.Tensor | None], dict[str, Any]]]:
+    """Record every layer's attention probabilities ``[batch, heads, query, key]`` during forwards.
+
+    Yields ``(probabilities, forward_kwargs)``: ``probabilities[layer]`` holds the last forward's map of
+    that layer (the very tensor the layer multiplied with its values, so gradients can be taken w.r.t. it);
+    pass ``forward_kwargs`` to the model call (MPNet needs ``output_attentions=True``).
+    """
+    adapter = get_adapter(model)
+    probabilities: list[torch.Tensor | None] = [None] * adapter.num_layers(model)
+
+    def make_hook(layer: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not (isinstance(output, tuple) and len(output) > 1 and output[1] is not None):
+                raise CahpError(f"layer {layer} returned no attention probabilities (eager attention needed)")
+            probabilities[layer] = output[1]
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(adapter.attention_modules(model))]
+    extra = {"output_attentions": True} if adapter.probs_need_output_attentions else {}
+    try:
+        with eager_attention(model):
+            yield probabilities, extra
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def minmax(values: np.ndarray) -> np.ndarray:
+    """Global min-max scaling to ``[0, 1]``; all-equal values become 1."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    return np.ones_like(values) if not high > low else (values - low) / (high - low)

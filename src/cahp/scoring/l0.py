@@ -1,0 +1,102 @@
+"""L0 head gates of Voita et al. (2019), "Analyzing Multi-Head Self-Attention: Specialized Heads Do the
+Heavy Lifting, the Rest Can Be Pruned".
+
+Every head gets a stochastic Hard Concrete gate (Louizos et al. 2018) with a learned ``log_alpha``: draw
+``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``, gate
+``z = clamp(s (zeta - gamma) + gamma, 0, 1)`` with ``beta = 2/3``, ``gamma = -0.1``, ``zeta = 1.1``. The gates
+multiply the heads' contexts (:func:`cahp.surgery.head_mask`) of the FROZEN model, and only ``log_alpha`` is
+trained (Adam) on
+
+    cross-entropy + penalty * sum_h P(z_h != 0),  P(z_h != 0) = sigmoid(log_alpha_h - beta log(-gamma / zeta))
+
+(the expected L0 norm, summed over heads as in the paper). Heads are ranked by that open probability.
+Voita et al. also update the weights; here the model stays frozen so every method scores the same network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from cahp.data.batching import EncodedSplit, iter_batches
+from cahp.evaluation.metrics import model_device
+from cahp.scoring.base import HeadScorer, head_grid, register_scorer, take_examples, to_device
+from cahp.surgery import head_mask
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
+
+
+def endless_batches(tokenizer: Any, data: EncodedSplit, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Seeded shuffled batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        for _, batch in iter_batches(tokenizer, data, batch_size, shuffle=True, seed=seed, epoch=epoch):
+            yield batch
+        epoch += 1
+
+
+def hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One sample of the Hard Concrete gates, same shape as ``log_alpha``, values in ``[0, 1]``."""
+    u = torch.rand(log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(log_alpha.device)
+    s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    """``P(gate != 0)``, the expected L0 norm of each gate."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+@register_scorer("l0")
+class L0GateScorer(HeadScorer):
+    """Open probability of Hard Concrete head gates trained with an L0 penalty on the frozen model.
+
+    Args:
+        penalty: ``lambda``, weight of the expected number of open gates (default 0.01 per head).
+        steps: optimisation steps (default 150).
+        learning_rate: Adam learning rate for ``log_alpha`` (default 0.1).
+        init_log_alpha: initial ``log_alpha`` (default 3.0: every gate open with probability ~0.99).
+        batch_size: examples per step.
+        max_examples: train on at most this many examples (seeded subset); ``None`` = all the data given.
+        seed: gate noise, subset and batch order.
+    """
+
+    def __init__(
+        self,
+        *,
+        penalty: float = 0.01,
+        steps: int = 150,
+        learning_rate: float = 0.1,
+        init_log_alpha: float = 3.0,
+        batch_size: int = 16,
+        max_examples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(seed=seed)
+        self.penalty = penalty
+        self.steps = steps
+        self.learning_rate = learning_rate
+        self.init_log_alpha = init_log_alpha
+        self.batch_size = batch_size
+        self.max_examples = max_examples
+
+    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+        device = model_device(model)
+        generator = torch.Generator().manual_seed(self.seed)
+        log_alpha = torch.full(head_grid(model), float(self.init_log_alpha), device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([log_alpha], lr=self.learning_rate)
+        batches = endless_batches(tokenizer, take_examples(data, self.max_examples, self.seed), self.batch_size, self.seed)
+        for _ in range(self.steps):
+            gates = hard_concrete(log_alpha, generator)
+            with head_mask(model, gates):
+                loss = model(**to_device(next(batches), device)).loss
+            loss = loss + self.penalty * open_probability(log_alpha).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return open_probability(log_alpha.detach()).double().cpu().numpy()

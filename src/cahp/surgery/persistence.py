@@ -1,0 +1,109 @@
+"""Saving and reloading pruned models.
+
+Saving needs nothing special: ``model.save_pretrained(folder)`` writes the smaller weights and the pruning
+record (``cahp_kept_heads``, ``cahp_kept_kv_heads``) inside ``config.json``.
+
+A plain ``AutoModel...from_pretrained(folder)`` builds the ORIGINAL shapes from the config and refuses the
+smaller weights (size-mismatch error). :func:`load_pruned` is the one-liner for both pruned and unpruned
+folders::
+
+    from cahp.surgery import load_pruned
+    model = load_pruned("runs/minilm-pruned")          # any from_pretrained keyword: dtype, device_map, ...
+
+For a pruned folder it runs the ordinary ``from_pretrained`` of ``config.architectures[0]`` through a
+throw-away subclass whose ``__init__`` shrinks the freshly built (meta-device) model to the recorded
+structure BEFORE any weight is read, so transformers' own loading (key renames, shards, dtype, device map)
+applies unchanged; the model is handed back as an instance of the original class. Any missing, unexpected
+or mis-shaped weight is a :class:`~cahp.errors.PrunedModelError`.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from os import PathLike
+from typing import Any
+
+import transformers
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from cahp.errors import ModelNotFoundError, PrunedModelError, PruningError
+from cahp.surgery.removal import KEPT_HEADS_KEY, KEPT_KV_HEADS_KEY, apply_kept_heads, is_pruned
+
+
+def load_pruned(path: str | PathLike[str], **from_pretrained_kwargs: Any) -> PreTrainedModel:
+    """Load a folder written by ``save_pretrained``, pruned or not, in eval mode.
+
+    Args:
+        path: folder (or hub id) with ``config.json`` and the weights.
+        **from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``attn_implementation``,
+            ``device_map``, ``config``, ...); ``ignore_mismatched_sizes`` and ``output_loading_info`` are
+            not accepted for pruned folders.
+
+    Raises:
+        PrunedModelError: the weights do not match the structure recorded in ``config.json``.
+        ModelNotFoundError: ``config.architectures`` names a class this transformers does not have.
+    """
+    config = from_pretrained_kwargs.get("config") or AutoConfig.from_pretrained(path)
+    model_class = _model_class(config)
+    if not is_pruned(config):
+        return model_class.from_pretrained(path, **from_pretrained_kwargs)
+    for refused in ("ignore_mismatched_sizes", "output_loading_info"):
+        if from_pretrained_kwargs.pop(refused, False):
+            raise PrunedModelError(f"load_pruned checks every weight of a pruned folder; drop {refused}=True")
+    try:
+        model, info = _shrinking_subclass(model_class).from_pretrained(
+            path, ignore_mismatched_sizes=True, output_loading_info=True, **from_pretrained_kwargs
+        )
+    except PruningError as error:
+        raise PrunedModelError(f"{path}: config.json records a structure the model cannot have: {error}") from error
+    model.__class__ = model_class
+    problems = [
+        f"{key}: shape in file {list(found)} vs recorded structure {list(wanted)}"
+        for key, found, wanted in info.get("mismatched_keys", [])
+    ]
+    problems += [f"{key}: missing from the file" for key in sorted(info.get("missing_keys", []))]
+    problems += [f"{key}: in the file but not in the model" for key in sorted(info.get("unexpected_keys", []))]
+    problems += list(info.get("error_msgs", []))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise PrunedModelError(
+            f"{path}: the weights do not match the pruned structure recorded in config.json "
+            f"({KEPT_HEADS_KEY}): {shown}. The folder was changed after save_pretrained or mixes files of "
+            "two models; save the pruned model again with model.save_pretrained(folder)."
+        )
+    return model
+
+
+def _model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return AutoModel._model_mapping[type(config)]
+    model_class = getattr(transformers, architectures[0], None)
+    if model_class is None:
+        raise ModelNotFoundError(
+            f"config.architectures names {architectures[0]!r}, which transformers {transformers.__version__} "
+            "does not provide; install a version that has it or load the model yourself and call prune_heads"
+        )
+    return model_class
+
+
+@cache
+def _shrinking_subclass(model_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """``model_class`` whose ``__init__`` applies the pruning record of its config right after building."""
+
+    def __init__(self: PreTrainedModel, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        record = {key: getattr(config, key, None) for key in (KEPT_HEADS_KEY, KEPT_KV_HEADS_KEY)}
+        pristine = copy.deepcopy(config)  # the record describes the result of surgery, not its input
+        for key, value in record.items():
+            if value is not None:
+                delattr(pristine, key)
+        model_class.__init__(self, pristine, *args, **kwargs)
+        kept_kv = record[KEPT_KV_HEADS_KEY]
+        apply_kept_heads(
+            self,
+            {int(layer): heads for layer, heads in record[KEPT_HEADS_KEY].items()},
+            {int(layer): heads for layer, heads in kept_kv.items()} if kept_kv else None,
+        )
+
+    return type(model_class.__name__, (model_class,), {"__init__": __init__, "__module__": __name__})
