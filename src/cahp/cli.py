@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cahp.errors import CahpError
+from cahp.scoring import BUILTIN_SCORERS
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -190,12 +191,6 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_choices() -> list[str]:
-    from cahp.scoring import available_scorers
-
-    return ["cahp", *available_scorers()]
-
-
 @command("bench")
 def _bench(args: argparse.Namespace) -> int:
     from cahp.bench import BenchConfig, run_bench
@@ -239,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--method",
         default="cahp",
-        choices=_method_choices(),
-        help="cahp (clusters; finds k* itself) or a head scorer + global top-K (needs --keep or --sparsity)",
+        help="cahp (clusters; finds k* itself) or a head scorer + global top-K (needs --keep or --sparsity): "
+        + ", ".join(BUILTIN_SCORERS),
     )
     group = prune.add_argument_group("CAHP")
     budget = group.add_mutually_exclusive_group()

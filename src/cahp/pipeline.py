@@ -33,7 +33,7 @@ from cahp.scoring.salience import gradient_salience
 from cahp.selection.cahp import CAHPSelector, CAHPSettings
 from cahp.signatures.collector import collect_signatures
 from cahp.signatures.stats import StreamingMoments
-from cahp.surgery import prune_heads
+from cahp.surgery import heads_to_remove, prune_heads
 from cahp.train.finetune import TaskOptions, subsample
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
@@ -107,19 +107,6 @@ def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progr
     }
 
 
-def _feasible_removal(model: Any, kept_heads_by_layer: dict[int, list[int]], gqa_mode: str) -> dict[int, list[int]]:
-    """Heads to remove; for grouped-query attention in ``groups`` mode, whole unselected groups only."""
-    adapter = get_adapter(model)
-    heads = adapter.num_heads(model)
-    if adapter.uses_gqa(model) and gqa_mode == "groups":
-        group = heads // adapter.num_kv_heads(model)
-        kept_heads_by_layer = {
-            layer: sorted({h for k in kept for h in range((k // group) * group, (k // group + 1) * group)})
-            for layer, kept in kept_heads_by_layer.items()
-        }
-    return {layer: sorted(set(range(heads)) - set(kept)) for layer, kept in kept_heads_by_layer.items()}
-
-
 def _select(
     config: PruneConfig, stages: _Stages, model: Any, tokenizer: Any, task: TaskData, train: EncodedSplit
 ) -> dict[str, Any]:
@@ -161,7 +148,15 @@ def _select(
                 "scorer_settings": scorer.get_settings(),
                 "budget_mode": mode,
                 "k": keep,
-                "knee": {"k": keep, "method": "budget", "fallback": None, "degree": 0, "ks": [], "mss": [], "fitted": []},
+                "knee": {  # no MSS curve: the budget decides k
+                    "k": keep,
+                    "method": "budget",
+                    "fallback": None,
+                    "degree": 0,
+                    "ks": [],
+                    "mss": [],
+                    "fitted": [],
+                },
                 "guardrail_heads": [list(h) for h in guardrail],
                 "scores": scores.tolist(),
                 "embedding": [],
@@ -245,7 +240,7 @@ def prune(
 
     dense = copy.deepcopy(model)
     dense_params = count_parameters(dense)
-    prune_heads(model, _feasible_removal(model, kept, config.gqa_mode), gqa_mode=config.gqa_mode)
+    prune_heads(model, heads_to_remove(model, kept, config.gqa_mode), gqa_mode=config.gqa_mode)
     kept_total = sum(len(hs) for hs in kept.values())
     stages.say(f"removed {layers * heads - kept_total} of {layers * heads} heads; evaluating before recovery")
     pruned_accuracy = stages.json("accuracy_pruned", lambda: _accuracy(model, tokenizer, evaluation, progress))

@@ -401,3 +401,18 @@ def test_onnx_export_matches_pytorch(family: str, tmp_path: Path) -> None:
         other = {name: torch.cat([t, t[:1]]) for name, t in other.items()}
     (onnx_logits,) = session.run(None, {name: t.numpy() for name, t in other.items()})
     torch.testing.assert_close(torch.from_numpy(onnx_logits), logits(model, other), atol=ATOL, rtol=0)
+
+
+def test_heads_to_remove_keeps_whole_kv_groups() -> None:
+    from cahp.surgery import heads_to_remove
+
+    model = build_model("llama")
+    adapter = get_adapter(model)
+    heads, groups = adapter.num_heads(model), adapter.num_kv_heads(model)
+    size = heads // groups
+    plan = heads_to_remove(model, {0: [0], 1: [size * (groups - 1) + 1]})
+    assert plan[0] == list(range(size, heads))
+    assert plan[1] == list(range(0, size * (groups - 1)))
+    assert heads_to_remove(model, {0: [0]}, gqa_mode="uniform")[0] == list(range(1, heads))
+    prune_heads(model, plan)  # feasible by construction
+    assert kept_heads_by_layer(model)[0] == list(range(size))

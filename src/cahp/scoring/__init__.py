@@ -17,9 +17,13 @@ from cahp.scoring.separability import (
     separability_profiles,
 )
 
+#: Names of the built-in scorers (for help texts; ``available_scorers()`` also lists third-party ones).
+BUILTIN_SCORERS = ("random", "magnitude", "entropy", "gradient", "hies", "attattr", "l0", "dsp", "fisher")
+
 _LAZY = ("HeadScorer", "available_scorers", "get_scorer", "register_scorer", "scorer_class")
 
 __all__ = [
+    "BUILTIN_SCORERS",
     "HeadScorer",
     "available_scorers",
     "bhattacharyya_distance",

@@ -85,7 +85,9 @@ class DSPScorer(HeadScorer):
         generator = torch.Generator().manual_seed(self.seed)
         logits = torch.zeros(n_heads, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([logits], lr=self.learning_rate)
-        batches = endless_batches(tokenizer, take_examples(data, self.max_examples, self.seed), self.batch_size, self.seed)
+        batches = endless_batches(
+            tokenizer, take_examples(data, self.max_examples, self.seed), self.batch_size, self.seed
+        )
         decay = (self.tau_end / self.tau_start) ** (1.0 / max(1, self.steps - 1))
         for step in range(self.steps):
             uniform = torch.rand(n_heads, generator=generator).clamp(1e-6, 1 - 1e-6).to(device)

@@ -90,7 +90,9 @@ class L0GateScorer(HeadScorer):
         generator = torch.Generator().manual_seed(self.seed)
         log_alpha = torch.full(head_grid(model), float(self.init_log_alpha), device=device, requires_grad=True)
         optimizer = torch.optim.Adam([log_alpha], lr=self.learning_rate)
-        batches = endless_batches(tokenizer, take_examples(data, self.max_examples, self.seed), self.batch_size, self.seed)
+        batches = endless_batches(
+            tokenizer, take_examples(data, self.max_examples, self.seed), self.batch_size, self.seed
+        )
         for _ in range(self.steps):
             gates = hard_concrete(log_alpha, generator)
             with head_mask(model, gates):

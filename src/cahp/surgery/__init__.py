@@ -11,6 +11,7 @@ from cahp.surgery.masking import HeadGateHandle, attach_head_gates, head_mask
 from cahp.surgery.persistence import load_pruned
 from cahp.surgery.removal import (
     apply_kept_heads,
+    heads_to_remove,
     is_pruned,
     kept_heads_by_layer,
     kept_kv_heads_by_layer,
@@ -23,6 +24,7 @@ __all__ = [
     "attach_head_gates",
     "export_onnx",
     "head_mask",
+    "heads_to_remove",
     "is_pruned",
     "kept_heads_by_layer",
     "kept_kv_heads_by_layer",

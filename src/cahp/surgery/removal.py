@@ -85,6 +85,25 @@ def _read_record(model: PreTrainedModel, key: str, heads: int, layers: int) -> d
 # ---- public entry points -----------------------------------------------------------------------------------
 
 
+def heads_to_remove(
+    model: PreTrainedModel, kept_heads_by_layer: Mapping[int, Iterable[int]], gqa_mode: GqaMode = "groups"
+) -> dict[int, list[int]]:
+    """The removal request that keeps ``kept_heads_by_layer`` (original head numbers), made feasible.
+
+    For grouped-query attention in ``groups`` mode a key-value group stays whole when any of its query heads
+    is kept; otherwise the request is the exact complement.
+    """
+    adapter = get_adapter(model)
+    heads = adapter.num_heads(model)
+    kept = {layer: set(hs) for layer, hs in kept_heads_by_layer.items()}
+    if adapter.uses_gqa(model) and gqa_mode == "groups":
+        group = heads // adapter.num_kv_heads(model)
+        kept = {
+            layer: {g * group + i for g in {h // group for h in hs} for i in range(group)} for layer, hs in kept.items()
+        }
+    return {layer: sorted(set(range(heads)) - hs) for layer, hs in kept.items()}
+
+
 def prune_heads(
     model: PreTrainedModel,
     heads_to_remove_by_layer: Mapping[int, Iterable[int]],

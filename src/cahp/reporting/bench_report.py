@@ -1,0 +1,272 @@
+"""The benchmark's summary table and plots, rebuilt from the files of a ``cahp bench`` folder.
+
+Reads ``bench_config.json``, ``dense.json``, ``cells/*.json`` and ``scores/*.json``; never recomputes a
+result. Writes ``summary.md``, ``summary.json`` and ``plots/{accuracy_vs_heads,layer_retention,kept_depth}.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from cahp.outputs import write_json
+
+STAGES = {"after_pruning": "after pruning (no recovery)", "after_recovery": "after recovery"}
+
+
+def load_cells(out: Path) -> list[dict[str, Any]]:
+    """Every finished cell of a bench folder."""
+    return [json.loads(path.read_text()) for path in sorted((Path(out) / "cells").glob("*.json"))]
+
+
+def report_split(cells: list[dict[str, Any]]) -> str:
+    """The split the summary reports: ``test`` when evaluated, else the first one."""
+    splits = list(cells[0]["accuracy"]["after_pruning"]) if cells else []
+    return "test" if "test" in splits else (splits[0] if splits else "test")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "n": int(array.size)}
+
+
+def relative_depth(kept_heads_by_layer: dict[str, list[int]], layers: int) -> float:
+    """Mean layer of the kept heads, scaled to ``[0, 1]`` (0 = first layer, 1 = last)."""
+    depths = [int(layer) for layer, heads in kept_heads_by_layer.items() for _ in heads]
+    return float(np.mean(depths)) / max(1, layers - 1) if depths else float("nan")
+
+
+def layer_retention(kept_heads_by_layer: dict[str, list[int]], layers: int, heads: int) -> np.ndarray:
+    """``[layers]`` share of each layer's heads that are kept."""
+    return np.array([len(kept_heads_by_layer.get(str(layer), [])) / heads for layer in range(layers)])
+
+
+def aggregate(cells: list[dict[str, Any]], split: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{method: {budget: {after_pruning, after_recovery, kept, depth, retention, seeds}}}`` over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell["method"], cell["budget"])].append(cell)
+    table: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (method, budget), members in groups.items():
+        layers, heads = members[0]["layers"], members[0]["heads_per_layer"]
+        row: dict[str, Any] = {
+            stage: _stats([c["accuracy"][stage][split]["accuracy"] for c in members]) for stage in STAGES
+        }
+        row["kept"] = _stats([c["kept"] for c in members])
+        row["kept_fraction"] = row["kept"]["mean"] / members[0]["heads_total"]
+        row["depth"] = _stats([relative_depth(c["kept_heads_by_layer"], layers) for c in members])
+        row["retention"] = np.mean(
+            [layer_retention(c["kept_heads_by_layer"], layers, heads) for c in members], axis=0
+        ).tolist()
+        row["seeds"] = sorted(c["seed"] for c in members)
+        table[method][budget] = row
+    return dict(table)
+
+
+def _timings(out: Path, cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    per_method: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for cell in cells:
+        seconds = cell["seconds"]
+        # selection time is left out: it is scoring (counted from scores/) or reading its cache
+        per_method[cell["method"]]["cell"].append(seconds["prune_and_evaluate"] + seconds["recovery_and_evaluate"])
+    for path in (Path(out) / "scores").glob("*__seed*.json"):
+        record = json.loads(path.read_text())
+        per_method[path.name.split("__", 1)[0]]["scoring"].append(record["seconds"])
+    shared = Path(out) / "scores" / "cahp_shared.json"
+    result: dict[str, dict[str, float]] = {}
+    for method, values in per_method.items():
+        result[method] = {
+            "scoring_runs": len(values["scoring"]),
+            "scoring_seconds_mean": float(np.mean(values["scoring"])) if values["scoring"] else 0.0,
+            "cell_seconds_mean": float(np.mean(values["cell"])) if values["cell"] else 0.0,
+            "total_seconds": float(np.sum(values["scoring"]) + np.sum(values["cell"])),
+        }
+    if "cahp" in result and shared.is_file():
+        prep = float(json.loads(shared.read_text())["seconds"])
+        result["cahp"]["shared_signatures_salience_seconds"] = prep
+        result["cahp"]["total_seconds"] += prep
+    return result
+
+
+def _fmt(stats: dict[str, float], digits: int = 4) -> str:
+    text = f"{stats['mean']:.{digits}f}"
+    return f"{text} ± {stats['std']:.{digits}f}" if stats["n"] > 1 else text
+
+
+def _ordered(table: dict[str, Any], preferred: list[str]) -> list[str]:
+    return [m for m in preferred if m in table] + sorted(m for m in table if m not in preferred)
+
+
+def write_bench_report(out: str | Path) -> Path:
+    """Write ``summary.md``, ``summary.json`` and the plots of a bench folder; returns the summary path."""
+    out = Path(out)
+    config = json.loads((out / "bench_config.json").read_text())
+    dense = json.loads((out / "dense.json").read_text())
+    cells = load_cells(out)
+    split = report_split(cells)
+    table = aggregate(cells, split)
+    methods = _ordered(table, config.get("methods", []))
+    budget_order = [b if b == "knee" else f"{float(b):g}" for b in config.get("budgets", [])]
+    budgets = [b for b in budget_order if any(b in table[m] for m in methods)]
+    timings = _timings(out, cells)
+    dense_accuracy = dense["accuracy"].get(split, {}).get("accuracy", float("nan"))
+
+    lines = [
+        f"# Head-pruning benchmark: {config['model']} on {config['task']['task']}",
+        "",
+        f"Accuracy on `{split}`; dense model {dense_accuracy:.4f} with {dense['heads_total']} heads. "
+        "Budgets are fractions of heads kept (`knee` = CAHP's k*); the one-head-per-layer guardrail may keep "
+        "a few more (see the heads-kept table). Cells show mean ± sample std over seeds; a value without ± "
+        "comes from one seed (methods without randomness of their own run one seed). Same calibration set, "
+        "same recovery recipe and recovery seed for every method. `random` is the control.",
+        "",
+    ]
+
+    def show(render: Callable[[dict[str, Any]], str]) -> Callable[[str, str], str]:
+        return lambda method, budget: render(table[method][budget]) if budget in table[method] else "–"
+
+    def gain(method: str, budget: str) -> str:
+        row, control = table[method].get(budget), table.get("random", {}).get(budget)
+        if row is None or control is None:
+            return "–"
+        return " / ".join(f"{row[s]['mean'] - control[s]['mean']:+.4f}" for s in STAGES)
+
+    for stage, title in STAGES.items():
+        lines += _markdown_table(f"Accuracy {title}", methods, budgets, show(lambda r, s=stage: _fmt(r[s])))
+    if "random" in table:
+        title = "Gain over the random control (mean accuracy, after pruning / after recovery)"
+        lines += _markdown_table(title, [m for m in methods if m != "random"], budgets, gain)
+    lines += _markdown_table("Heads kept (mean)", methods, budgets, show(lambda r: f"{r['kept']['mean']:.1f}"))
+    lines += _markdown_table(
+        "Mean relative depth of the kept heads (0 = first layer, 1 = last)",
+        methods,
+        budgets,
+        show(lambda r: f"{r['depth']['mean']:.2f}"),
+    )
+    lines += ["## Wall time (seconds)", "", "| method | scoring runs | scoring, mean | cell, mean | total |"]
+    lines.append("|---|---|---|---|---|")
+    for method in methods:
+        t = timings.get(method, {})
+        lines.append(
+            f"| {method} | {t.get('scoring_runs', 0)} | {t.get('scoring_seconds_mean', 0):.1f} | "
+            f"{t.get('cell_seconds_mean', 0):.1f} | {t.get('total_seconds', 0):.1f} |"
+        )
+    if "shared_signatures_salience_seconds" in timings.get("cahp", {}):
+        lines += [
+            "",
+            f"CAHP's signatures and salience ({timings['cahp']['shared_signatures_salience_seconds']:.1f} s) are "
+            "computed once for all seeds and counted in its total. A cell = prune, evaluate, recover, evaluate.",
+        ]
+    lines += ["", "Plots: `plots/accuracy_vs_heads.png`, `plots/layer_retention.png`, `plots/kept_depth.png`.", ""]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    write_json(
+        out / "summary.json",
+        {"split": split, "dense_accuracy": dense_accuracy, "table": table, "timings": timings, "cells": len(cells)},
+    )
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    if cells:
+        plot_accuracy_vs_heads(table, methods, dense_accuracy, split, plots / "accuracy_vs_heads.png")
+        plot_layer_retention(table, methods, plots / "layer_retention.png")
+        plot_kept_depth(table, methods, plots / "kept_depth.png")
+    return summary
+
+
+def _markdown_table(title: str, methods: list[str], budgets: list[str], cell: Callable[[str, str], str]) -> list[str]:
+    lines = [f"## {title}", "", "| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    lines += [f"| {method} | " + " | ".join(cell(method, budget) for budget in budgets) + " |" for method in methods]
+    return [*lines, ""]
+
+
+def _curve(table: dict[str, Any], method: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = sorted(table[method].values(), key=lambda row: row["kept_fraction"])
+    x = np.array([row["kept_fraction"] for row in rows])
+    mean = np.array([row[key]["mean"] for row in rows])
+    std = np.array([row[key]["std"] for row in rows])
+    return x, mean, std
+
+
+def _style(method: str, index: int) -> dict[str, Any]:
+    if method == "random":
+        return {"color": "black", "ls": "--", "marker": "x"}
+    if method == "cahp":
+        return {"color": "#c44e52", "ls": "-", "marker": "o", "lw": 2.2}
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]  # no red, no grey
+    return {"color": palette[index % len(palette)], "ls": "-", "marker": "."}
+
+
+def plot_accuracy_vs_heads(
+    table: dict[str, Any], methods: list[str], dense_accuracy: float, split: str, path: Path
+) -> Path:
+    """Accuracy against the share of heads kept, per method (mean line, ±std band), before/after recovery."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for ax, (stage, title) in zip(axes, STAGES.items(), strict=True):
+        for index, method in enumerate(methods):
+            x, mean, std = _curve(table, method, stage)
+            style = _style(method, index)
+            ax.plot(x, mean, label=method, **style)
+            ax.fill_between(x, mean - std, mean + std, color=style["color"], alpha=0.15, lw=0)
+        ax.axhline(dense_accuracy, color="grey", ls=":", label="dense")
+        ax.set_title(title)
+        ax.set_xlabel("share of heads kept")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{split} accuracy")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_retention(table: dict[str, Any], methods: list[str], path: Path) -> Path:
+    """Per method, a budgets x layers map of the mean share of each layer's heads kept."""
+    columns = min(4, len(methods))
+    rows_count = (len(methods) + columns - 1) // columns
+    fig, axes = plt.subplots(
+        rows_count, columns, figsize=(4.2 * columns, 3.0 * rows_count), squeeze=False, layout="constrained"
+    )
+    image = None
+    for ax, method in zip(axes.flat, methods, strict=False):
+        budgets = sorted(table[method], key=lambda b: -table[method][b]["kept_fraction"])
+        grid = np.array([table[method][b]["retention"] for b in budgets])
+        image = ax.imshow(grid, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_yticks(range(len(budgets)), [f"{b} ({table[method][b]['kept']['mean']:.0f})" for b in budgets])
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_xlabel("layer")
+        ax.set_title(method)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of the layer's heads kept")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_kept_depth(table: dict[str, Any], methods: list[str], path: Path) -> Path:
+    """Mean relative depth of the kept heads against the share kept (proximity bias: above 0.5 = deep)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for index, method in enumerate(methods):
+        x, mean, _ = _curve(table, method, "depth")
+        ax.plot(x, mean, label=method, **_style(method, index))
+    ax.axhline(0.5, color="grey", ls=":", label="uniform over layers")
+    ax.set_xlabel("share of heads kept")
+    ax.set_ylabel("mean relative depth of kept heads")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

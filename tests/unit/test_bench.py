@@ -1,0 +1,160 @@
+"""`cahp bench` on a tiny model: the grid, a kill mid-grid and the resume, the summary; `cahp prune` with a
+scorer; the config files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cahp.bench import BenchConfig, expand_path, run_bench
+from cahp.errors import CahpError
+from cahp.train import TaskOptions, TrainingConfig
+from tests.conftest import tiny_task_folder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TaskOptions]:
+    """A tiny random 3-label BERT classifier (3 layers x 4 heads) and a toy task."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from cahp.models import load_tokenizer, resolve_model
+
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model", TaskOptions(str(tiny_task_folder(root / "task", examples=48)), max_length=16)
+
+
+def _config(classifier: tuple[Path, TaskOptions], out: Path) -> BenchConfig:
+    model, task = classifier
+    return BenchConfig(
+        model=str(model),
+        out=str(out),
+        task=task,
+        methods=["cahp", "random"],
+        budgets=[0.5, "knee"],
+        seeds=[0],
+        calibration_size=None,
+        cahp={"tsne_iterations": 250},
+        recovery=TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=8),
+        recovery_max_examples=24,
+    )
+
+
+def test_bench_resumes_after_a_kill_and_writes_the_summary(
+    classifier: tuple[Path, TaskOptions], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cahp.bench.runner as runner
+
+    config = _config(classifier, tmp_path / "bench")
+    real_train = runner.train_model
+    calls = {"train": 0, "signatures": 0}
+
+    def dies_on_third_recovery(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        calls["train"] += 1
+        if calls["train"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_model", dies_on_third_recovery)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, progress=False)
+    cells = tmp_path / "bench" / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == ["cahp__seed0__0.5.json", "cahp__seed0__knee.json"]
+    assert not (tmp_path / "bench" / "summary.md").exists()
+
+    def counting(function):  # type: ignore[no-untyped-def]
+        def wrapper(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+            calls[function.__name__] = calls.get(function.__name__, 0) + 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    calls.clear()
+    monkeypatch.setattr(runner, "train_model", counting(real_train))
+    monkeypatch.setattr(runner, "collect_signatures", counting(runner.collect_signatures))
+    result = run_bench(config, progress=False)
+    assert result == {"cells": 4, "computed": 2, "summary": str(tmp_path / "bench" / "summary.md")}
+    assert calls == {"train_model": 2}, "finished cells and cached CAHP statistics must not be recomputed"
+
+    records = {p.stem: json.loads(p.read_text()) for p in cells.iterdir()}
+    assert len(records) == 4
+    knee_k = records["cahp__seed0__knee"]["keep"]
+    assert records["random__seed0__knee"]["keep"] == knee_k, "other methods use CAHP's k* as the knee budget"
+    assert records["random__seed0__0.5"]["keep"] == 6 == records["cahp__seed0__0.5"]["keep"]
+    for record in records.values():
+        assert record["kept"] >= record["keep"] and all(record["kept_heads_by_layer"][str(i)] for i in range(3))
+        assert set(record["accuracy"]) == {"after_pruning", "after_recovery"}
+    summary = (tmp_path / "bench" / "summary.md").read_text()
+    assert "| cahp |" in summary and "| random |" in summary and "Gain over the random control" in summary
+    assert {p.name for p in (tmp_path / "bench" / "plots").iterdir()} == {
+        "accuracy_vs_heads.png",
+        "layer_retention.png",
+        "kept_depth.png",
+    }
+    assert run_bench(config, progress=False)["computed"] == 0
+    config.recovery = TrainingConfig(epochs=2, learning_rate=1e-3, batch_size=8)
+    with pytest.raises(CahpError, match="other settings"):
+        run_bench(config, progress=False)
+
+
+def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    from cahp.pipeline import PruneConfig, prune, summary
+
+    model, task = classifier
+    config = PruneConfig(model=str(model), task=task, method="fisher", latency_repeats=1, latency_seq_len=8)
+    config.recovery.epochs = 0
+    with pytest.raises(CahpError, match="--keep K or --sparsity S"):
+        prune(config, tmp_path / "none", progress=False)
+    config.cahp.keep = 5
+    report = prune(config, tmp_path / "out", progress=False)
+    selection = report["selection"]
+    assert selection["k"] == 5 and selection["budget_mode"] == "keep" and report["method"] == "fisher"
+    assert report["heads"]["kept"] == 5 + len(selection["guardrail_heads"])
+    assert (tmp_path / "out" / "stages" / "scores_fisher.json").is_file()
+    assert "fisher scores" in summary(report)
+    assert (tmp_path / "out" / "plots" / "kept_heads.png").is_file()
+    config.method = "nope"
+    with pytest.raises(CahpError, match="available: cahp, "):
+        prune(config, tmp_path / "bad", progress=False)
+
+
+def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cahp.cli import build_parser
+
+    monkeypatch.setenv("CAHP_HOME", "/data/cahp")
+    assert expand_path("$CAHP_HOME/finetuned/x") == "/data/cahp/finetuned/x"
+    assert expand_path("${CAHP_HOME}/y") == "/data/cahp/y"
+    assert expand_path("~/z") == str(Path("~/z").expanduser())
+    monkeypatch.delenv("CAHP_HOME")
+    assert expand_path("$CAHP_HOME/a") == str(Path("~/.cache/cahp/a").expanduser())
+    with pytest.raises(CahpError, match="NO_SUCH_VARIABLE"):
+        expand_path("$NO_SUCH_VARIABLE/a")
+    for name in ("minilm_sst5.json", "minilm_mnli.json"):
+        config = BenchConfig.from_file(REPO / "benchmarks" / "configs" / name)
+        assert config.model.endswith(f"finetuned/{name.removesuffix('.json').replace('_', '-l6-')}")
+        assert "cahp" in config.methods and "random" in config.methods and "knee" in config.budgets
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "m", "out": "o", "methodz": []}))
+    with pytest.raises(CahpError, match="methodz"):
+        BenchConfig.from_file(bad)
+    parser = build_parser()
+    args = parser.parse_args(["prune", "--model", "m", "--out", "o", "--method", "l0", "--sparsity", "0.5"])
+    assert args.method == "l0"
+    assert parser.parse_args(["bench", "--config", "c.json"]).config == "c.json"
