@@ -317,7 +317,9 @@ def prune(
     plots = staged.path / "plots"
     plots.mkdir(exist_ok=True)
     plot_mss_curve(selection, plots / "mss_curve.png")
-    plot_kept_heads(report["kept_heads_by_layer"], heads, plots / "kept_heads.png", f"{Path(config.model).name} ({task.name})")
+    plot_kept_heads(
+        report["kept_heads_by_layer"], heads, plots / "kept_heads.png", f"{Path(config.model).name} ({task.name})"
+    )
     plot_head_space(selection, heads, plots / "head_space.png")
     write_json(staged.path / "report.json", report)
     (stages.folder / "recovery_checkpoint.pt").unlink(missing_ok=True)
