@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -22,15 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_baselines import ensure_finetuned
+from finetune_baselines import cahp_home, display_command, ensure_finetuned
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [("minilm-l6", "sst5"), ("minilm-l6", "mnli"), ("mpnet-base", "sst5"), ("mpnet-base", "mnli")]
 
 
 def pruned_dir(model: str, task: str) -> Path:
-    home = Path(os.environ.get("CAHP_HOME", "~/.cache/cahp")).expanduser()
-    return home / "cahp" / f"{model}-{task}"
+    return cahp_home() / "cahp" / f"{model}-{task}"
 
 
 def run_row(model: str, task: str) -> dict:
@@ -44,12 +42,6 @@ def run_row(model: str, task: str) -> dict:
         subprocess.run([str(Path(sys.executable).with_name("cahp")), *command[1:]], check=True)
     report = json.loads((out / "report.json").read_text())
     accuracy = report["accuracy"]
-    shown = [
-        part.replace(str(finetuned), f"$CAHP_HOME/finetuned/{model}-{task}").replace(
-            str(out), f"$CAHP_HOME/cahp/{model}-{task}"
-        )
-        for part in command
-    ]
     return {
         "model": model,
         "task": task,
@@ -66,7 +58,7 @@ def run_row(model: str, task: str) -> dict:
         "measured_speedup": report["latency"]["measured_speedup"],
         "flops_ideal_speedup": report["latency"]["flops_ideal_speedup"],
         "stage_seconds": report["stage_seconds"],
-        "command": shlex.join(shown),
+        "command": display_command(command),
     }
 
 

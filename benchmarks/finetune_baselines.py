@@ -30,9 +30,17 @@ ROWS: dict[tuple[str, str], list[str]] = {
 }
 
 
+def cahp_home() -> Path:
+    return Path(os.environ.get("CAHP_HOME", "~/.cache/cahp")).expanduser()
+
+
 def finetuned_dir(model: str, task: str) -> Path:
-    home = Path(os.environ.get("CAHP_HOME", "~/.cache/cahp")).expanduser()
-    return home / "finetuned" / f"{model}-{task}"
+    return cahp_home() / "finetuned" / f"{model}-{task}"
+
+
+def display_command(parts: list[str]) -> str:
+    """The command as a shell line, with this machine's cache folder written as ``$CAHP_HOME``."""
+    return shlex.join(parts).replace(str(cahp_home()), "$CAHP_HOME")
 
 
 def finetune_command(model: str, task: str) -> list[str]:
@@ -63,8 +71,6 @@ def main() -> None:
         start = time.perf_counter()
         out = ensure_finetuned(model, task)
         metrics = json.loads((out / "metrics.json").read_text())
-        command = finetune_command(model, task)
-        command[command.index("--out") + 1] = f"$CAHP_HOME/finetuned/{model}-{task}"
         results[f"{model}:{task}"] = {
             "model": model,
             "task": task,
@@ -75,7 +81,7 @@ def main() -> None:
             "test_macro_f1": metrics["results"]["test"]["macro_f1"],
             "train_seconds": metrics["train_seconds"],
             "history": metrics["history"],
-            "command": shlex.join(command),
+            "command": display_command(finetune_command(model, task)),
             "wall_seconds_this_invocation": round(time.perf_counter() - start, 1),
         }
         results_file.write_text(json.dumps(results, indent=2) + "\n")
