@@ -13,6 +13,7 @@ the reference settings (the knee decides k; signatures on the whole training spl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import subprocess
@@ -84,12 +85,7 @@ def speed_targets(calibration_size: int | None) -> dict:
     @torch.inference_mode()
     def plain_forward(eager: bool) -> float:
         start = time.perf_counter()
-        if eager:
-            with eager_attention(model):
-                for _, batch in iter_batches(tokenizer, data, 32, sort_by_length=True):
-                    batch.pop("labels")
-                    model(**batch)
-        else:
+        with eager_attention(model) if eager else contextlib.nullcontext():
             for _, batch in iter_batches(tokenizer, data, 32, sort_by_length=True):
                 batch.pop("labels")
                 model(**batch)

