@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # OpenMP threads that spin while waiting slow everything down several-fold on shared cores.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install install-all demo test lint bench-finetune bench-speedup clean
+.PHONY: install install-all demo test lint bench-finetune bench-speedup bench-cahp bench-grids bench-stability clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,16 @@ bench-finetune: install-all
 
 bench-speedup: install-all
 	$(PY) benchmarks/speedup.py
+
+bench-cahp: install-all
+	$(PY) benchmarks/cahp_bench.py
+
+# the method comparison (cahp bench over benchmarks/configs/), then published to benchmarks/results/bench/
+bench-grids: install-all
+	$(PY) benchmarks/bench_grids.py
+
+bench-stability: install-all
+	$(PY) benchmarks/stability.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -132,6 +132,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(pairs: list[str]) -> dict[str, Any]:
+    """``["steps=400", "normalize_layers=false"]`` -> ``{"steps": 400, "normalize_layers": False}``."""
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise CahpError(f"--scorer-setting takes KEY=VALUE, got {pair!r}")
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key.strip()] = raw
+    return settings
+
+
 @command("prune")
 def _prune(args: argparse.Namespace) -> int:
     from cahp.pipeline import PruneConfig, prune, summary
@@ -141,6 +155,7 @@ def _prune(args: argparse.Namespace) -> int:
         model=args.model,
         task=_task_options(args),
         method=args.method,
+        scorer_settings=_key_values(args.scorer_setting),
         cahp=CAHPSettings(
             metric=args.metric,
             embedding=args.embedding,
@@ -236,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="cahp",
         help="cahp (clusters; finds k* itself) or a head scorer + global top-K (needs --keep or --sparsity): "
         + ", ".join(BUILTIN_SCORERS),
+    )
+    prune.add_argument(
+        "--scorer-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the head scorer given by --method, repeatable (e.g. --scorer-setting steps=400); "
+        "VALUE is read as JSON when it parses (numbers, true/false, null), else as text",
     )
     group = prune.add_argument_group("CAHP")
     budget = group.add_mutually_exclusive_group()

@@ -47,9 +47,13 @@ class PruneConfig:
 
     Attributes:
         model: a fine-tuned classifier (folder, or alias/hub id of one).
-        calibration_size: examples of the training split for signatures (seeded, class-stratified);
+        method: ``cahp`` or a registered head scorer (then global top-K at the ``cahp.keep``/``sparsity`` budget).
+        scorer_settings: constructor settings of that scorer (for example ``{"steps": 400}`` for ``l0``);
+            ``seed`` defaults to ``cahp.seed`` and ``keep`` is set from the budget for budget-aware scorers.
+        calibration_size: examples of the calibration split (``task.calibration_split``: the training split;
+            offline MNLI: its held-out share) for signatures (seeded, class-stratified);
             ``None`` = the whole split, as the reference.
-        salience_fraction: share of (shuffled) training batches for gradient salience (reference: 0.25).
+        salience_fraction: share of (shuffled) calibration-split batches for gradient salience (reference: 0.25).
         recovery: the recovery fine-tune; ``epochs=0`` gives the retraining-free result.
         recovery_max_examples: train the recovery on a stratified subset (demo settings).
         gqa_mode: grouped-query attention only: ``groups`` (keep a key-value group when any of its query
@@ -60,6 +64,7 @@ class PruneConfig:
     model: str
     task: TaskOptions = field(default_factory=TaskOptions)
     method: str = "cahp"
+    scorer_settings: dict[str, Any] = field(default_factory=dict)
     cahp: CAHPSettings = field(default_factory=CAHPSettings)
     calibration_size: int | None = None
     signature_batch_size: int = 32
@@ -107,8 +112,24 @@ def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progr
     }
 
 
+def _check_method(config: PruneConfig) -> None:
+    """Refuse an unknown method or scorer setting before anything is written."""
+    if config.method == "cahp":
+        if config.scorer_settings:
+            raise CahpError(
+                f"scorer settings {sorted(config.scorer_settings)} apply to head scorers, not to cahp; "
+                "use the CAHP options (--metric, --embedding, --poly-degree, ...)"
+            )
+        return
+    from cahp.scoring import available_scorers, get_scorer
+
+    if config.method not in available_scorers():
+        raise CahpError(f"unknown method {config.method!r}; available: cahp, {', '.join(available_scorers())}")
+    get_scorer(config.method, **{"seed": config.cahp.seed, **config.scorer_settings})
+
+
 def _select(
-    config: PruneConfig, stages: _Stages, model: Any, tokenizer: Any, task: TaskData, train: EncodedSplit
+    config: PruneConfig, stages: _Stages, model: Any, tokenizer: Any, task: TaskData, selection_data: EncodedSplit
 ) -> dict[str, Any]:
     if config.method != "cahp":  # any registered head scorer, then global top-K with the guardrail
         from cahp.scoring import available_scorers, get_scorer, scorer_class
@@ -125,16 +146,16 @@ def _select(
         adapter = get_adapter(model)
         layers, heads = adapter.num_layers(model), adapter.num_heads(model)
         keep = keep_from_budget(layers * heads, config.cahp.keep, config.cahp.sparsity)
-        settings: dict[str, Any] = {"seed": config.cahp.seed}
+        settings: dict[str, Any] = {"seed": config.cahp.seed, **config.scorer_settings}
         if scorer_class(config.method).budget_aware:
             settings["keep"] = keep
         scorer = get_scorer(config.method, **settings)
 
         def score() -> list[list[float]]:
             if config.calibration_size is None:
-                calibration = train
+                calibration = selection_data
             else:
-                split = subsample(task.split("train"), config.calibration_size, config.cahp.seed)
+                split = subsample(task.split(task.calibration_split), config.calibration_size, config.cahp.seed)
                 calibration = encode_split(tokenizer, split, config.task.max_length)
             stages.say(f"scoring heads with {config.method!r} on {len(calibration)} examples")
             return scorer.score(model, tokenizer, calibration, task.num_labels).tolist()
@@ -167,7 +188,7 @@ def _select(
 
         return stages.json("selection", report)
 
-    calibration_split = subsample(task.split("train"), config.calibration_size, config.cahp.seed)
+    calibration_split = subsample(task.split(task.calibration_split), config.calibration_size, config.cahp.seed)
     signatures_file = stages.folder / "signatures.npz"
     if signatures_file.is_file():
         moments = StreamingMoments.load(signatures_file)
@@ -193,7 +214,7 @@ def _select(
             lambda: gradient_salience(
                 model,
                 tokenizer,
-                train,
+                selection_data,
                 fraction=config.salience_fraction,
                 seed=config.cahp.seed,
                 progress=stages.progress,
@@ -217,6 +238,7 @@ def prune(
     Returns:
         The report (also written to ``out/report.json``).
     """
+    _check_method(config)
     task = config.task.load()
     staged = StagedOutput(out, {"command": "prune", **config.to_dict()}, overwrite).prepare()
     (staged.path / "stages").mkdir(exist_ok=True)
@@ -230,12 +252,13 @@ def prune(
     adapter = get_adapter(model)
     layers, heads = adapter.num_layers(model), adapter.num_heads(model)
     max_length = config.task.max_length
-    train = encode_split(tokenizer, task.split("train"), max_length)
+    # calibration data of every selection method: the training split (offline MNLI: its held-out share)
+    selection_data = encode_split(tokenizer, task.split(task.calibration_split), max_length)
     evaluation = {n: encode_split(tokenizer, task.split(n), max_length) for n in config.eval_splits if n in task.splits}
 
     stages.say(f"{config.model}: {layers} layers x {heads} heads; evaluating the dense model")
     before = stages.json("accuracy_before", lambda: _accuracy(model, tokenizer, evaluation, progress))
-    selection = _select(config, stages, model, tokenizer, task, train)
+    selection = _select(config, stages, model, tokenizer, task, selection_data)
     kept = {int(layer): hs for layer, hs in selection["kept_heads_by_layer"].items()}
 
     dense = copy.deepcopy(model)

@@ -109,6 +109,32 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
         "kept_depth.png",
     }
     assert run_bench(config, progress=False)["computed"] == 0
+    assert "Same heads across seeds" not in (tmp_path / "bench" / "summary.md").read_text()
+
+    # a grid grows: a new seed runs only its own cells, CAHP's first (its k* is the knee budget)
+    config.seeds, config.methods = [0, 1], ["random", "cahp", "magnitude"]
+    order: list[str] = []
+    real_run_cell = runner._Bench.run_cell
+
+    def recording(self, method, seed, budget):  # type: ignore[no-untyped-def]
+        order.append(f"{method}:{seed}:{budget}")
+        return real_run_cell(self, method, seed, budget)
+
+    monkeypatch.setattr(runner._Bench, "run_cell", recording)
+    assert run_bench(config, progress=False)["computed"] == 6
+    assert order == [
+        "magnitude:0:0.5",
+        "magnitude:0:knee",
+        "cahp:1:0.5",
+        "cahp:1:knee",
+        "random:1:0.5",
+        "random:1:knee",
+    ]
+    summary_json = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    overlap = summary_json["table"]["random"]["0.5"]["seed_overlap"]
+    assert overlap["n"] == 1 and 0.0 <= overlap["mean"] <= 1.0
+    assert "seed_overlap" not in summary_json["table"]["magnitude"]["0.5"], "deterministic: one seed"
+    assert "Same heads across seeds" in (tmp_path / "bench" / "summary.md").read_text()
     config.recovery = TrainingConfig(epochs=2, learning_rate=1e-3, batch_size=8)
     with pytest.raises(CahpError, match="other settings"):
         run_bench(config, progress=False)
@@ -130,9 +156,19 @@ def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions]
     assert (tmp_path / "out" / "stages" / "scores_fisher.json").is_file()
     assert "fisher scores" in summary(report)
     assert (tmp_path / "out" / "plots" / "kept_heads.png").is_file()
-    config.method = "nope"
+    config.scorer_settings = {"max_examples": 8}
+    report = prune(config, tmp_path / "eight", progress=False)
+    assert report["selection"]["scorer_settings"]["max_examples"] == 8
+    config.scorer_settings = {"max_exampels": 8}
+    with pytest.raises(CahpError, match=r"no setting\(s\) \['max_exampels'\]"):
+        prune(config, tmp_path / "bad", progress=False)
+    config.method, config.scorer_settings = "cahp", {"steps": 3}
+    with pytest.raises(CahpError, match="not to cahp"):
+        prune(config, tmp_path / "bad", progress=False)
+    config.method, config.scorer_settings = "nope", {}
     with pytest.raises(CahpError, match="available: cahp, "):
         prune(config, tmp_path / "bad", progress=False)
+    assert not list(tmp_path.glob("*bad*")), "a refused run writes nothing"
 
 
 def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -157,4 +193,13 @@ def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     parser = build_parser()
     args = parser.parse_args(["prune", "--model", "m", "--out", "o", "--method", "l0", "--sparsity", "0.5"])
     assert args.method == "l0"
+    from cahp.cli import _key_values
+
+    args = parser.parse_args(
+        ["prune", "--model", "m", "--out", "o", "--scorer-setting", "steps=400", "--scorer-setting", "anneal=false"]
+    )
+    assert _key_values(args.scorer_setting) == {"steps": 400, "anneal": False}
+    assert _key_values(["name=fast mode", "x=null"]) == {"name": "fast mode", "x": None}
+    with pytest.raises(CahpError, match="KEY=VALUE"):
+        _key_values(["steps"])
     assert parser.parse_args(["bench", "--config", "c.json"]).config == "c.json"

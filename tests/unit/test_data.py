@@ -38,6 +38,9 @@ def test_mnli_offline_protocol(data_dir: Path) -> None:
     assert len(task.split("test")) == 9832
     assert not set(train.texts) & set(validation.texts) - {t for t in train.texts if train.texts.count(t) > 1}
     assert abs(len(validation) / 9815 - 0.1) < 0.002
+    assert task.calibration_split == "validation", "the protocol reserves the held-out share for calibration"
+    assert task.describe()["calibration_split"] == "validation"
+    assert load_task("sst5", data_dir).calibration_split == "train"
     with pytest.raises(DataError, match="train split not found"):
         load_task("mnli", data_dir, protocol="standard")
 

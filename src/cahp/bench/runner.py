@@ -5,7 +5,9 @@ t-SNE + the MSS(k) sweep once per seed, each budget being a cluster count) and t
 ``OUT/scores/``. For each budget a copy of the fine-tuned model is pruned, evaluated, recovered with the same
 recipe for every method, and evaluated again; each such cell is one JSON file in ``OUT/cells/``, written
 atomically, so a killed run resumes where it stopped (finished cells are skipped). ``OUT/summary.md`` and the
-plots in ``OUT/plots/`` are then rebuilt from the files (:mod:`cahp.reporting.bench_report`).
+plots in ``OUT/plots/`` are then rebuilt from the files (:mod:`cahp.reporting.bench_report`). Cells run
+seed-major (every method and budget of the first seed, then the next seed), so a grid stopped early still
+compares every method; methods, budgets and seeds may be added to a config later and only new cells run.
 
 Fairness rules: every method scores the same calibration examples (``calibration_size`` drawn with
 ``calibration_seed``), selects with the same global top-K and one-head-per-layer guardrail (CAHP: its own
@@ -41,7 +43,6 @@ from cahp.scoring import available_scorers, get_scorer, scorer_class
 from cahp.scoring.salience import gradient_salience
 from cahp.selection.budget import keep_from_budget, select_top_k
 from cahp.selection.cahp import CAHPSelector, CAHPSettings
-from cahp.selection.representatives import default_head_ids, select_representatives
 from cahp.signatures.collector import collect_signatures
 from cahp.signatures.stats import StreamingMoments
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
@@ -226,7 +227,8 @@ class _Bench:
         }
         if not self.evaluation:
             raise CahpError(f"none of the eval_splits {config.eval_splits} exists; the task has {self.task.splits}")
-        calibration = subsample(self.task.split("train"), config.calibration_size, config.calibration_seed)
+        calibration_split = self.task.split(self.task.calibration_split)  # offline MNLI: the held-out share
+        calibration = subsample(calibration_split, config.calibration_size, config.calibration_seed)
         self.calibration = encode_split(self.tokenizer, calibration, max_length)
         self._recovery_data: EncodedSplit | None = None
 
@@ -314,15 +316,7 @@ class _Bench:
             ks.add(keep)
         selections = dict(cached["selections"]) if cached else {}
         for k in sorted(ks):
-            clustering = selector.sweep_.clustering(k)
-            selection = select_representatives(
-                clustering.labels,
-                selector.salience_,
-                medoids=clustering.medoids,
-                representative=settings.representative,  # type: ignore[arg-type]
-                allow_empty_layers=self.config.allow_empty_layers,
-                head_ids=default_head_ids(self.layers, self.heads),
-            )
+            selection = selector.selection_for(k, self.config.allow_empty_layers)
             selections[str(k)] = {
                 "kept_heads_by_layer": {str(layer): hs for layer, hs in selection.kept_heads_by_layer.items()},
                 "guardrail_heads": [list(map(int, h)) for h in selection.guardrail_heads],
@@ -423,22 +417,23 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         bench.say(f"{config.model}: evaluating the dense model")
         write_json(dense, {"accuracy": bench.accuracy(bench.model), "heads_total": bench.n_heads})
     methods = sorted(config.methods, key=lambda m: m != "cahp")  # CAHP first: its k* is the "knee" budget
+    # Seed-major order: an interrupted grid holds a complete comparison of every method for its first seeds.
+    order = [(seed, method) for seed in config.seeds for method in methods if seed in bench.seeds_for(method)]
     total = computed = 0
-    for method in methods:
-        for seed in bench.seeds_for(method):
-            for budget in config.budgets:
-                total += 1
-                path = out / "cells" / f"{method}__seed{seed}__{budget_label(budget)}.json"
-                if path.is_file():
-                    continue
-                cell = bench.run_cell(method, seed, budget)
-                write_json(path, cell)
-                computed += 1
-                test = next(iter(cell["accuracy"]["after_recovery"]))
-                bench.say(
-                    f"{method} seed {seed} budget {budget_label(budget)}: {cell['kept']}/{bench.n_heads} heads, "
-                    f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned, "
-                    f"{cell['accuracy']['after_recovery'][test]['accuracy']:.4f} recovered"
-                )
+    for seed, method in order:
+        for budget in config.budgets:
+            total += 1
+            path = out / "cells" / f"{method}__seed{seed}__{budget_label(budget)}.json"
+            if path.is_file():
+                continue
+            cell = bench.run_cell(method, seed, budget)
+            write_json(path, cell)
+            computed += 1
+            test = next(iter(cell["accuracy"]["after_recovery"]))
+            bench.say(
+                f"{method} seed {seed} budget {budget_label(budget)}: {cell['kept']}/{bench.n_heads} heads, "
+                f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned, "
+                f"{cell['accuracy']['after_recovery'][test]['accuracy']:.4f} recovered"
+            )
     summary = write_bench_report(out)
     return {"cells": total, "computed": computed, "summary": str(summary)}

@@ -118,6 +118,9 @@ class TaskData:
     source: str
     protocol: str = "standard"
     notes: list[str] = field(default_factory=list)
+    #: where pruning methods draw calibration data (signatures, salience, head scores): ``train``, except
+    #: under the offline MNLI protocol, which reserves its held-out ``validation`` share for this.
+    calibration_split: str = "train"
 
     def split(self, name: str) -> TextSplit:
         if name not in self.splits:
@@ -129,6 +132,7 @@ class TaskData:
         return {
             "task": self.name,
             "protocol": self.protocol,
+            "calibration_split": self.calibration_split,
             "source": self.source,
             "num_labels": self.num_labels,
             "label_names": self.label_names,
@@ -299,11 +303,21 @@ def _finish_mnli(splits: dict[str, TextSplit], protocol: str, source: str) -> Ta
         notes.append(
             "offline MNLI protocol: train = validation_matched minus a label-stratified 10% "
             f"(seed {MNLI_HELDOUT_SEED}), validation = that held-out 10% (matched), "
-            "test = validation_mismatched"
+            "test = validation_mismatched; pruning calibrates on the held-out share (validation)"
         )
     else:
         raise DataError(f"unknown MNLI protocol {protocol!r}: use auto, standard or offline")
-    return TaskData("mnli", spec.num_labels, list(spec.label_names), spec.text_columns, final, source, protocol, notes)
+    return TaskData(
+        "mnli",
+        spec.num_labels,
+        list(spec.label_names),
+        spec.text_columns,
+        final,
+        source,
+        protocol,
+        notes,
+        calibration_split="validation" if protocol == "offline" else "train",
+    )
 
 
 def _load_builtin(spec: TaskSpec, data_dir: str | os.PathLike[str] | None, protocol: str) -> TaskData:

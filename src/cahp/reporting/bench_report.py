@@ -6,6 +6,7 @@ result. Writes ``summary.md``, ``summary.json`` and ``plots/{accuracy_vs_heads,l
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -51,8 +52,16 @@ def layer_retention(kept_heads_by_layer: dict[str, list[int]], layers: int, head
     return np.array([len(kept_heads_by_layer.get(str(layer), [])) / heads for layer in range(layers)])
 
 
+def jaccard(first: dict[str, list[int]], second: dict[str, list[int]]) -> float:
+    """Overlap ``|A & B| / |A | B|`` of two head selections given as ``{layer: [heads]}``."""
+    a = {(int(layer), int(h)) for layer, heads in first.items() for h in heads}
+    b = {(int(layer), int(h)) for layer, heads in second.items() for h in heads}
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
 def aggregate(cells: list[dict[str, Any]], split: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{method: {budget: {after_pruning, after_recovery, kept, depth, retention, seeds}}}`` over seeds."""
+    """``{method: {budget: {after_pruning, after_recovery, kept, depth, retention, seeds[, seed_overlap]}}}``
+    over seeds; ``seed_overlap`` (several seeds only) is the mean pairwise Jaccard of the selected heads."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         groups[(cell["method"], cell["budget"])].append(cell)
@@ -69,6 +78,13 @@ def aggregate(cells: list[dict[str, Any]], split: str) -> dict[str, dict[str, di
             [layer_retention(c["kept_heads_by_layer"], layers, heads) for c in members], axis=0
         ).tolist()
         row["seeds"] = sorted(c["seed"] for c in members)
+        if len(members) > 1:
+            row["seed_overlap"] = _stats(
+                [
+                    jaccard(a["selected_heads_by_layer"], b["selected_heads_by_layer"])
+                    for a, b in itertools.combinations(members, 2)
+                ]
+            )
         table[method][budget] = row
     return dict(table)
 
@@ -153,6 +169,14 @@ def write_bench_report(out: str | Path) -> Path:
         budgets,
         show(lambda r: f"{r['depth']['mean']:.2f}"),
     )
+    seeded = [m for m in methods if any("seed_overlap" in row for row in table[m].values())]
+    if seeded:
+        lines += _markdown_table(
+            "Same heads across seeds? (mean pairwise Jaccard of the selected heads; 1 = identical)",
+            seeded,
+            budgets,
+            show(lambda r: f"{r['seed_overlap']['mean']:.2f}" if "seed_overlap" in r else "–"),
+        )
     lines += ["## Wall time (seconds)", "", "| method | scoring runs | scoring, mean | cell, mean | total |"]
     lines.append("|---|---|---|---|---|")
     for method in methods:

@@ -17,6 +17,7 @@ from cahp.scoring.separability import separability_profiles
 from cahp.selection.clustering import embed_heads, head_distances, sweep_k
 from cahp.selection.knee import find_knee
 from cahp.selection.representatives import (
+    HeadSelection,
     clusters_for_keep,
     clusters_for_sparsity,
     default_head_ids,
@@ -111,17 +112,26 @@ class CAHPSelector:
             self.k_ = self.knee_.k
         self.clustering_ = self.sweep_.clustering(self.k_)
         self.salience_ = normalize_salience(salience)
-        self.selection_ = select_representatives(
-            self.clustering_.labels,
-            self.salience_,
-            medoids=self.clustering_.medoids,
-            representative=settings.representative,  # type: ignore[arg-type]
-            allow_empty_layers=settings.allow_empty_layers,
-            head_ids=default_head_ids(layers, heads),
-        )
+        self.selection_ = self.selection_for(self.k_)
         self.kept_heads_by_layer_ = self.selection_.kept_heads_by_layer
         self.budget_mode_ = mode
         return self
+
+    def selection_for(self, k: int, allow_empty_layers: bool | None = None) -> HeadSelection:
+        """The heads kept with ``k`` clusters of the fitted sweep (any budget, no refit).
+
+        ``allow_empty_layers`` defaults to the settings' value.
+        """
+        clustering = self.sweep_.clustering(k)
+        layers, heads = self.salience_.shape
+        return select_representatives(
+            clustering.labels,
+            self.salience_,
+            medoids=clustering.medoids,
+            representative=self.settings.representative,  # type: ignore[arg-type]
+            allow_empty_layers=self.settings.allow_empty_layers if allow_empty_layers is None else allow_empty_layers,
+            head_ids=default_head_ids(layers, heads),
+        )
 
     def report(self) -> dict[str, Any]:
         """Every decision, JSON-ready."""

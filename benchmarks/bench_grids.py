@@ -1,0 +1,83 @@
+"""The method comparison: run the ``cahp bench`` grids of ``configs/`` and publish them under ``results/bench/``.
+
+    python benchmarks/bench_grids.py                          # every config in configs/
+    python benchmarks/bench_grids.py --configs minilm_sst5    # one grid
+    python benchmarks/bench_grids.py --publish-only           # copy what the grids hold now (partial too)
+
+A grid starts from its fine-tuned baseline (``finetune_baselines.py`` makes it first when missing) and runs
+in ``$CAHP_HOME/bench/<name>``, resumable cell by cell. Publishing copies the summary, its plots, the config
+and every cell (one small JSON each) to ``results/bench/<name>/``; the cached scores and signatures stay in
+``$CAHP_HOME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_baselines import ensure_finetuned
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+RESULTS = HERE / "results" / "bench"
+PUBLISHED = ["summary.md", "summary.json", "bench_config.json", "dense.json"]
+
+
+def run_grid(name: str) -> None:
+    from cahp.bench import BenchConfig
+
+    config = BenchConfig.from_file(CONFIGS / f"{name}.json")
+    baseline = re.search(r"finetuned/(.+)-(sst5|mnli)$", config.model)
+    if baseline:
+        ensure_finetuned(baseline.group(1), baseline.group(2))
+    command = [str(Path(sys.executable).with_name("cahp")), "bench", "--config", str(CONFIGS / f"{name}.json")]
+    print("$ cahp bench --config", f"benchmarks/configs/{name}.json", flush=True)
+    subprocess.run(command, check=True)
+
+
+def publish(name: str) -> Path:
+    """Rebuild the summary from the grid's files and copy it, the plots and the cells to ``results/bench``."""
+    from cahp.bench import BenchConfig
+    from cahp.reporting.bench_report import write_bench_report
+
+    source = Path(BenchConfig.from_file(CONFIGS / f"{name}.json").out)
+    if not (source / "dense.json").is_file():
+        raise SystemExit(f"{source} holds no grid yet: run `python benchmarks/bench_grids.py --configs {name}`")
+    write_bench_report(source)
+    target = RESULTS / name
+    staging = target.with_name(f".{name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for file in PUBLISHED:
+        shutil.copy2(source / file, staging / file)
+    shutil.copytree(source / "plots", staging / "plots")
+    shutil.copytree(source / "cells", staging / "cells")
+    (staging / "COMMAND").write_text(f"python benchmarks/bench_grids.py --configs {name}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="*", default=None, help="config names in configs/ (default: all)")
+    parser.add_argument("--publish-only", action="store_true", help="do not run; publish what is there")
+    args = parser.parse_args()
+    names = args.configs or sorted(path.stem for path in CONFIGS.glob("*.json"))
+    for name in names:
+        if not (CONFIGS / f"{name}.json").is_file():
+            raise SystemExit(
+                f"no config {name!r} in {CONFIGS}; available: {sorted(p.stem for p in CONFIGS.glob('*.json'))}"
+            )
+        if not args.publish_only:
+            run_grid(name)
+        print(f"published {publish(name)}")
+
+
+if __name__ == "__main__":
+    main()

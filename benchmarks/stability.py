@@ -1,0 +1,178 @@
+"""Ranking stability: how much does each method's choice of heads move from one run to the next?
+
+    python benchmarks/stability.py                                  # MiniLM-L6 on SST-5 and MNLI
+    python benchmarks/stability.py --rows minilm-l6:sst5 --runs 3 --budget 0.3
+
+Run ``r`` (``r = 0 .. runs-1``) scores the fine-tuned baseline of ``finetune_baselines.py`` on its own
+calibration sample (``calibration_size`` training examples, class-stratified, drawn with seed ``r``) with the
+method's seed ``r``: the variation a user sees when rerunning a method on other data. Methods without
+randomness of their own (gradient, hies, fisher, ...) vary through the data only.
+
+For every pair of runs the script reports
+- Spearman's rank correlation of the ``[layers, heads]`` scores (head scorers; CAHP has no ranking), and
+- the Jaccard overlap of the heads kept at the budget (top-K with the one-head-per-layer guardrail; CAHP:
+  its representatives with K clusters),
+averaged over the pairs. Scores are cached per run in ``$CAHP_HOME/stability/<model>-<task>/``, the table
+goes to ``benchmarks/results/stability.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_baselines import cahp_home, ensure_finetuned
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = [("minilm-l6", "sst5"), ("minilm-l6", "mnli")]
+METHODS = ["cahp", "random", "magnitude", "entropy", "gradient", "hies", "attattr", "fisher", "l0", "dsp"]
+
+
+def kept_set(kept_heads_by_layer: dict) -> set[tuple[int, int]]:
+    return {(int(layer), int(head)) for layer, heads in kept_heads_by_layer.items() for head in heads}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def score_run(model, tokenizer, task, method: str, run: int, keep: int, calibration_size: int) -> dict:
+    """One run of ``method``: its scores (head scorers) and the heads it keeps at ``keep``."""
+    from cahp.data import encode_split
+    from cahp.scoring import get_scorer, scorer_class
+    from cahp.scoring.salience import gradient_salience
+    from cahp.selection.budget import select_top_k
+    from cahp.selection.cahp import CAHPSelector, CAHPSettings
+    from cahp.signatures.collector import collect_signatures
+    from cahp.train.finetune import subsample
+
+    calibration = encode_split(tokenizer, subsample(task.split(task.calibration_split), calibration_size, run), 128)
+    start = time.perf_counter()
+    if method == "cahp":
+        moments = collect_signatures(model, tokenizer, calibration, task.num_labels, progress=False)
+        salience = gradient_salience(model, tokenizer, calibration, fraction=1.0, seed=run, progress=False)
+        selector = CAHPSelector(CAHPSettings(seed=run)).fit(moments, np.asarray(salience))
+        kept = selector.selection_for(keep).kept_heads_by_layer
+        return {"scores": None, "kept": kept, "k_star": int(selector.k_), "seconds": time.perf_counter() - start}
+    settings = {"seed": run, **({"keep": keep} if scorer_class(method).budget_aware else {})}
+    scores = get_scorer(method, **settings).score(model, tokenizer, calibration, task.num_labels)
+    kept, _ = select_top_k(scores, keep)
+    return {"scores": scores.tolist(), "kept": kept, "seconds": time.perf_counter() - start}
+
+
+def run_row(model_name: str, task_name: str, methods: list[str], runs: int, budget: float, size: int) -> dict:
+    from cahp.data import load_task
+    from cahp.models import load_classifier
+    from cahp.selection.budget import keep_from_budget
+
+    folder = ensure_finetuned(model_name, task_name)
+    task = load_task(task_name, protocol="offline") if task_name == "mnli" else load_task(task_name)
+    model, tokenizer = load_classifier(str(folder), task.num_labels, task.label_names)
+    n_heads = int(model.config.num_hidden_layers * model.config.num_attention_heads)
+    keep = keep_from_budget(n_heads, sparsity=1.0 - budget)
+    cache = cahp_home() / "stability" / f"{model_name}-{task_name}"
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        results = []
+        for run in range(runs):
+            path = cache / f"{method}__keep{keep}__size{size}__run{run}.json"
+            if not path.is_file():
+                print(f"{model_name} {task_name}: {method} run {run + 1}/{runs}", flush=True)
+                result = score_run(model, tokenizer, task, method, run, keep, size)
+                result["kept"] = {str(layer): heads for layer, heads in result["kept"].items()}
+                path.write_text(json.dumps(result))
+            results.append(json.loads(path.read_text()))
+        from scipy.stats import spearmanr
+
+        pairs = list(itertools.combinations(range(runs), 2))
+        overlaps = [jaccard(kept_set(results[a]["kept"]), kept_set(results[b]["kept"])) for a, b in pairs]
+        row = {
+            "method": method,
+            "jaccard_mean": round(float(np.mean(overlaps)), 3),
+            "jaccard_min": round(float(np.min(overlaps)), 3),
+            "seconds_per_run": round(float(np.mean([r["seconds"] for r in results])), 1),
+        }
+        if results[0]["scores"] is not None:
+            rhos = [
+                spearmanr(np.ravel(results[a]["scores"]), np.ravel(results[b]["scores"])).statistic for a, b in pairs
+            ]
+            row["spearman_mean"] = round(float(np.mean(rhos)), 3)
+        else:
+            row["k_star"] = [r["k_star"] for r in results]
+        rows.append(row)
+    return {
+        "model": model_name,
+        "task": task_name,
+        "protocol": "offline" if task_name == "mnli" else None,
+        "heads_total": n_heads,
+        "keep": keep,
+        "budget": budget,
+        "runs": runs,
+        "calibration_size": size,
+        "methods": rows,
+    }
+
+
+def write_table(results: dict) -> None:
+    lines = [
+        "# Ranking stability across runs",
+        "",
+        "Each run scores the fine-tuned model on its own class-stratified calibration sample, with its own",
+        "seed. The table reports the mean over pairs of runs. Spearman is the rank correlation of the head",
+        "scores. Jaccard is the overlap of the kept heads at the budget: 1 means the same heads every time;",
+        "random choices give about K / (2N - K).",
+        "",
+    ]
+    for row in results["rows"]:
+        protocol = f", {row['protocol']} protocol" if row["protocol"] else ""
+        lines += [
+            f"## {row['model']} on {row['task']}{protocol}: keep {row['keep']} of {row['heads_total']} heads, "
+            f"{row['runs']} runs x {row['calibration_size']} examples",
+            "",
+            "| method | Spearman, mean | Jaccard of kept heads, mean | Jaccard, worst pair | seconds per run |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for m in row["methods"]:
+            spearman = f"{m['spearman_mean']:.3f}" if "spearman_mean" in m else f"— (k* per run: {m['k_star']})"
+            lines.append(
+                f"| {m['method']} | {spearman} | {m['jaccard_mean']:.3f} | {m['jaccard_min']:.3f} | "
+                f"{m['seconds_per_run']} |"
+            )
+        lines.append("")
+    lines += ["Command: `" + results["command"] + "`", ""]
+    (RESULTS / "stability.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=None, help="model:task pairs (default: all)")
+    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=0.3, help="share of heads kept")
+    parser.add_argument("--calibration-size", type=int, default=512)
+    args = parser.parse_args()
+    rows = [tuple(r.split(":")) for r in args.rows] if args.rows else ROWS
+    path = RESULTS / "stability.json"
+    previous = json.loads(path.read_text())["rows"] if path.is_file() else []
+    results = {r["model"] + ":" + r["task"]: r for r in previous}
+    for model_name, task_name in rows:
+        row = run_row(model_name, task_name, args.methods, args.runs, args.budget, args.calibration_size)
+        results[f"{model_name}:{task_name}"] = row
+    command = "python benchmarks/stability.py " + " ".join(sys.argv[1:])
+    payload = {"command": command.strip(), "rows": list(results.values())}
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_table(payload)
+    print((RESULTS / "stability.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
