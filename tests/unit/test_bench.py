@@ -102,7 +102,13 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
         assert record["kept"] >= record["keep"] and all(record["kept_heads_by_layer"][str(i)] for i in range(3))
         assert set(record["accuracy"]) == {"after_pruning", "after_recovery"}
     summary = (tmp_path / "bench" / "summary.md").read_text()
-    assert "| cahp |" in summary and "| random |" in summary and "Gain over the random control" in summary
+    assert (
+        "| cahp |" in summary
+        and "| random |" in summary
+        and "Gain over the random control" in summary
+        and "CAHP vs the best other method" in summary
+    )
+    assert "binomial standard error" in summary
     assert {p.name for p in (tmp_path / "bench" / "plots").iterdir()} == {
         "accuracy_vs_heads.png",
         "layer_retention.png",

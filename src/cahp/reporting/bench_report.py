@@ -137,8 +137,14 @@ def write_bench_report(out: str | Path) -> Path:
     timings = _timings(out, cells)
     dense_accuracy = dense["accuracy"].get(split, {}).get("accuracy", float("nan"))
 
+    recovery = config.get("recovery", {})
     lines = [
-        f"# Head-pruning benchmark: {config['model']} on {config['task']['task']}",
+        f"# Head-pruning benchmark: {Path(config['model']).name} on {config['task']['task']}",
+        "",
+        f"Model `{config['model']}`. Calibration: {config.get('calibration_size') or 'all'} examples "
+        f"(seed {config.get('calibration_seed', 0)}) for every method. Recovery: {recovery.get('epochs')} epoch(s) "
+        f"at lr {recovery.get('learning_rate')} on {config.get('recovery_max_examples') or 'all'} training "
+        "examples, the same for every method.",
         "",
         f"Accuracy on `{split}`; dense model {dense_accuracy:.4f} with {dense['heads_total']} heads. "
         "Budgets are fractions of heads kept (`knee` = CAHP's k*); the one-head-per-layer guardrail may keep "
@@ -147,6 +153,14 @@ def write_bench_report(out: str | Path) -> Path:
         "same recovery recipe and recovery seed for every method. `random` is the control.",
         "",
     ]
+    if cells:
+        examples = cells[0]["accuracy"]["after_pruning"][split]["examples"]
+        error = float(np.sqrt(dense_accuracy * (1 - dense_accuracy) / examples))
+        lines += [
+            f"Noise: one accuracy on these {examples} examples has a binomial standard error of about ±{error:.4f}, "
+            "so differences below about twice that are within noise.",
+            "",
+        ]
 
     def show(render: Callable[[dict[str, Any]], str]) -> Callable[[str, str], str]:
         return lambda method, budget: render(table[method][budget]) if budget in table[method] else "–"
@@ -162,6 +176,8 @@ def write_bench_report(out: str | Path) -> Path:
     if "random" in table:
         title = "Gain over the random control (mean accuracy, after pruning / after recovery)"
         lines += _markdown_table(title, [m for m in methods if m != "random"], budgets, gain)
+    if "cahp" in table and len(methods) > 1:
+        lines += _cahp_vs_best(table, methods, budgets)
     lines += _markdown_table("Heads kept (mean)", methods, budgets, show(lambda r: f"{r['kept']['mean']:.1f}"))
     lines += _markdown_table(
         "Mean relative depth of the kept heads (0 = first layer, 1 = last)",
@@ -205,6 +221,28 @@ def write_bench_report(out: str | Path) -> Path:
         plot_layer_retention(table, methods, plots / "layer_retention.png")
         plot_kept_depth(table, methods, plots / "kept_depth.png")
     return summary
+
+
+def _cahp_vs_best(table: dict[str, Any], methods: list[str], budgets: list[str]) -> list[str]:
+    """Per budget and stage: CAHP's mean accuracy against the best other method's (by mean)."""
+    lines = [
+        "## CAHP vs the best other method (mean accuracy)",
+        "",
+        "| budget | stage | cahp | best other | difference | rank of cahp |",
+        "|---|---|---|---|---|---|",
+    ]
+    for budget in budgets:
+        for stage in STAGES:
+            means = {m: table[m][budget][stage]["mean"] for m in methods if budget in table[m]}
+            if "cahp" not in means or len(means) < 2:
+                continue
+            best = max((m for m in means if m != "cahp"), key=lambda m: means[m])
+            rank = 1 + sum(value > means["cahp"] for m, value in means.items() if m != "cahp")
+            lines.append(
+                f"| {budget} | {stage.replace('_', ' ')} | {means['cahp']:.4f} | {best} {means[best]:.4f} | "
+                f"{means['cahp'] - means[best]:+.4f} | {rank} of {len(means)} |"
+            )
+    return [*lines, ""]
 
 
 def _markdown_table(title: str, methods: list[str], budgets: list[str], cell: Callable[[str, str], str]) -> list[str]:
