@@ -11,7 +11,7 @@ randomness of their own (gradient, hies, fisher, ...) vary through the data only
 For every pair of runs the script reports
 - Spearman's rank correlation of the ``[layers, heads]`` scores (head scorers; CAHP has no ranking), and
 - the Jaccard overlap of the heads kept at the budget (top-K with the one-head-per-layer guardrail; CAHP:
-  its representatives with K clusters),
+  its representatives with K clusters), and for CAHP the adjusted Rand index of its K clusters,
 averaged over the pairs. Scores are cached per run in ``$CAHP_HOME/stability/<model>-<task>/``, the table
 goes to ``benchmarks/results/stability.{json,md}``.
 """
@@ -60,7 +60,9 @@ def score_run(model, tokenizer, task, method: str, run: int, keep: int, calibrat
         salience = gradient_salience(model, tokenizer, calibration, fraction=1.0, seed=run, progress=False)
         selector = CAHPSelector(CAHPSettings(seed=run)).fit(moments, np.asarray(salience))
         kept = selector.selection_for(keep).kept_heads_by_layer
-        return {"scores": None, "kept": kept, "k_star": int(selector.k_), "seconds": time.perf_counter() - start}
+        clusters = selector.sweep_.clustering(keep).labels.tolist()
+        seconds = time.perf_counter() - start
+        return {"scores": None, "kept": kept, "clusters": clusters, "k_star": int(selector.k_), "seconds": seconds}
     settings = {"seed": run, **({"keep": keep} if scorer_class(method).budget_aware else {})}
     scores = get_scorer(method, **settings).score(model, tokenizer, calibration, task.num_labels)
     kept, _ = select_top_k(scores, keep)
@@ -91,6 +93,7 @@ def run_row(model_name: str, task_name: str, methods: list[str], runs: int, budg
                 path.write_text(json.dumps(result))
             results.append(json.loads(path.read_text()))
         from scipy.stats import spearmanr
+        from sklearn.metrics import adjusted_rand_score
 
         pairs = list(itertools.combinations(range(runs), 2))
         overlaps = [jaccard(kept_set(results[a]["kept"]), kept_set(results[b]["kept"])) for a, b in pairs]
@@ -107,6 +110,8 @@ def run_row(model_name: str, task_name: str, methods: list[str], runs: int, budg
             row["spearman_mean"] = round(float(np.mean(rhos)), 3)
         else:
             row["k_star"] = [r["k_star"] for r in results]
+            rand = [adjusted_rand_score(results[a]["clusters"], results[b]["clusters"]) for a, b in pairs]
+            row["cluster_ari_mean"] = round(float(np.mean(rand)), 3)
         rows.append(row)
     return {
         "model": model_name,
@@ -128,7 +133,8 @@ def write_table(results: dict) -> None:
         "Each run scores the fine-tuned model on its own class-stratified calibration sample, with its own",
         "seed. The table reports the mean over pairs of runs. Spearman is the rank correlation of the head",
         "scores. Jaccard is the overlap of the kept heads at the budget: 1 means the same heads every time;",
-        "random choices give about K / (2N - K).",
+        "random choices give about K / (2N - K). CAHP ranks nothing; its row gives the agreement of its",
+        "K clusters between runs instead (adjusted Rand index: 1 = the same partition, 0 = chance).",
         "",
     ]
     for row in results["rows"]:
@@ -141,7 +147,10 @@ def write_table(results: dict) -> None:
             "|---|---:|---:|---:|---:|",
         ]
         for m in row["methods"]:
-            spearman = f"{m['spearman_mean']:.3f}" if "spearman_mean" in m else f"— (k* per run: {m['k_star']})"
+            if "spearman_mean" in m:
+                spearman = f"{m['spearman_mean']:.3f}"
+            else:
+                spearman = f"— (clusters: adjusted Rand {m['cluster_ari_mean']:.2f}; k* per run {m['k_star']})"
             lines.append(
                 f"| {m['method']} | {spearman} | {m['jaccard_mean']:.3f} | {m['jaccard_min']:.3f} | "
                 f"{m['seconds_per_run']} |"

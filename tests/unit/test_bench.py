@@ -109,6 +109,7 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
         and "CAHP vs the best other method" in summary
     )
     assert "binomial standard error" in summary
+    assert "of the `train` split" in summary
     assert {p.name for p in (tmp_path / "bench" / "plots").iterdir()} == {
         "accuracy_vs_heads.png",
         "layer_retention.png",

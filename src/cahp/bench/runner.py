@@ -416,6 +416,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     if not dense.is_file():
         bench.say(f"{config.model}: evaluating the dense model")
         write_json(dense, {"accuracy": bench.accuracy(bench.model), "heads_total": bench.n_heads})
+    record = json.loads(dense.read_text())
+    if "task" not in record:  # what the summary says about the data (folders of earlier versions lack it)
+        write_json(dense, {**record, "task": bench.task.describe()})
     methods = sorted(config.methods, key=lambda m: m != "cahp")  # CAHP first: its k* is the "knee" budget
     # Seed-major order: an interrupted grid holds a complete comparison of every method for its first seeds.
     order = [(seed, method) for seed in config.seeds for method in methods if seed in bench.seeds_for(method)]

@@ -138,11 +138,14 @@ def write_bench_report(out: str | Path) -> Path:
     dense_accuracy = dense["accuracy"].get(split, {}).get("accuracy", float("nan"))
 
     recovery = config.get("recovery", {})
+    task = dense.get("task", {})
+    protocol = f" ({task['protocol']} {task['task']} protocol)" if task.get("task") == "mnli" else ""
     lines = [
         f"# Head-pruning benchmark: {Path(config['model']).name} on {config['task']['task']}",
         "",
         f"Model `{config['model']}`. Calibration: {config.get('calibration_size') or 'all'} examples "
-        f"(seed {config.get('calibration_seed', 0)}) for every method. Recovery: {recovery.get('epochs')} epoch(s) "
+        f"of the `{task.get('calibration_split', 'train')}` split (seed {config.get('calibration_seed', 0)}) for "
+        f"every method{protocol}. Recovery: {recovery.get('epochs')} epoch(s) "
         f"at lr {recovery.get('learning_rate')} on {config.get('recovery_max_examples') or 'all'} training "
         "examples, the same for every method.",
         "",
