@@ -63,6 +63,54 @@ def publish(name: str) -> Path:
     return target
 
 
+def overview(names: list[str], max_fraction: float = 0.3) -> Path:
+    """``results/bench/overview.md``: accuracy after recovery at budgets of ``max_fraction`` or fewer heads
+    (and the knee) for every published grid, the best method of each column in bold."""
+    import json
+
+    lines = [
+        "# Method comparison at high compression",
+        "",
+        f"Accuracy after recovery (mean over seeds) with {max_fraction:.0%} of the heads or fewer; `knee` is",
+        "CAHP's k*. Bold: the best method of the column. Written by `python benchmarks/bench_grids.py`.",
+        "",
+    ]
+    for name in names:
+        path = RESULTS / name / "summary.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        config = json.loads((RESULTS / name / "bench_config.json").read_text())
+        table = summary["table"]
+        budgets = [f"{float(b):g}" if b != "knee" else b for b in config["budgets"]]
+        budgets = [b for b in budgets if b == "knee" or float(b) <= max_fraction]
+        best = {
+            b: max((table[m][b]["after_recovery"]["mean"] for m in table if b in table[m]), default=None)
+            for b in budgets
+        }
+        lines += [
+            f"## {name} (dense {summary['dense_accuracy']:.4f})",
+            "",
+            "| method | " + " | ".join(budgets) + " |",
+            "|---" * (len(budgets) + 1) + "|",
+        ]
+        for method in [m for m in config["methods"] if m in table]:
+            cells = []
+            for b in budgets:
+                row = table[method].get(b)
+                if row is None:
+                    cells.append("–")
+                    continue
+                stats = row["after_recovery"]
+                text = f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f} (n={stats['n']})" if stats["n"] > 1 else "")
+                cells.append(f"**{text}**" if stats["mean"] == best[b] else text)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    path = RESULTS / "overview.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=None, help="config names in configs/ (default: all)")
@@ -77,6 +125,8 @@ def main() -> None:
         if not args.publish_only:
             run_grid(name)
         print(f"published {publish(name)}")
+    published = sorted(path.name for path in RESULTS.iterdir() if (path / "summary.json").is_file())
+    print(overview(published).read_text())
 
 
 if __name__ == "__main__":
