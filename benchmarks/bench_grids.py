@@ -68,6 +68,8 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
     (and the knee) for every published grid, the best method of each column in bold."""
     import json
 
+    from cahp.reporting.bench_report import budget_label
+
     lines = [
         "# Method comparison at high compression",
         "",
@@ -82,7 +84,7 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
         summary = json.loads(path.read_text())
         config = json.loads((RESULTS / name / "bench_config.json").read_text())
         table = summary["table"]
-        budgets = [f"{float(b):g}" if b != "knee" else b for b in config["budgets"]]
+        budgets = [budget_label(b) for b in config["budgets"]]
         budgets = [b for b in budgets if b == "knee" or float(b) <= max_fraction]
         best = {
             b: max((table[m][b]["after_recovery"]["mean"] for m in table if b in table[m]), default=None)

@@ -35,14 +35,6 @@ ROWS = [("minilm-l6", "sst5"), ("minilm-l6", "mnli")]
 METHODS = ["cahp", "random", "magnitude", "entropy", "gradient", "hies", "attattr", "fisher", "l0", "dsp"]
 
 
-def kept_set(kept_heads_by_layer: dict) -> set[tuple[int, int]]:
-    return {(int(layer), int(head)) for layer, heads in kept_heads_by_layer.items() for head in heads}
-
-
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
-
-
 def score_run(model, tokenizer, task, method: str, run: int, keep: int, calibration_size: int) -> dict:
     """One run of ``method``: its scores (head scorers) and the heads it keeps at ``keep``."""
     from cahp.data import encode_split
@@ -95,8 +87,10 @@ def run_row(model_name: str, task_name: str, methods: list[str], runs: int, budg
         from scipy.stats import spearmanr
         from sklearn.metrics import adjusted_rand_score
 
+        from cahp.reporting.bench_report import jaccard
+
         pairs = list(itertools.combinations(range(runs), 2))
-        overlaps = [jaccard(kept_set(results[a]["kept"]), kept_set(results[b]["kept"])) for a, b in pairs]
+        overlaps = [jaccard(results[a]["kept"], results[b]["kept"]) for a, b in pairs]
         row = {
             "method": method,
             "jaccard_mean": round(float(np.mean(overlaps)), 3),
@@ -116,7 +110,7 @@ def run_row(model_name: str, task_name: str, methods: list[str], runs: int, budg
     return {
         "model": model_name,
         "task": task_name,
-        "protocol": "offline" if task_name == "mnli" else None,
+        "protocol": task.protocol if task.name == "mnli" else None,
         "heads_total": n_heads,
         "keep": keep,
         "budget": budget,

@@ -113,7 +113,8 @@ def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progr
 
 
 def _check_method(config: PruneConfig) -> None:
-    """Refuse an unknown method or scorer setting before anything is written."""
+    """Refuse an unknown method, a scorer without a budget or an unknown scorer setting before anything is
+    written."""
     if config.method == "cahp":
         if config.scorer_settings:
             raise CahpError(
@@ -125,6 +126,11 @@ def _check_method(config: PruneConfig) -> None:
 
     if config.method not in available_scorers():
         raise CahpError(f"unknown method {config.method!r}; available: cahp, {', '.join(available_scorers())}")
+    if config.cahp.budget_mode() == "auto":
+        raise CahpError(
+            f"method {config.method!r} has no automatic head count: give a budget with --keep K or --sparsity S "
+            "(only cahp finds k* by itself)"
+        )
     get_scorer(config.method, **{"seed": config.cahp.seed, **config.scorer_settings})
 
 
@@ -132,17 +138,10 @@ def _select(
     config: PruneConfig, stages: _Stages, model: Any, tokenizer: Any, task: TaskData, selection_data: EncodedSplit
 ) -> dict[str, Any]:
     if config.method != "cahp":  # any registered head scorer, then global top-K with the guardrail
-        from cahp.scoring import available_scorers, get_scorer, scorer_class
+        from cahp.scoring import get_scorer, scorer_class
         from cahp.selection.budget import keep_from_budget, select_top_k
 
-        if config.method not in available_scorers():
-            raise CahpError(f"unknown method {config.method!r}; available: cahp, {', '.join(available_scorers())}")
-        mode = config.cahp.budget_mode()
-        if mode == "auto":
-            raise CahpError(
-                f"method {config.method!r} has no automatic head count: give a budget with --keep K or --sparsity S "
-                "(only cahp finds k* by itself)"
-            )
+        mode = config.cahp.budget_mode()  # "keep" or "sparsity": _check_method refused "auto"
         adapter = get_adapter(model)
         layers, heads = adapter.num_layers(model), adapter.num_heads(model)
         keep = keep_from_budget(layers * heads, config.cahp.keep, config.cahp.sparsity)

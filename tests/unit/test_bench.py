@@ -155,6 +155,7 @@ def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions]
     config.recovery.epochs = 0
     with pytest.raises(CahpError, match="--keep K or --sparsity S"):
         prune(config, tmp_path / "none", progress=False)
+    assert not list(tmp_path.glob("*none*")), "refused before anything is written"
     config.cahp.keep = 5
     report = prune(config, tmp_path / "out", progress=False)
     selection = report["selection"]

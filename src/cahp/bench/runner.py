@@ -38,7 +38,7 @@ from cahp.errors import CahpError
 from cahp.evaluation.metrics import evaluate_split
 from cahp.models import cahp_home, load_classifier
 from cahp.outputs import write_json
-from cahp.reporting.bench_report import write_bench_report
+from cahp.reporting.bench_report import budget_label, write_bench_report
 from cahp.scoring import available_scorers, get_scorer, scorer_class
 from cahp.scoring.salience import gradient_salience
 from cahp.selection.budget import keep_from_budget, select_top_k
@@ -163,10 +163,6 @@ def expand_path(value: str) -> str:
         raise CahpError(f"environment variable ${name} in {value!r} is not set")
 
     return os.path.expanduser(re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, value))
-
-
-def budget_label(budget: Budget) -> str:
-    return KNEE if budget == KNEE else f"{float(budget):g}"
 
 
 def _validate(config: BenchConfig) -> None:
@@ -415,10 +411,12 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     dense = out / "dense.json"
     if not dense.is_file():
         bench.say(f"{config.model}: evaluating the dense model")
-        write_json(dense, {"accuracy": bench.accuracy(bench.model), "heads_total": bench.n_heads})
-    record = json.loads(dense.read_text())
-    if "task" not in record:  # what the summary says about the data (folders of earlier versions lack it)
-        write_json(dense, {**record, "task": bench.task.describe()})
+        record = {"accuracy": bench.accuracy(bench.model), "heads_total": bench.n_heads, "task": bench.task.describe()}
+        write_json(dense, record)
+    else:
+        record = json.loads(dense.read_text())
+        if "task" not in record:  # what the summary says about the data (folders of earlier versions lack it)
+            write_json(dense, {**record, "task": bench.task.describe()})
     methods = sorted(config.methods, key=lambda m: m != "cahp")  # CAHP first: its k* is the "knee" budget
     # Seed-major order: an interrupted grid holds a complete comparison of every method for its first seeds.
     order = [(seed, method) for seed in config.seeds for method in methods if seed in bench.seeds_for(method)]

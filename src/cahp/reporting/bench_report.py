@@ -24,6 +24,11 @@ from cahp.outputs import write_json
 STAGES = {"after_pruning": "after pruning (no recovery)", "after_recovery": "after recovery"}
 
 
+def budget_label(budget: float | str) -> str:
+    """A budget as cell files and tables name it: ``"knee"`` or the kept fraction (``0.3``)."""
+    return "knee" if budget == "knee" else f"{float(budget):g}"
+
+
 def load_cells(out: Path) -> list[dict[str, Any]]:
     """Every finished cell of a bench folder."""
     return [json.loads(path.read_text()) for path in sorted((Path(out) / "cells").glob("*.json"))]
@@ -132,7 +137,7 @@ def write_bench_report(out: str | Path) -> Path:
     split = report_split(cells)
     table = aggregate(cells, split)
     methods = _ordered(table, config.get("methods", []))
-    budget_order = [b if b == "knee" else f"{float(b):g}" for b in config.get("budgets", [])]
+    budget_order = [budget_label(b) for b in config.get("budgets", [])]
     budgets = [b for b in budget_order if any(b in table[m] for m in methods)]
     timings = _timings(out, cells)
     dense_accuracy = dense["accuracy"].get(split, {}).get("accuracy", float("nan"))
