@@ -22,11 +22,12 @@ from cahp.models import cahp_home
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: (model, task) -> extra `cahp finetune` arguments. MNLI runs under the offline protocol here.
+#: (model, task) -> extra `cahp finetune` arguments. MNLI runs under the offline protocol here. MPNet-base
+#: trains for one epoch: on 2 CPU cores an epoch costs about 40 (SST-5) to 80 (MNLI) minutes.
 ROWS: dict[tuple[str, str], list[str]] = {
     ("minilm-l6", "sst5"): ["--epochs", "3", "--learning-rate", "5e-5"],
     ("minilm-l6", "mnli"): ["--epochs", "3", "--learning-rate", "5e-5", "--protocol", "offline"],
-    ("mpnet-base", "sst5"): ["--epochs", "2", "--learning-rate", "2e-5"],
+    ("mpnet-base", "sst5"): ["--epochs", "1", "--learning-rate", "3e-5"],
     ("mpnet-base", "mnli"): ["--epochs", "1", "--learning-rate", "3e-5", "--protocol", "offline"],
 }
 

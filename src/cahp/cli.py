@@ -71,6 +71,9 @@ def _task_options(args: argparse.Namespace) -> Any:
     )
 
 
+GROUP_BY_LENGTH_HELP = "train on batches of similar length (shuffled): less padding, faster on CPU"
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser, epochs: float = 3.0) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=float, default=epochs)
@@ -80,6 +83,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, epochs: float = 3.0
     group.add_argument("--weight-decay", type=float, default=0.01)
     group.add_argument("--seed", type=int, default=42)
     group.add_argument("--checkpoint-every", type=int, default=200, help="steps between resume checkpoints")
+    group.add_argument("--group-by-length", action="store_true", help=GROUP_BY_LENGTH_HELP)
 
 
 def _training_config(args: argparse.Namespace, prefix: str = "") -> Any:
@@ -93,6 +97,7 @@ def _training_config(args: argparse.Namespace, prefix: str = "") -> Any:
         weight_decay=args.weight_decay,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        group_by_length=args.group_by_length,
     )
 
 
@@ -283,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight-decay", type=float, default=0.01)
     group.add_argument("--seed", type=int, default=42)
     group.add_argument("--checkpoint-every", type=int, default=200)
+    group.add_argument("--group-by-length", action="store_true", help=GROUP_BY_LENGTH_HELP)
 
     bench = sub.add_parser("bench", help="compare pruning methods over budgets and seeds (resumable)")
     bench.add_argument("--config", required=True, help="JSON file: model, task, methods, budgets, seeds, ...")

@@ -57,16 +57,22 @@ def iter_batches(
     seed: int = 0,
     epoch: int = 0,
     sort_by_length: bool = False,
+    group_by_length: bool = False,
     skip_batches: int = 0,
 ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     """Yield ``(example_indices, batch)`` pairs.
 
     ``shuffle`` draws a permutation from ``(seed, epoch)`` alone, so an interrupted epoch can be resumed by
     skipping the batches already seen. ``sort_by_length`` (evaluation) groups similar lengths to pad less.
+    ``group_by_length`` (training, with ``shuffle``) sorts each window of ``GROUP_WINDOW`` shuffled batches by
+    length and then shuffles the batch order: batches stay random in content and order, yet pad far less.
     """
     order = np.arange(len(data))
     if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(data))
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(data))
+        if group_by_length:
+            order = _grouped_by_length(order, data.lengths, batch_size, rng)
     elif sort_by_length:
         order = np.argsort(data.lengths, kind="stable")
     for batch_index, start in enumerate(range(0, len(order), batch_size)):
@@ -74,6 +80,23 @@ def iter_batches(
             continue
         indices = order[start : start + batch_size]
         yield indices, collate(tokenizer, [data.features[i] for i in indices], data.labels[indices])
+
+
+#: Batches per window that ``group_by_length`` sorts together.
+GROUP_WINDOW = 50
+
+
+def _grouped_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    window = batch_size * GROUP_WINDOW
+    grouped = [
+        chunk[np.argsort(lengths[chunk], kind="stable")[::-1]]
+        for chunk in (order[i : i + window] for i in range(0, len(order), window))
+    ]
+    flat = np.concatenate(grouped)
+    batches = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+    # the last (possibly short) batch stays last so every other batch keeps the full size
+    head = rng.permutation(len(batches) - 1) if len(batches) > 1 else np.array([], dtype=int)
+    return np.concatenate([*(batches[i] for i in head), batches[-1]])
 
 
 def num_batches(data: EncodedSplit, batch_size: int) -> int:

@@ -31,6 +31,8 @@ class TrainingConfig:
     seed: int = 42
     eval_batch_size: int = 64
     checkpoint_every: int = 200
+    #: sort each window of shuffled batches by length (less padding, same data per epoch; see iter_batches)
+    group_by_length: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +136,7 @@ def train_model(
             shuffle=True,
             seed=config.seed,
             epoch=epoch,
+            group_by_length=config.group_by_length,
             skip_batches=skip,
         ):
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
