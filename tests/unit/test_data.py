@@ -123,3 +123,30 @@ def load_split_of(texts: list[str]):
     from cahp.data import TextSplit
 
     return TextSplit("x", [(t,) for t in texts], np.zeros(len(texts), dtype=np.int64))
+
+
+def test_length_grouped_batches_cover_the_epoch_and_pad_less() -> None:
+    from cahp.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 60, size=1000)]
+    encoded = encode_split(tokenizer, load_split_of(texts), max_length=64)
+
+    def epoch(grouped: bool, skip: int = 0) -> list[np.ndarray]:
+        return [
+            indices
+            for indices, _ in iter_batches(
+                tokenizer, encoded, 8, shuffle=True, seed=3, epoch=1, group_by_length=grouped, skip_batches=skip
+            )
+        ]
+
+    grouped = epoch(True)
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(1000))  # every example once
+    assert [len(b) for b in grouped] == [8] * 125
+    padded = {g: sum(encoded.lengths[b].max() * len(b) for b in epoch(g)) for g in (False, True)}
+    assert padded[True] < 0.7 * padded[False]
+    # the batch order is shuffled (not longest-first) and fixed by (seed, epoch): a resumed epoch matches
+    maxima = [encoded.lengths[b].max() for b in grouped]
+    assert maxima != sorted(maxima, reverse=True)
+    assert all(np.array_equal(a, b) for a, b in zip(epoch(True, skip=40), grouped[40:], strict=True))

@@ -116,3 +116,23 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 2 and err.count("\n") == 0 and "DataError" in err
     code = main(["evaluate", "--model", str(tmp_path / "nothing-here"), "--task", "sst5"])
     assert code == 2 and "ModelNotFoundError" in capsys.readouterr().err
+
+
+def test_group_by_length_reaches_the_loop_from_both_commands(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    from cahp.cli import _training_config, build_parser
+
+    model, task = tiny_setup
+    parser = build_parser()
+    common = ["--task", str(task), "--out", str(tmp_path / "x"), "--group-by-length"]
+    finetune_args = parser.parse_args(["finetune", "--model", str(model), *common])
+    prune_args = parser.parse_args(["prune", "--model", str(model), *common])
+    assert _training_config(finetune_args).group_by_length
+    assert _training_config(prune_args, prefix="recovery_").group_by_length
+    assert not _training_config(parser.parse_args(["finetune", "--task", str(task), "--out", "y"])).group_by_length
+
+    config = _config(model, task)
+    config.training.group_by_length = True
+    metrics = finetune(config, tmp_path / "grouped", progress=False)
+    saved = json.loads((tmp_path / "grouped" / "run_config.json").read_text())
+    assert saved["training"]["group_by_length"] is True
+    assert metrics["history"][-1]["step"] == 2 * 6  # 48 examples in batches of 8, two epochs

@@ -119,6 +119,7 @@ def finetune(
         "task": task.describe(),
         "train_examples": len(train_split),
         "train_seconds": round(train_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
         "history": history,
         "results": results,
         "label_distribution_train": np.bincount(train_split.labels, minlength=task.num_labels).tolist(),
