@@ -175,6 +175,7 @@ def _prune(args: argparse.Namespace) -> int:
         salience_fraction=args.salience_fraction,
         recovery=_training_config(args, prefix="recovery_"),
         recovery_max_examples=args.recovery_max_examples,
+        eval_max_examples=args.eval_max_examples,
         gqa_mode=args.gqa_mode,
     )
     report = prune(config, args.out, overwrite=args.overwrite, command=_command_line())
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     recovery.add_argument("--recovery-epochs", type=float, default=3.0)
     recovery.add_argument("--recovery-learning-rate", type=float, default=2e-5)
     recovery.add_argument("--recovery-max-examples", type=int, default=None)
+    prune.add_argument(
+        "--eval-max-examples", type=int, default=None, help="evaluate on a stratified subset of each split"
+    )
     _add_task_arguments(prune)
     group = prune.add_argument_group("training")
     group.add_argument("--batch-size", type=int, default=32)

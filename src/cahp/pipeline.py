@@ -56,6 +56,8 @@ class PruneConfig:
         salience_fraction: share of (shuffled) calibration-split batches for gradient salience (reference: 0.25).
         recovery: the recovery fine-tune; ``epochs=0`` gives the retraining-free result.
         recovery_max_examples: train the recovery on a stratified subset (demo settings).
+        eval_max_examples: evaluate on a seeded, stratified subset of each split (``None`` = the whole split);
+            the subset is the same before pruning, after pruning and after recovery.
         gqa_mode: grouped-query attention only: ``groups`` (keep a key-value group when any of its query
             heads is selected) or ``uniform`` (see :func:`cahp.surgery.prune_heads`).
         latency_batch_size, latency_seq_len: the dense vs pruned latency measurement.
@@ -72,6 +74,7 @@ class PruneConfig:
     recovery: TrainingConfig = field(default_factory=lambda: copy.deepcopy(RECOVERY_DEFAULT))
     recovery_max_examples: int | None = None
     eval_splits: tuple[str, ...] = ("validation", "test")
+    eval_max_examples: int | None = None
     gqa_mode: str = "groups"
     latency_batch_size: int = 32
     latency_seq_len: int = 128
@@ -113,8 +116,12 @@ def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progr
 
 
 def _check_method(config: PruneConfig) -> None:
-    """Refuse an unknown method, a scorer without a budget or an unknown scorer setting before anything is
-    written."""
+    """Refuse a non-positive subset size, an unknown method, a scorer without a budget or an unknown scorer
+    setting before anything is written."""
+    for name in ("calibration_size", "recovery_max_examples", "eval_max_examples"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise CahpError(f"{name} must be a positive number of examples (or None for the whole split), got {value}")
     if config.method == "cahp":
         if config.scorer_settings:
             raise CahpError(
@@ -253,7 +260,11 @@ def prune(
     max_length = config.task.max_length
     # calibration data of every selection method: the training split (offline MNLI: its held-out share)
     selection_data = encode_split(tokenizer, task.split(task.calibration_split), max_length)
-    evaluation = {n: encode_split(tokenizer, task.split(n), max_length) for n in config.eval_splits if n in task.splits}
+    evaluation = {
+        n: encode_split(tokenizer, subsample(task.split(n), config.eval_max_examples, 0), max_length)
+        for n in config.eval_splits
+        if n in task.splits
+    }
 
     stages.say(f"{config.model}: {layers} layers x {heads} heads; evaluating the dense model")
     before = stages.json("accuracy_before", lambda: _accuracy(model, tokenizer, evaluation, progress))

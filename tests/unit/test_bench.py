@@ -176,7 +176,14 @@ def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions]
     config.method, config.scorer_settings = "nope", {}
     with pytest.raises(CahpError, match="available: cahp, "):
         prune(config, tmp_path / "bad", progress=False)
+    config.method, config.eval_max_examples = "fisher", 0
+    with pytest.raises(CahpError, match="eval_max_examples must be a positive number"):
+        prune(config, tmp_path / "bad", progress=False)
     assert not list(tmp_path.glob("*bad*")), "a refused run writes nothing"
+    config.eval_max_examples = 10
+    report = prune(config, tmp_path / "ten", progress=False)
+    for stage in ("before_pruning", "after_pruning", "after_recovery"):
+        assert {r["examples"] for r in report["accuracy"][stage].values()} == {10}
 
 
 def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

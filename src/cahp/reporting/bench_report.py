@@ -152,7 +152,7 @@ def write_bench_report(out: str | Path) -> Path:
         f"of the `{task.get('calibration_split', 'train')}` split (seed {config.get('calibration_seed', 0)}) for "
         f"every method{protocol}. Recovery: {recovery.get('epochs')} epoch(s) "
         f"at lr {recovery.get('learning_rate')} on {config.get('recovery_max_examples') or 'all'} training "
-        "examples, the same for every method.",
+        f"examples{', length-grouped batches' if recovery.get('group_by_length') else ''}, the same for every method.",
         "",
         f"Accuracy on `{split}`; dense model {dense_accuracy:.4f} with {dense['heads_total']} heads. "
         "Budgets are fractions of heads kept (`knee` = CAHP's k*); the one-head-per-layer guardrail may keep "
