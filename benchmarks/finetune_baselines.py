@@ -90,6 +90,10 @@ def main() -> None:
     write_table(results or read_results(results_file))
 
 
+def _threads(count: int) -> str:
+    return "1 thread" if count == 1 else f"{count} threads"
+
+
 def read_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -112,7 +116,7 @@ def write_table(results: dict) -> None:
         lines.append(
             f"| {row['model']} | {row['task']} | {row['protocol']} | {row['train_examples']} "
             f"| {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | {row['test_macro_f1']:.4f} "
-            f"| {row['train_seconds'] / 60:.1f} min ({row.get('torch_threads', 2)} threads) |"
+            f"| {row['train_seconds'] / 60:.1f} min ({_threads(row.get('torch_threads', 2))}) |"
         )
     lines += ["", "Commands (each reproduces its row; `make bench-finetune` runs them all):", ""]
     lines += [f"- `{row['command']}`" for row in results.values()]
