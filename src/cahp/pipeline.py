@@ -373,7 +373,8 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"heads kept: {report['heads']['kept']} of {report['heads']['total']} (k = {report['selection']['k']}, "
         f"{how}; guardrail added {len(report['selection']['guardrail_heads'])})",
-        f"{split} accuracy: before {accuracy['before_pruning'][split]['accuracy']:.4f}, "
+        f"{split} accuracy ({accuracy['before_pruning'][split]['examples']} examples): "
+        f"before {accuracy['before_pruning'][split]['accuracy']:.4f}, "
         f"after pruning {accuracy['after_pruning'][split]['accuracy']:.4f}, "
         f"after recovery {accuracy['after_recovery'][split]['accuracy']:.4f}",
         f"parameters: {report['parameters']['dense'] / 1e6:.1f}M -> {report['parameters']['pruned'] / 1e6:.1f}M; "

@@ -184,6 +184,7 @@ def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions]
     report = prune(config, tmp_path / "ten", progress=False)
     for stage in ("before_pruning", "after_pruning", "after_recovery"):
         assert {r["examples"] for r in report["accuracy"][stage].values()} == {10}
+    assert "accuracy (10 examples): before" in summary(report)
 
 
 def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
