@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_baselines import cahp_home, display_command, ensure_finetuned, read_results
+from finetune_baselines import cahp_home, display_command, ensure_finetuned, read_results, store_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (model, task) -> extra `cahp prune` arguments on top of the reference settings.
@@ -174,9 +174,8 @@ def write_table(results: dict) -> None:
             "in the table (reference: 3); grouped: length-grouped batches.",
             "",
             "| model | task | calibration split | heads kept / total | k* (how) | test examples | test before "
-            "| after pruning "
-            "| after recovery "
-            "| recovery epochs | speedup measured / ideal | signatures s | salience s | selection s | recovery s |",
+            "| after pruning | after recovery | recovery epochs | speedup measured / ideal "
+            "| signatures s | salience s | selection s | recovery s |",
             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
@@ -207,16 +206,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     results_file = RESULTS / "cahp.json"
     if args.speed:
-        speed = speed_targets(args.calibration_size)
-        results = read_results(results_file)
-        results["speed"] = speed
-        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        store_result(results_file, "speed", speed_targets(args.calibration_size))
     else:
         for model, task in [tuple(r.split(":")) for r in args.rows] if args.rows else list(ROWS):
-            row = run_row(model, task)
-            results = read_results(results_file)  # reread: rows run alongside may have landed meanwhile
-            results[f"{model}:{task}"] = row
-            results_file.write_text(json.dumps(results, indent=2) + "\n")
+            store_result(results_file, f"{model}:{task}", run_row(model, task))
     write_table(read_results(results_file))
 
 

@@ -65,29 +65,29 @@ def main() -> None:
     rows = [tuple(r.split(":")) for r in args.rows] if args.rows else list(ROWS)
     RESULTS.mkdir(exist_ok=True)
     results_file = RESULTS / "finetune_baselines.json"
-    results: dict = {}
     for model, task in rows:
         start = time.perf_counter()
         out = ensure_finetuned(model, task)
         metrics = json.loads((out / "metrics.json").read_text())
-        # reread: another invocation (other rows, run alongside) may have added its rows meanwhile
-        results = read_results(results_file)
-        results[f"{model}:{task}"] = {
-            "model": model,
-            "task": task,
-            "protocol": metrics["task"]["protocol"],
-            "train_examples": metrics["train_examples"],
-            "validation_accuracy": metrics["results"]["validation"]["accuracy"],
-            "test_accuracy": metrics["results"]["test"]["accuracy"],
-            "test_macro_f1": metrics["results"]["test"]["macro_f1"],
-            "train_seconds": metrics["train_seconds"],
-            "torch_threads": metrics.get("torch_threads", 2),  # rows from before it was recorded used 2
-            "history": metrics["history"],
-            "command": display_command(finetune_command(model, task)),
-            "wall_seconds_this_invocation": round(time.perf_counter() - start, 1),
-        }
-        results_file.write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results or read_results(results_file))
+        store_result(
+            results_file,
+            f"{model}:{task}",
+            {
+                "model": model,
+                "task": task,
+                "protocol": metrics["task"]["protocol"],
+                "train_examples": metrics["train_examples"],
+                "validation_accuracy": metrics["results"]["validation"]["accuracy"],
+                "test_accuracy": metrics["results"]["test"]["accuracy"],
+                "test_macro_f1": metrics["results"]["test"]["macro_f1"],
+                "train_seconds": metrics["train_seconds"],
+                "torch_threads": metrics.get("torch_threads", 2),  # rows from before it was recorded used 2
+                "history": metrics["history"],
+                "command": display_command(finetune_command(model, task)),
+                "wall_seconds_this_invocation": round(time.perf_counter() - start, 1),
+            },
+        )
+    write_table(read_results(results_file))
 
 
 def _threads(count: int) -> str:
@@ -96,6 +96,13 @@ def _threads(count: int) -> str:
 
 def read_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def store_result(path: Path, key: str, value: dict) -> None:
+    """Add one entry to a results file, rereading it first: rows run alongside may have landed meanwhile."""
+    results = read_results(path)
+    results[key] = value
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def write_table(results: dict) -> None:

@@ -71,19 +71,23 @@ def _task_options(args: argparse.Namespace) -> Any:
     )
 
 
-GROUP_BY_LENGTH_HELP = "train on batches of similar length (shuffled): less padding, faster on CPU"
-
-
-def _add_training_arguments(parser: argparse.ArgumentParser, epochs: float = 3.0) -> None:
+def _add_training_arguments(parser: argparse.ArgumentParser, epochs: float | None = 3.0) -> None:
+    """The training options; ``epochs=None`` leaves out --epochs and --learning-rate (prune has its own
+    --recovery-epochs and --recovery-learning-rate)."""
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=float, default=epochs)
-    group.add_argument("--learning-rate", "--lr", type=float, default=2e-5)
+    if epochs is not None:
+        group.add_argument("--epochs", type=float, default=epochs)
+        group.add_argument("--learning-rate", "--lr", type=float, default=2e-5)
     group.add_argument("--batch-size", type=int, default=32)
     group.add_argument("--warmup-ratio", type=float, default=0.1)
     group.add_argument("--weight-decay", type=float, default=0.01)
     group.add_argument("--seed", type=int, default=42)
     group.add_argument("--checkpoint-every", type=int, default=200, help="steps between resume checkpoints")
-    group.add_argument("--group-by-length", action="store_true", help=GROUP_BY_LENGTH_HELP)
+    group.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="train on batches of similar length (shuffled): less padding, faster on CPU",
+    )
 
 
 def _training_config(args: argparse.Namespace, prefix: str = "") -> Any:
@@ -286,13 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-max-examples", type=int, default=None, help="evaluate on a stratified subset of each split"
     )
     _add_task_arguments(prune)
-    group = prune.add_argument_group("training")
-    group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--warmup-ratio", type=float, default=0.1)
-    group.add_argument("--weight-decay", type=float, default=0.01)
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--checkpoint-every", type=int, default=200)
-    group.add_argument("--group-by-length", action="store_true", help=GROUP_BY_LENGTH_HELP)
+    _add_training_arguments(prune, epochs=None)
 
     bench = sub.add_parser("bench", help="compare pruning methods over budgets and seeds (resumable)")
     bench.add_argument("--config", required=True, help="JSON file: model, task, methods, budgets, seeds, ...")

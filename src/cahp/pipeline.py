@@ -34,7 +34,7 @@ from cahp.selection.cahp import CAHPSelector, CAHPSettings
 from cahp.signatures.collector import collect_signatures
 from cahp.signatures.stats import StreamingMoments
 from cahp.surgery import heads_to_remove, prune_heads
-from cahp.train.finetune import TaskOptions, subsample
+from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
 #: The reference's recovery recipe: 3 epochs, lr 2e-5, linear schedule, 10% warm-up, weight decay 0.01.
@@ -260,11 +260,7 @@ def prune(
     max_length = config.task.max_length
     # calibration data of every selection method: the training split (offline MNLI: its held-out share)
     selection_data = encode_split(tokenizer, task.split(task.calibration_split), max_length)
-    evaluation = {
-        n: encode_split(tokenizer, subsample(task.split(n), config.eval_max_examples, 0), max_length)
-        for n in config.eval_splits
-        if n in task.splits
-    }
+    evaluation = encode_eval_splits(tokenizer, task, config.eval_splits, config.eval_max_examples, max_length)
 
     stages.say(f"{config.model}: {layers} layers x {heads} heads; evaluating the dense model")
     before = stages.json("accuracy_before", lambda: _accuracy(model, tokenizer, evaluation, progress))

@@ -46,7 +46,7 @@ from cahp.selection.cahp import CAHPSelector, CAHPSettings
 from cahp.signatures.collector import collect_signatures
 from cahp.signatures.stats import StreamingMoments
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
-from cahp.train.finetune import TaskOptions, subsample
+from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
 Budget = float | str
@@ -214,13 +214,9 @@ class _Bench:
         self.layers, self.heads = adapter.num_layers(self.model), adapter.num_heads(self.model)
         self.n_heads = self.layers * self.heads
         max_length = config.task.max_length
-        self.evaluation = {
-            name: encode_split(
-                self.tokenizer, subsample(self.task.split(name), config.eval_max_examples, 0), max_length
-            )
-            for name in config.eval_splits
-            if name in self.task.splits
-        }
+        self.evaluation = encode_eval_splits(
+            self.tokenizer, self.task, config.eval_splits, config.eval_max_examples, max_length
+        )
         if not self.evaluation:
             raise CahpError(f"none of the eval_splits {config.eval_splits} exists; the task has {self.task.splits}")
         calibration_split = self.task.split(self.task.calibration_split)  # offline MNLI: the held-out share

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cahp.data import TaskData, TextSplit, encode_split, load_task
+from cahp.data import EncodedSplit, TaskData, TextSplit, encode_split, load_task
 from cahp.errors import DataError
 from cahp.evaluation.metrics import evaluate_split
 from cahp.models import load_classifier
@@ -69,6 +70,18 @@ def subsample(split: TextSplit, size: int | None, seed: int) -> TextSplit:
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(split.labels == c))[:n] for c, n in zip(classes, taken, strict=True)]
     return split.subset(np.sort(np.concatenate(chosen)))
+
+
+def encode_eval_splits(
+    tokenizer: Any, task: TaskData, names: Sequence[str], max_examples: int | None, max_length: int
+) -> dict[str, EncodedSplit]:
+    """The task's splits among ``names``, tokenized; each a seeded stratified subset when ``max_examples`` is
+    given (seed 0: the same examples at every stage and for every method)."""
+    return {
+        name: encode_split(tokenizer, subsample(task.split(name), max_examples, 0), max_length)
+        for name in names
+        if name in task.splits
+    }
 
 
 def finetune(
