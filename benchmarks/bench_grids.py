@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 RESULTS = HERE / "results" / "bench"
 PUBLISHED = ["summary.md", "summary.json", "bench_config.json", "dense.json"]
+#: What a variant grid may change: it reruns some methods of a grid with other settings, same recipe.
+VARIANT_KEYS = {"out", "methods", "budgets", "cahp", "scorer_settings"}
 
 
 def run_grid(name: str) -> None:
@@ -63,13 +65,33 @@ def publish(name: str) -> Path:
     return target
 
 
+def _variant_label(method: str, config: dict) -> str:
+    """``cahp (salience: fisher)`` for a grid that reruns a method with other settings."""
+    settings = config["cahp"] if method == "cahp" else config["scorer_settings"].get(method, {})
+    return f"{method} ({', '.join(f'{key}: {value}' for key, value in settings.items())})" if settings else method
+
+
 def overview(names: list[str], max_fraction: float = 0.3) -> Path:
     """``results/bench/overview.md``: accuracy after recovery at budgets of ``max_fraction`` or fewer heads
-    (and the knee) for every published grid, the best method of each column in bold."""
+    (and the knee) for every published grid, the best method of each column in bold. A grid named
+    ``<grid>_<suffix>`` whose config differs only in :data:`VARIANT_KEYS` (some methods with other settings)
+    adds its rows to ``<grid>``'s table."""
     import json
 
     from cahp.reporting.bench_report import budget_label
 
+    def load(name: str) -> tuple[dict, dict] | None:
+        path = RESULTS / name / "summary.json"
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text()), json.loads((RESULTS / name / "bench_config.json").read_text())
+
+    grids = {name: grid for name in names if (grid := load(name)) is not None}
+
+    def recipe(name: str) -> dict:
+        return {k: v for k, v in grids[name][1].items() if k not in VARIANT_KEYS}
+
+    variants = {name: [v for v in grids if v.startswith(f"{name}_") and recipe(v) == recipe(name)] for name in grids}
     lines = [
         "# Method comparison at high compression",
         "",
@@ -77,36 +99,38 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
         "CAHP's k*. Bold: the best method of the column. Written by `python benchmarks/bench_grids.py`.",
         "",
     ]
-    for name in names:
-        path = RESULTS / name / "summary.json"
-        if not path.is_file():
-            continue
-        summary = json.loads(path.read_text())
-        config = json.loads((RESULTS / name / "bench_config.json").read_text())
-        table = summary["table"]
+    for name, (summary, config) in grids.items():
+        if any(name in members for members in variants.values()):
+            continue  # shown in its grid's table
         budgets = [budget_label(b) for b in config["budgets"]]
         budgets = [b for b in budgets if b == "knee" or float(b) <= max_fraction]
-        best = {
-            b: max((table[m][b]["after_recovery"]["mean"] for m in table if b in table[m]), default=None)
-            for b in budgets
-        }
+        rows = [(m, summary["table"][m]) for m in config["methods"] if m in summary["table"]]
+        for variant in variants[name]:
+            variant_summary, variant_config = grids[variant]
+            rows += [
+                (_variant_label(m, variant_config), variant_summary["table"][m])
+                for m in variant_config["methods"]
+                if m in variant_summary["table"]
+            ]
+        means = {b: [row[b]["after_recovery"]["mean"] for _, row in rows if b in row] for b in budgets}
+        best = {b: max(values, default=None) for b, values in means.items()}
         lines += [
-            f"## {name} (dense {summary['dense_accuracy']:.4f})",
+            f"## {name} (dense {summary['dense_accuracy']:.4f}"
+            + ("; retraining-free: accuracy right after pruning)" if not config["recovery"]["epochs"] else ")"),
             "",
             "| method | " + " | ".join(budgets) + " |",
             "|---" * (len(budgets) + 1) + "|",
         ]
-        for method in [m for m in config["methods"] if m in table]:
+        for label, row in rows:
             cells = []
             for b in budgets:
-                row = table[method].get(b)
-                if row is None:
+                if b not in row:
                     cells.append("–")
                     continue
-                stats = row["after_recovery"]
+                stats = row[b]["after_recovery"]
                 text = f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f} (n={stats['n']})" if stats["n"] > 1 else "")
                 cells.append(f"**{text}**" if stats["mean"] == best[b] else text)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     path = RESULTS / "overview.md"
     path.write_text("\n".join(lines))

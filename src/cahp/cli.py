@@ -170,6 +170,7 @@ def _prune(args: argparse.Namespace) -> int:
             embedding=args.embedding,
             poly_degree=args.poly_degree,
             representative=args.representative,
+            salience=args.salience,
             allow_empty_layers=args.allow_empty_layers,
             keep=args.keep,
             sparsity=args.sparsity,
@@ -267,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a setting of the head scorer given by --method, repeatable (e.g. --scorer-setting steps=400); "
-        "VALUE is read as JSON when it parses (numbers, true/false, null), else as text",
+        help="a setting of the head scorer given by --method (or by cahp's --salience), repeatable "
+        "(e.g. --scorer-setting steps=400); VALUE is read as JSON when it parses (numbers, true/false, null), "
+        "else as text",
     )
     group = prune.add_argument_group("CAHP")
     budget = group.add_mutually_exclusive_group()
@@ -280,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--embedding", default="tsne", choices=["tsne", "none"])
     group.add_argument("--poly-degree", type=int, default=6)
     group.add_argument("--representative", default="salience", choices=["salience", "medoid"])
+    group.add_argument(
+        "--salience",
+        default="gradient",
+        help="what ranks the heads of a cluster: gradient (the reference: |dL/d gate| on --salience-fraction "
+        "of the calibration batches) or a head scorer run on the calibration examples (fisher, hies, attattr, "
+        "random, ...; its settings: --scorer-setting)",
+    )
     group.add_argument("--allow-empty-layers", action="store_true", help="a layer may lose every head")
     group.add_argument("--gqa-mode", default="groups", choices=["groups", "uniform"])
     recovery = prune.add_argument_group("recovery fine-tune (0 epochs: retraining-free)")

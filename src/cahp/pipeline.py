@@ -29,7 +29,7 @@ from cahp.evaluation.metrics import evaluate_split
 from cahp.models import load_classifier
 from cahp.outputs import StagedOutput, write_json
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
-from cahp.scoring.salience import gradient_salience
+from cahp.scoring.salience import REFERENCE_SALIENCE, check_salience_source, gradient_salience
 from cahp.selection.cahp import CAHPSelector, CAHPSettings
 from cahp.signatures.collector import collect_signatures
 from cahp.signatures.stats import StreamingMoments
@@ -48,12 +48,14 @@ class PruneConfig:
     Attributes:
         model: a fine-tuned classifier (folder, or alias/hub id of one).
         method: ``cahp`` or a registered head scorer (then global top-K at the ``cahp.keep``/``sparsity`` budget).
-        scorer_settings: constructor settings of that scorer (for example ``{"steps": 400}`` for ``l0``);
-            ``seed`` defaults to ``cahp.seed`` and ``keep`` is set from the budget for budget-aware scorers.
+        scorer_settings: constructor settings of that scorer (for example ``{"steps": 400}`` for ``l0``), or of
+            the scorer that gives CAHP its salience (``cahp.salience``); ``seed`` defaults to ``cahp.seed`` and
+            ``keep`` is set from the budget for budget-aware scorers.
         calibration_size: examples of the calibration split (``task.calibration_split``: the training split;
             offline MNLI: its held-out share) for signatures (seeded, class-stratified);
             ``None`` = the whole split, as the reference.
-        salience_fraction: share of (shuffled) calibration-split batches for gradient salience (reference: 0.25).
+        salience_fraction: share of (shuffled) calibration-split batches for gradient salience (reference: 0.25);
+            a head scorer named by ``cahp.salience`` scores the calibration examples instead.
         recovery: the recovery fine-tune; ``epochs=0`` gives the retraining-free result.
         recovery_max_examples: train the recovery on a stratified subset (demo settings).
         eval_max_examples: evaluate on a seeded, stratified subset of each split (``None`` = the whole split);
@@ -123,11 +125,16 @@ def _check_method(config: PruneConfig) -> None:
         if value is not None and value <= 0:
             raise CahpError(f"{name} must be a positive number of examples (or None for the whole split), got {value}")
     if config.method == "cahp":
-        if config.scorer_settings:
+        check_salience_source(config.cahp.salience)
+        if config.scorer_settings and config.cahp.salience == REFERENCE_SALIENCE:
             raise CahpError(
-                f"scorer settings {sorted(config.scorer_settings)} apply to head scorers, not to cahp; "
-                "use the CAHP options (--metric, --embedding, --poly-degree, ...)"
+                f"scorer settings {sorted(config.scorer_settings)} apply to head scorers (--method, or cahp's "
+                "--salience), not to cahp; use the CAHP options (--metric, --embedding, --poly-degree, ...)"
             )
+        if config.scorer_settings:
+            from cahp.scoring import get_scorer
+
+            get_scorer(config.cahp.salience, **{"seed": config.cahp.seed, **config.scorer_settings})
         return
     from cahp.scoring import available_scorers, get_scorer
 
@@ -213,20 +220,26 @@ def _select(
         )
         stages.seconds["signatures"] = round(time.perf_counter() - start, 2)
         moments.save(signatures_file)
-    stages.say("computing gradient salience")
-    salience = np.array(
-        stages.json(
-            "salience",
-            lambda: gradient_salience(
+
+    def salience_scores() -> list[list[float]]:
+        if config.cahp.salience == REFERENCE_SALIENCE:
+            stages.say("computing gradient salience")
+            return gradient_salience(
                 model,
                 tokenizer,
                 selection_data,
                 fraction=config.salience_fraction,
                 seed=config.cahp.seed,
                 progress=stages.progress,
-            ).tolist(),
-        )
-    )
+            ).tolist()
+        from cahp.scoring import get_scorer
+
+        scorer = get_scorer(config.cahp.salience, **{"seed": config.cahp.seed, **config.scorer_settings})
+        stages.say(f"salience: scoring heads with {config.cahp.salience!r} on {len(calibration_split)} examples")
+        calibration = encode_split(tokenizer, calibration_split, config.task.max_length)
+        return scorer.score(model, tokenizer, calibration, task.num_labels).tolist()
+
+    salience = np.array(stages.json("salience", salience_scores))
     stages.say("clustering the head space")
     return stages.json("selection", lambda: CAHPSelector(config.cahp).fit(moments, salience).report())
 

@@ -187,6 +187,56 @@ def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions]
     assert "accuracy (10 examples): before" in summary(report)
 
 
+def test_cahp_salience_from_a_head_scorer(classifier: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    """``salience: fisher`` makes each cluster keep its highest-Fisher head, in prune and in the bench."""
+    import numpy as np
+
+    from cahp.data import encode_split
+    from cahp.models import load_classifier
+    from cahp.pipeline import PruneConfig, prune
+    from cahp.scoring import get_scorer
+
+    model_dir, task = classifier
+    config = PruneConfig(model=str(model_dir), task=task, latency_repeats=1, latency_seq_len=8)
+    config.recovery.epochs = 0
+    config.cahp.keep, config.cahp.tsne_iterations = 5, 250
+    for source, message in (("dsp", "depend on how many heads are kept"), ("nope", "unknown salience 'nope'")):
+        config.cahp.salience = source
+        with pytest.raises(CahpError, match=message):
+            prune(config, tmp_path / "bad", progress=False)
+    config.cahp.salience = "fisher"
+    report = prune(config, tmp_path / "out", progress=False)
+    assert not list(tmp_path.glob("*bad*")), "a refused salience writes nothing"
+
+    data = task.load()
+    model, tokenizer = load_classifier(model_dir)
+    calibration = encode_split(tokenizer, data.split(data.calibration_split), task.max_length)
+    fisher = get_scorer("fisher", seed=config.cahp.seed).score(model, tokenizer, calibration, data.num_labels)
+    selection = report["selection"]
+    assert selection["settings"]["salience"] == "fisher"
+    flat = fisher.reshape(-1)
+    np.testing.assert_allclose(
+        np.array(selection["salience"]).reshape(-1), (flat - flat.min()) / (flat.max() - flat.min())
+    )
+    clusters = np.array(selection["clusters"])
+    for representative in selection["representatives"]:
+        members = np.flatnonzero(clusters == clusters[representative])
+        assert flat[representative] == flat[members].max(), "each cluster keeps its highest-Fisher head"
+
+    bench = _config(classifier, tmp_path / "bench")
+    bench.methods, bench.budgets, bench.recovery = ["cahp"], [0.5], TrainingConfig(epochs=0)
+    bench.cahp = {"tsne_iterations": 250, "salience": "fisher"}
+    run_bench(bench, progress=False)
+    assert (tmp_path / "bench" / "scores" / "fisher__seed0.json").is_file()
+    summary_md = (tmp_path / "bench" / "summary.md").read_text()
+    assert "this grid is retraining-free" in summary_md and "## Accuracy after pruning (no recovery)" in summary_md
+    assert "## Accuracy after recovery" not in summary_md, "no recovery: no after-recovery table"
+    for bad, message in (({"salience": "dsp"}, "depend on how many"), ({"salinece": "fisher"}, "unknown cahp")):
+        bench.cahp = bad
+        with pytest.raises(CahpError, match=message):
+            run_bench(bench, progress=False)
+
+
 def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from cahp.cli import build_parser
 
@@ -202,13 +252,18 @@ def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         config = BenchConfig.from_file(REPO / "benchmarks" / "configs" / name)
         assert config.model.endswith(f"finetuned/{name.removesuffix('.json').replace('_', '-l6-')}")
         assert "cahp" in config.methods and "random" in config.methods and "knee" in config.budgets
+        variant = BenchConfig.from_file(REPO / "benchmarks" / "configs" / name.replace(".json", "_cahp_fisher.json"))
+        assert variant.cahp == {"salience": "fisher"} and variant.out == f"{config.out}-cahp-fisher"
+        differing = {k for k, v in variant.to_dict().items() if config.to_dict()[k] != v}
+        assert differing == {"out", "methods", "budgets", "cahp"}, "the same recipe as the grid it is compared with"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "m", "out": "o", "methodz": []}))
     with pytest.raises(CahpError, match="methodz"):
         BenchConfig.from_file(bad)
     parser = build_parser()
     args = parser.parse_args(["prune", "--model", "m", "--out", "o", "--method", "l0", "--sparsity", "0.5"])
-    assert args.method == "l0"
+    assert args.method == "l0" and args.salience == "gradient", "the reference salience by default"
+    assert parser.parse_args(["prune", "--model", "m", "--out", "o", "--salience", "fisher"]).salience == "fisher"
     from cahp.cli import _key_values
 
     args = parser.parse_args(

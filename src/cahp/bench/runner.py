@@ -40,7 +40,7 @@ from cahp.models import cahp_home, load_classifier
 from cahp.outputs import write_json
 from cahp.reporting.bench_report import budget_label, write_bench_report
 from cahp.scoring import available_scorers, get_scorer, scorer_class
-from cahp.scoring.salience import gradient_salience
+from cahp.scoring.salience import REFERENCE_SALIENCE, check_salience_source, gradient_salience
 from cahp.selection.budget import keep_from_budget, select_top_k
 from cahp.selection.cahp import CAHPSelector, CAHPSettings
 from cahp.signatures.collector import collect_signatures
@@ -85,7 +85,9 @@ class BenchConfig:
         calibration_size, calibration_seed: the scoring examples (stratified subset of the training split;
             ``None`` = all of it), the same for every method and seed.
         scorer_settings: ``{method: {setting: value}}`` passed to :func:`cahp.scoring.get_scorer`.
-        cahp: :class:`CAHPSettings` fields (not ``seed``/``keep``/``sparsity``, which the bench sets).
+        cahp: :class:`CAHPSettings` fields (not ``seed``/``keep``/``sparsity``, which the bench sets). With
+            ``{"salience": "fisher"}`` (any head scorer that needs no budget) each cluster keeps the head that
+            scorer ranks first (with its ``scorer_settings``, and the CAHP seed when it has randomness).
         recovery: the recovery fine-tune of every cell (``epochs: 0`` = retraining-free only).
         recovery_max_examples: recover on a stratified subset of the training split.
         eval_splits: splits evaluated after pruning and after recovery.
@@ -181,6 +183,13 @@ def _validate(config: BenchConfig) -> None:
     forbidden = {"seed", "keep", "sparsity"} & set(config.cahp)
     if forbidden:
         raise CahpError(f"cahp settings {sorted(forbidden)} are set by the bench (seeds and budgets)")
+    unknown_settings = set(config.cahp) - {f.name for f in fields(CAHPSettings)}
+    if unknown_settings:
+        raise CahpError(
+            f"unknown cahp settings {sorted(unknown_settings)}; known: "
+            f"{', '.join(f.name for f in fields(CAHPSettings) if f.name not in ('seed', 'keep', 'sparsity'))}"
+        )
+    check_salience_source(config.cahp.get("salience", REFERENCE_SALIENCE))
 
 
 def _check_folder(out: Path, config: BenchConfig) -> None:
@@ -299,8 +308,13 @@ class _Bench:
                 "knee": cached["knee"],
             }
         moments, salience = self._cahp_inputs()
+        source = self.config.cahp.get("salience", REFERENCE_SALIENCE)
+        salience_seconds = 0.0
+        if source != REFERENCE_SALIENCE:  # a head scorer's scores, cached like that method's own
+            own_seeds = self.seeds_for(source)  # a deterministic scorer runs once, shared by every CAHP seed
+            salience, salience_seconds = self.scores(source, seed if seed in own_seeds else own_seeds[0], None)
         self.say(f"cahp: head space and MSS(k) sweep (seed {seed})")
-        start = time.perf_counter()
+        start = time.perf_counter() - salience_seconds
         settings = CAHPSettings(**self.config.cahp, seed=seed)
         selector = CAHPSelector(settings).fit(moments, salience)
         ks = {selector.k_, *(self.keep_for(b) for b in self.config.budgets if b != KNEE)}

@@ -143,6 +143,15 @@ def write_bench_report(out: str | Path) -> Path:
     dense_accuracy = dense["accuracy"].get(split, {}).get("accuracy", float("nan"))
 
     recovery = config.get("recovery", {})
+    retraining_free = not recovery.get("epochs")
+    stages = {"after_pruning": STAGES["after_pruning"]} if retraining_free else STAGES
+    recovery_text = (
+        "none: this grid is retraining-free, so accuracy is measured right after pruning"
+        if retraining_free
+        else f"{recovery.get('epochs')} epoch(s) at lr {recovery.get('learning_rate')} on "
+        f"{config.get('recovery_max_examples') or 'all'} training examples"
+        f"{', length-grouped batches' if recovery.get('group_by_length') else ''}, the same for every method"
+    )
     task = dense.get("task", {})
     protocol = f" ({task['protocol']} {task['task']} protocol)" if task.get("task") == "mnli" else ""
     lines = [
@@ -150,9 +159,7 @@ def write_bench_report(out: str | Path) -> Path:
         "",
         f"Model `{config['model']}`. Calibration: {config.get('calibration_size') or 'all'} examples "
         f"of the `{task.get('calibration_split', 'train')}` split (seed {config.get('calibration_seed', 0)}) for "
-        f"every method{protocol}. Recovery: {recovery.get('epochs')} epoch(s) "
-        f"at lr {recovery.get('learning_rate')} on {config.get('recovery_max_examples') or 'all'} training "
-        f"examples{', length-grouped batches' if recovery.get('group_by_length') else ''}, the same for every method.",
+        f"every method{protocol}. Recovery: {recovery_text}.",
         "",
         f"Accuracy on `{split}`; dense model {dense_accuracy:.4f} with {dense['heads_total']} heads. "
         "Budgets are fractions of heads kept (`knee` = CAHP's k*); the one-head-per-layer guardrail may keep "
@@ -177,15 +184,15 @@ def write_bench_report(out: str | Path) -> Path:
         row, control = table[method].get(budget), table.get("random", {}).get(budget)
         if row is None or control is None:
             return "–"
-        return " / ".join(f"{row[s]['mean'] - control[s]['mean']:+.4f}" for s in STAGES)
+        return " / ".join(f"{row[s]['mean'] - control[s]['mean']:+.4f}" for s in stages)
 
-    for stage, title in STAGES.items():
+    for stage, title in stages.items():
         lines += _markdown_table(f"Accuracy {title}", methods, budgets, show(lambda r, s=stage: _fmt(r[s])))
     if "random" in table:
-        title = "Gain over the random control (mean accuracy, after pruning / after recovery)"
+        title = "Gain over the random control (mean accuracy, " + " / ".join(s.replace("_", " ") for s in stages) + ")"
         lines += _markdown_table(title, [m for m in methods if m != "random"], budgets, gain)
     if "cahp" in table and len(methods) > 1:
-        lines += _cahp_vs_best(table, methods, budgets)
+        lines += _cahp_vs_best(table, methods, budgets, stages)
     lines += _markdown_table("Heads kept (mean)", methods, budgets, show(lambda r: f"{r['kept']['mean']:.1f}"))
     lines += _markdown_table(
         "Mean relative depth of the kept heads (0 = first layer, 1 = last)",
@@ -231,7 +238,7 @@ def write_bench_report(out: str | Path) -> Path:
     return summary
 
 
-def _cahp_vs_best(table: dict[str, Any], methods: list[str], budgets: list[str]) -> list[str]:
+def _cahp_vs_best(table: dict[str, Any], methods: list[str], budgets: list[str], stages: dict[str, str]) -> list[str]:
     """Per budget and stage: CAHP's mean accuracy against the best other method's (by mean)."""
     lines = [
         "## CAHP vs the best other method (mean accuracy)",
@@ -240,7 +247,7 @@ def _cahp_vs_best(table: dict[str, Any], methods: list[str], budgets: list[str])
         "|---|---|---|---|---|---|",
     ]
     for budget in budgets:
-        for stage in STAGES:
+        for stage in stages:
             means = {m: table[m][budget][stage]["mean"] for m in methods if budget in table[m]}
             if "cahp" not in means or len(means) < 2:
                 continue

@@ -38,6 +38,10 @@ class CAHPSettings:
         perplexity, tsne_iterations: t-SNE settings (reference: 10 and 1000).
         poly_degree: degree of the polynomial fitted to MSS(k) before the knee search (reference: 6).
         representative: ``"salience"`` (most salient head of each cluster) or ``"medoid"``.
+        salience: where the salience comes from (read by :func:`cahp.prune` and ``cahp bench``, which hand
+            it to :meth:`CAHPSelector.fit`): ``"gradient"`` (the reference: mean ``|dL/d gate|`` of each head
+            over a share of the calibration batches) or the name of a registered head scorer that needs no
+            budget (``fisher``, ``hies``, ``attattr``, ``random``, ...), run on the calibration examples.
         allow_empty_layers: let a layer lose every head (else its most salient head is kept).
         keep: keep this many clusters (heads) instead of the knee.
         sparsity: remove this share of heads instead of the knee (K = round((1 - S) N) clusters).
@@ -51,6 +55,7 @@ class CAHPSettings:
     tsne_iterations: int = 1000
     poly_degree: int = 6
     representative: str = "salience"
+    salience: str = "gradient"
     allow_empty_layers: bool = False
     keep: int | None = None
     sparsity: float | None = None
