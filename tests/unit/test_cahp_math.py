@@ -266,6 +266,20 @@ def test_embed_heads_tsne_shapes_determinism_and_tiny_inputs() -> None:
         cluster_heads(head_distances(pair), 3)
 
 
+def test_tsne_head_space_does_not_depend_on_the_thread_count() -> None:
+    """Barnes-Hut t-SNE sums gradients in parallel, so the thread count alone used to move the head space
+    (and k*); the embedding runs on one thread, so a 2-core laptop and a 16-core server agree."""
+    from threadpoolctl import threadpool_limits
+
+    profiles = np.random.default_rng(0).normal(size=(72, 1024)).astype(np.float32)
+    embeddings = []
+    for threads in (1, 2, 4):
+        with threadpool_limits(limits=threads):
+            embeddings.append(embed_heads(profiles, n_iter=300, seed=0))
+    for other in embeddings[1:]:
+        np.testing.assert_array_equal(other, embeddings[0])
+
+
 # ----------------------------------------------------------------------------------------------- knee
 
 

@@ -45,7 +45,8 @@ def embed_heads(
 
     ``"tsne"`` uses scikit-learn's ``TSNE(n_components=2, perplexity=10, max_iter=1000,
     random_state=seed)`` with its other defaults (PCA init, ``learning_rate="auto"``, Barnes-Hut), the
-    reference settings, on float32 profiles as the reference does. scikit-learn needs perplexity < N: for
+    reference settings, on float32 profiles as the reference does, on one thread (so that the thread count
+    does not move the head space). scikit-learn needs perplexity < N: for
     small models the perplexity is lowered to :func:`effective_perplexity` with a ``UserWarning``. t-SNE is
     not run for fewer than 3 heads: N = 1 gives ``[[0, 0]]``, N = 2 places the heads at ``(0, 0)`` and
     ``(d, 0)``, ``d`` being their profile distance. ``"none"`` returns the profiles themselves (float64), so
@@ -78,9 +79,13 @@ def embed_heads(
             stacklevel=2,
         )
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     tsne = TSNE(n_components=2, perplexity=used, max_iter=n_iter, random_state=seed)
-    return tsne.fit_transform(profiles.astype(np.float32)).astype(np.float64)
+    # One thread: parallel BLAS (PCA init) and parallel Barnes-Hut sums change the embedding with the thread
+    # count, and with it k*. A few hundred points take well under a second on one thread.
+    with threadpool_limits(limits=1):
+        return tsne.fit_transform(profiles.astype(np.float32)).astype(np.float64)
 
 
 def head_distances(points: np.ndarray) -> np.ndarray:
