@@ -149,8 +149,7 @@ def write_table(results: dict) -> None:
                 f"| {m['method']} | {spearman} | {m['jaccard_mean']:.3f} | {m['jaccard_min']:.3f} | "
                 f"{m['seconds_per_run']} |"
             )
-        lines.append("")
-    lines += ["Command: `" + results["command"] + "`", ""]
+        lines += ["", f"Command: `{row['command']}`", ""]
     (RESULTS / "stability.md").write_text("\n".join(lines))
 
 
@@ -166,11 +165,18 @@ def main() -> None:
     path = RESULTS / "stability.json"
     previous = json.loads(path.read_text())["rows"] if path.is_file() else []
     results = {r["model"] + ":" + r["task"]: r for r in previous}
+    options = [
+        (f"--methods {' '.join(args.methods)}", args.methods != METHODS),
+        (f"--runs {args.runs}", args.runs != 3),
+        (f"--budget {args.budget}", args.budget != 0.3),
+        (f"--calibration-size {args.calibration_size}", args.calibration_size != 512),
+    ]
     for model_name, task_name in rows:
         row = run_row(model_name, task_name, args.methods, args.runs, args.budget, args.calibration_size)
+        command = [f"python benchmarks/stability.py --rows {model_name}:{task_name}"]
+        row["command"] = " ".join(command + [option for option, given in options if given])
         results[f"{model_name}:{task_name}"] = row
-    command = "python benchmarks/stability.py " + " ".join(sys.argv[1:])
-    payload = {"command": command.strip(), "rows": list(results.values())}
+    payload = {"rows": list(results.values())}
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     write_table(payload)
