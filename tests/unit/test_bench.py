@@ -142,6 +142,11 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     assert overlap["n"] == 1 and 0.0 <= overlap["mean"] <= 1.0
     assert "seed_overlap" not in summary_json["table"]["magnitude"]["0.5"], "deterministic: one seed"
     assert "Same heads across seeds" in (tmp_path / "bench" / "summary.md").read_text()
+    record = tmp_path / "bench" / "bench_config.json"
+    older = json.loads(record.read_text())
+    del older["recovery"]["group_by_length"], older["gqa_mode"]  # a record from before these settings existed
+    record.write_text(json.dumps(older))
+    assert run_bench(config, progress=False)["computed"] == 0, "missing settings read as their defaults"
     config.recovery = TrainingConfig(epochs=2, learning_rate=1e-3, batch_size=8)
     with pytest.raises(CahpError, match="other settings"):
         run_bench(config, progress=False)

@@ -197,7 +197,9 @@ def _check_folder(out: Path, config: BenchConfig) -> None:
     record = out / "bench_config.json"
     current = json.loads(json.dumps(config.to_dict(), default=str))
     if record.is_file():
-        earlier = json.loads(record.read_text())
+        # through BenchConfig, so that a record written before a setting existed gets its default (which keeps
+        # the old behaviour) instead of counting as a change
+        earlier = json.loads(json.dumps(BenchConfig.from_dict(json.loads(record.read_text())).to_dict(), default=str))
         changed = [key for key in RESULT_KEYS if earlier.get(key) != current.get(key)]
         if changed:
             raise CahpError(
