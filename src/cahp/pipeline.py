@@ -379,6 +379,8 @@ def summary(report: dict[str, Any]) -> str:
         how = f"budget ({report['selection']['budget_mode']})"
     if report.get("method", "cahp") != "cahp":
         how = f"{report['method']} scores, top-k {how}"
+    elif report["selection"].get("settings", {}).get("salience", REFERENCE_SALIENCE) != REFERENCE_SALIENCE:
+        how += f"; one head per cluster by {report['selection']['settings']['salience']} scores"
     lines = [
         f"heads kept: {report['heads']['kept']} of {report['heads']['total']} (k = {report['selection']['k']}, "
         f"{how}; guardrail added {len(report['selection']['guardrail_heads'])})",

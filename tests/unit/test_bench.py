@@ -198,7 +198,7 @@ def test_cahp_salience_from_a_head_scorer(classifier: tuple[Path, TaskOptions], 
 
     from cahp.data import encode_split
     from cahp.models import load_classifier
-    from cahp.pipeline import PruneConfig, prune
+    from cahp.pipeline import PruneConfig, prune, summary
     from cahp.scoring import get_scorer
 
     model_dir, task = classifier
@@ -219,6 +219,7 @@ def test_cahp_salience_from_a_head_scorer(classifier: tuple[Path, TaskOptions], 
     fisher = get_scorer("fisher", seed=config.cahp.seed).score(model, tokenizer, calibration, data.num_labels)
     selection = report["selection"]
     assert selection["settings"]["salience"] == "fisher"
+    assert "one head per cluster by fisher scores" in summary(report)
     flat = fisher.reshape(-1)
     np.testing.assert_allclose(
         np.array(selection["salience"]).reshape(-1), (flat - flat.min()) / (flat.max() - flat.min())
