@@ -165,16 +165,14 @@ def main() -> None:
     path = RESULTS / "stability.json"
     previous = json.loads(path.read_text())["rows"] if path.is_file() else []
     results = {r["model"] + ":" + r["task"]: r for r in previous}
-    options = [
-        (f"--methods {' '.join(args.methods)}", args.methods != METHODS),
-        (f"--runs {args.runs}", args.runs != 3),
-        (f"--budget {args.budget}", args.budget != 0.3),
-        (f"--calibration-size {args.calibration_size}", args.calibration_size != 512),
+    options = [  # the options given other than their defaults, for each row's command
+        f"--{name.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        for name in ("methods", "runs", "budget", "calibration_size")
+        if (value := getattr(args, name)) != parser.get_default(name)
     ]
     for model_name, task_name in rows:
         row = run_row(model_name, task_name, args.methods, args.runs, args.budget, args.calibration_size)
-        command = [f"python benchmarks/stability.py --rows {model_name}:{task_name}"]
-        row["command"] = " ".join(command + [option for option, given in options if given])
+        row["command"] = " ".join([f"python benchmarks/stability.py --rows {model_name}:{task_name}", *options])
         results[f"{model_name}:{task_name}"] = row
     payload = {"rows": list(results.values())}
     RESULTS.mkdir(exist_ok=True)

@@ -132,11 +132,9 @@ def _check_method(config: PruneConfig) -> None:
                 "--salience), not to cahp; use the CAHP options (--metric, --embedding, --poly-degree, ...)"
             )
         if config.scorer_settings:
-            from cahp.scoring import get_scorer
-
-            get_scorer(config.cahp.salience, **{"seed": config.cahp.seed, **config.scorer_settings})
+            _scorer(config, config.cahp.salience)
         return
-    from cahp.scoring import available_scorers, get_scorer
+    from cahp.scoring import available_scorers
 
     if config.method not in available_scorers():
         raise CahpError(f"unknown method {config.method!r}; available: cahp, {', '.join(available_scorers())}")
@@ -145,24 +143,29 @@ def _check_method(config: PruneConfig) -> None:
             f"method {config.method!r} has no automatic head count: give a budget with --keep K or --sparsity S "
             "(only cahp finds k* by itself)"
         )
-    get_scorer(config.method, **{"seed": config.cahp.seed, **config.scorer_settings})
+    _scorer(config, config.method)
+
+
+def _scorer(config: PruneConfig, name: str, **extra: Any) -> Any:
+    """The head scorer ``name`` with the run's ``scorer_settings`` (``seed`` defaults to ``cahp.seed``)."""
+    from cahp.scoring import get_scorer
+
+    return get_scorer(name, **{"seed": config.cahp.seed, **config.scorer_settings, **extra})
 
 
 def _select(
     config: PruneConfig, stages: _Stages, model: Any, tokenizer: Any, task: TaskData, selection_data: EncodedSplit
 ) -> dict[str, Any]:
     if config.method != "cahp":  # any registered head scorer, then global top-K with the guardrail
-        from cahp.scoring import get_scorer, scorer_class
+        from cahp.scoring import scorer_class
         from cahp.selection.budget import keep_from_budget, select_top_k
 
         mode = config.cahp.budget_mode()  # "keep" or "sparsity": _check_method refused "auto"
         adapter = get_adapter(model)
         layers, heads = adapter.num_layers(model), adapter.num_heads(model)
         keep = keep_from_budget(layers * heads, config.cahp.keep, config.cahp.sparsity)
-        settings: dict[str, Any] = {"seed": config.cahp.seed, **config.scorer_settings}
-        if scorer_class(config.method).budget_aware:
-            settings["keep"] = keep
-        scorer = get_scorer(config.method, **settings)
+        budget_aware = scorer_class(config.method).budget_aware
+        scorer = _scorer(config, config.method, **({"keep": keep} if budget_aware else {}))
 
         def score() -> list[list[float]]:
             if config.calibration_size is None:
@@ -232,9 +235,7 @@ def _select(
                 seed=config.cahp.seed,
                 progress=stages.progress,
             ).tolist()
-        from cahp.scoring import get_scorer
-
-        scorer = get_scorer(config.cahp.salience, **{"seed": config.cahp.seed, **config.scorer_settings})
+        scorer = _scorer(config, config.cahp.salience)
         stages.say(f"salience: scoring heads with {config.cahp.salience!r} on {len(calibration_split)} examples")
         calibration = encode_split(tokenizer, calibration_split, config.task.max_length)
         return scorer.score(model, tokenizer, calibration, task.num_labels).tolist()

@@ -234,6 +234,8 @@ def test_cahp_salience_from_a_head_scorer(classifier: tuple[Path, TaskOptions], 
     bench.cahp = {"tsne_iterations": 250, "salience": "fisher"}
     run_bench(bench, progress=False)
     assert (tmp_path / "bench" / "scores" / "fisher__seed0.json").is_file()
+    shared = json.loads((tmp_path / "bench" / "scores" / "cahp_shared.json").read_text())
+    assert shared["salience"] is None, "the gradient salience is not computed when fisher replaces it"
     summary_md = (tmp_path / "bench" / "summary.md").read_text()
     assert "this grid is retraining-free" in summary_md and "## Accuracy after pruning (no recovery)" in summary_md
     assert "## Accuracy after recovery" not in summary_md, "no recovery: no after-recovery table"

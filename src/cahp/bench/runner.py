@@ -180,15 +180,14 @@ def _validate(config: BenchConfig) -> None:
             raise CahpError(f'budgets are fractions of heads kept in (0, 1] or "knee", got {budget!r}')
     if not config.seeds:
         raise CahpError("seeds must list at least one seed")
-    forbidden = {"seed", "keep", "sparsity"} & set(config.cahp)
+    set_by_bench = {"seed", "keep", "sparsity"}
+    forbidden = set_by_bench & set(config.cahp)
     if forbidden:
         raise CahpError(f"cahp settings {sorted(forbidden)} are set by the bench (seeds and budgets)")
     unknown_settings = set(config.cahp) - {f.name for f in fields(CAHPSettings)}
     if unknown_settings:
-        raise CahpError(
-            f"unknown cahp settings {sorted(unknown_settings)}; known: "
-            f"{', '.join(f.name for f in fields(CAHPSettings) if f.name not in ('seed', 'keep', 'sparsity'))}"
-        )
+        known = [f.name for f in fields(CAHPSettings) if f.name not in set_by_bench]
+        raise CahpError(f"unknown cahp settings {sorted(unknown_settings)}; known: {', '.join(known)}")
     check_salience_source(config.cahp.get("salience", REFERENCE_SALIENCE))
 
 
@@ -276,29 +275,41 @@ class _Bench:
         write_json(path, {**payload, "scores": scores.tolist()})
         return scores, seconds
 
-    def _cahp_inputs(self) -> tuple[StreamingMoments, np.ndarray]:
-        """Signatures and salience on the calibration set, shared by every CAHP seed (their time is recorded
-        in ``scores/cahp_shared.json``; a seed's scoring time is its head space, sweep and selections)."""
+    def _cahp_inputs(self, seed: int) -> tuple[StreamingMoments, np.ndarray]:
+        """Signatures and salience on the calibration set. The signatures and the reference gradient salience
+        are computed once for every CAHP seed (their time is recorded in ``scores/cahp_shared.json``; a seed's
+        scoring time is its head space, sweep and selections). With ``cahp.salience`` naming a head scorer,
+        the gradient is not computed: that scorer's scores are the salience, cached and timed in ``scores/``
+        like the method's own."""
         signatures = self.out / "scores" / "cahp_signatures.npz"
         shared = self.out / "scores" / "cahp_shared.json"
+        source = self.config.cahp.get("salience", REFERENCE_SALIENCE)
         if signatures.is_file() and shared.is_file():
-            cached = json.loads(shared.read_text())
-            return StreamingMoments.load(signatures), np.array(cached["salience"])
-        self.say(f"cahp: signatures and salience on {len(self.calibration)} calibration examples")
-        start = time.perf_counter()
-        moments = collect_signatures(self.model, self.tokenizer, self.calibration, self.task.num_labels, progress=False)
-        salience = gradient_salience(
-            self.model,
-            self.tokenizer,
-            self.calibration,
-            fraction=1.0,
-            seed=self.config.calibration_seed,
-            progress=False,
-        )
-        seconds = round(time.perf_counter() - start, 2)
-        moments.save(signatures)
-        write_json(shared, {"seconds": seconds, "salience": salience.tolist()})
-        return moments, salience
+            moments, cached = StreamingMoments.load(signatures), json.loads(shared.read_text())
+        else:
+            what = "signatures and salience" if source == REFERENCE_SALIENCE else "signatures"
+            self.say(f"cahp: {what} on {len(self.calibration)} calibration examples")
+            start = time.perf_counter()
+            moments = collect_signatures(
+                self.model, self.tokenizer, self.calibration, self.task.num_labels, progress=False
+            )
+            salience = None
+            if source == REFERENCE_SALIENCE:
+                salience = gradient_salience(
+                    self.model,
+                    self.tokenizer,
+                    self.calibration,
+                    fraction=1.0,
+                    seed=self.config.calibration_seed,
+                    progress=False,
+                ).tolist()
+            cached = {"seconds": round(time.perf_counter() - start, 2), "salience": salience}
+            moments.save(signatures)
+            write_json(shared, cached)
+        if source == REFERENCE_SALIENCE:
+            return moments, np.array(cached["salience"])
+        own_seeds = self.seeds_for(source)  # a deterministic scorer runs once, shared by every CAHP seed
+        return moments, self.scores(source, seed if seed in own_seeds else own_seeds[0], None)[0]
 
     def cahp_plan(self, seed: int, keep: int | None) -> dict[str, Any]:
         """CAHP's selection for ``keep`` heads (``None``: its knee), from a per-seed cache of every budget."""
@@ -309,14 +320,9 @@ class _Bench:
                 "seconds": cached["seconds"],
                 "knee": cached["knee"],
             }
-        moments, salience = self._cahp_inputs()
-        source = self.config.cahp.get("salience", REFERENCE_SALIENCE)
-        salience_seconds = 0.0
-        if source != REFERENCE_SALIENCE:  # a head scorer's scores, cached like that method's own
-            own_seeds = self.seeds_for(source)  # a deterministic scorer runs once, shared by every CAHP seed
-            salience, salience_seconds = self.scores(source, seed if seed in own_seeds else own_seeds[0], None)
+        moments, salience = self._cahp_inputs(seed)
         self.say(f"cahp: head space and MSS(k) sweep (seed {seed})")
-        start = time.perf_counter() - salience_seconds
+        start = time.perf_counter()
         settings = CAHPSettings(**self.config.cahp, seed=seed)
         selector = CAHPSelector(settings).fit(moments, salience)
         ks = {selector.k_, *(self.keep_for(b) for b in self.config.budgets if b != KNEE)}
