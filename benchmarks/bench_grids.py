@@ -114,9 +114,13 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
             ]
         means = {b: [row[b]["after_recovery"]["mean"] for _, row in rows if b in row] for b in budgets}
         best = {b: max(values, default=None) for b, values in means.items()}
+        notes = [f"dense {summary['dense_accuracy']:.4f}"]
+        if not config["recovery"]["epochs"]:
+            notes.append("retraining-free: accuracy right after pruning")
+        if summary.get("cells", 0) < summary.get("cells_planned", 0):
+            notes.append(f"partial: {summary['cells']} of {summary['cells_planned']} cells, see its summary")
         lines += [
-            f"## {name} (dense {summary['dense_accuracy']:.4f}"
-            + ("; retraining-free: accuracy right after pruning)" if not config["recovery"]["epochs"] else ")"),
+            f"## {name} ({'; '.join(notes)})",
             "",
             "| method | " + " | ".join(budgets) + " |",
             "|---" * (len(budgets) + 1) + "|",

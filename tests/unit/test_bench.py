@@ -10,6 +10,7 @@ import pytest
 
 from cahp.bench import BenchConfig, expand_path, run_bench
 from cahp.errors import CahpError
+from cahp.reporting.bench_report import write_bench_report
 from cahp.train import TaskOptions, TrainingConfig
 from tests.conftest import tiny_task_folder
 
@@ -117,6 +118,16 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     }
     assert run_bench(config, progress=False)["computed"] == 0
     assert "Same heads across seeds" not in (tmp_path / "bench" / "summary.md").read_text()
+    assert "Partial grid" not in summary
+
+    # a summary of an unfinished grid says which cells are missing
+    knee_cell = cells / "random__seed0__knee.json"
+    saved = knee_cell.read_text()
+    knee_cell.unlink()
+    partial = write_bench_report(tmp_path / "bench").read_text()
+    assert "Partial grid: 3 of the 4 cells" in partial and "Not run yet: random (seed 0 at knee)." in partial
+    knee_cell.write_text(saved)
+    assert "Partial grid" not in write_bench_report(tmp_path / "bench").read_text()
 
     # a grid grows: a new seed runs only its own cells, CAHP's first (its k* is the knee budget)
     config.seeds, config.methods = [0, 1], ["random", "cahp", "magnitude"]

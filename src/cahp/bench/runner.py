@@ -38,7 +38,7 @@ from cahp.errors import CahpError
 from cahp.evaluation.metrics import evaluate_split
 from cahp.models import cahp_home, load_classifier
 from cahp.outputs import write_json
-from cahp.reporting.bench_report import budget_label, write_bench_report
+from cahp.reporting.bench_report import budget_label, method_seeds, planned_cells, write_bench_report
 from cahp.scoring import available_scorers, get_scorer, scorer_class
 from cahp.scoring.salience import REFERENCE_SALIENCE, check_salience_source, gradient_salience
 from cahp.selection.budget import keep_from_budget, select_top_k
@@ -249,9 +249,7 @@ class _Bench:
         return {name: evaluate_split(model, self.tokenizer, data, 64, False) for name, data in self.evaluation.items()}
 
     def seeds_for(self, method: str) -> list[int]:
-        if method != "cahp" and scorer_class(method).deterministic:
-            return self.config.seeds[: max(1, self.config.deterministic_seeds)]
-        return list(self.config.seeds)
+        return method_seeds(method, self.config.seeds, self.config.deterministic_seeds)
 
     # ---- selections --------------------------------------------------------------------------------------
 
@@ -435,24 +433,21 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         record = json.loads(dense.read_text())
         if "task" not in record:  # what the summary says about the data (folders of earlier versions lack it)
             write_json(dense, {**record, "task": bench.task.describe()})
-    methods = sorted(config.methods, key=lambda m: m != "cahp")  # CAHP first: its k* is the "knee" budget
-    # Seed-major order: an interrupted grid holds a complete comparison of every method for its first seeds.
-    order = [(seed, method) for seed in config.seeds for method in methods if seed in bench.seeds_for(method)]
-    total = computed = 0
-    for seed, method in order:
-        for budget in config.budgets:
-            total += 1
-            path = out / "cells" / f"{method}__seed{seed}__{budget_label(budget)}.json"
-            if path.is_file():
-                continue
-            cell = bench.run_cell(method, seed, budget)
-            write_json(path, cell)
-            computed += 1
-            test = next(iter(cell["accuracy"]["after_recovery"]))
-            bench.say(
-                f"{method} seed {seed} budget {budget_label(budget)}: {cell['kept']}/{bench.n_heads} heads, "
-                f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned, "
-                f"{cell['accuracy']['after_recovery'][test]['accuracy']:.4f} recovered"
-            )
+    planned = planned_cells(config.methods, config.seeds, config.deterministic_seeds, config.budgets)
+    budgets = {budget_label(budget): budget for budget in config.budgets}
+    computed = 0
+    for method, seed, budget in planned:
+        path = out / "cells" / f"{method}__seed{seed}__{budget}.json"
+        if path.is_file():
+            continue
+        cell = bench.run_cell(method, seed, budgets[budget])
+        write_json(path, cell)
+        computed += 1
+        test = next(iter(cell["accuracy"]["after_recovery"]))
+        bench.say(
+            f"{method} seed {seed} budget {budget}: {cell['kept']}/{bench.n_heads} heads, "
+            f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned, "
+            f"{cell['accuracy']['after_recovery'][test]['accuracy']:.4f} recovered"
+        )
     summary = write_bench_report(out)
-    return {"cells": total, "computed": computed, "summary": str(summary)}
+    return {"cells": len(planned), "computed": computed, "summary": str(summary)}

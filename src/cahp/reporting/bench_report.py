@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cahp.outputs import write_json
+from cahp.scoring import scorer_class
 
 STAGES = {"after_pruning": "after pruning (no recovery)", "after_recovery": "after recovery"}
 
@@ -27,6 +28,56 @@ STAGES = {"after_pruning": "after pruning (no recovery)", "after_recovery": "aft
 def budget_label(budget: float | str) -> str:
     """A budget as cell files and tables name it: ``"knee"`` or the kept fraction (``0.3``)."""
     return "knee" if budget == "knee" else f"{float(budget):g}"
+
+
+def planned_cells(
+    methods: list[str], seeds: list[int], deterministic_seeds: int, budgets: list[float | str]
+) -> list[tuple[str, int, str]]:
+    """The ``(method, seed, budget label)`` cells of a grid, in the order the runner computes them.
+
+    Seed-major, so that an interrupted grid holds a complete comparison for its first seeds; CAHP first in
+    each seed, because its k* is the ``knee`` budget; a method without randomness of its own runs only the
+    first ``deterministic_seeds`` seeds.
+    """
+    ordered = sorted(methods, key=lambda method: method != "cahp")
+    own_seeds = {method: method_seeds(method, seeds, deterministic_seeds) for method in ordered}
+    return [
+        (method, seed, budget_label(budget))
+        for seed in seeds
+        for method in ordered
+        if seed in own_seeds[method]
+        for budget in budgets
+    ]
+
+
+def method_seeds(method: str, seeds: list[int], deterministic_seeds: int) -> list[int]:
+    """The seeds a method runs: all of them, or the first ``deterministic_seeds`` without randomness of its own."""
+    if method != "cahp" and scorer_class(method).deterministic:
+        return seeds[: max(1, deterministic_seeds)]
+    return list(seeds)
+
+
+def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """How many cells the config plans, and summary lines naming those not in the folder yet (none when complete)."""
+    budgets, seeds = config.get("budgets", []), config.get("seeds", [])
+    planned = planned_cells(config.get("methods", []), seeds, config.get("deterministic_seeds", 1), budgets)
+    done = {(cell["method"], cell["seed"], budget_label(cell["budget"])) for cell in cells}
+    missing = [cell for cell in planned if cell not in done]
+    if not missing:
+        return len(planned), []
+    by_method: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for method, seed, budget in missing:
+        by_method[method][seed].append(budget)
+    every_budget = [budget_label(budget) for budget in budgets]
+    parts = []
+    for method, absent in by_method.items():
+        named = [f"seed {seed}" + ("" if at == every_budget else f" at {', '.join(at)}") for seed, at in absent.items()]
+        parts.append(f"{method} ({'; '.join(named)})")
+    return len(planned), [
+        f"**Partial grid: {len(planned) - len(missing)} of the {len(planned)} cells this config plans.** "
+        f"Not run yet: {', '.join(parts)}. Rerunning `cahp bench` with this config resumes them.",
+        "",
+    ]
 
 
 def load_cells(out: Path) -> list[dict[str, Any]]:
@@ -168,6 +219,8 @@ def write_bench_report(out: str | Path) -> Path:
         "same recovery recipe and recovery seed for every method. `random` is the control.",
         "",
     ]
+    planned, missing = _missing_cells(config, cells)
+    lines += missing
     if cells:
         examples = cells[0]["accuracy"]["after_pruning"][split]["examples"]
         error = float(np.sqrt(dense_accuracy * (1 - dense_accuracy) / examples))
@@ -227,7 +280,14 @@ def write_bench_report(out: str | Path) -> Path:
     summary.write_text("\n".join(lines))
     write_json(
         out / "summary.json",
-        {"split": split, "dense_accuracy": dense_accuracy, "table": table, "timings": timings, "cells": len(cells)},
+        {
+            "split": split,
+            "dense_accuracy": dense_accuracy,
+            "table": table,
+            "timings": timings,
+            "cells": len(cells),
+            "cells_planned": planned,
+        },
     )
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
