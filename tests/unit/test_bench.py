@@ -293,3 +293,12 @@ def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     with pytest.raises(CahpError, match="KEY=VALUE"):
         _key_values(["steps"])
     assert parser.parse_args(["bench", "--config", "c.json"]).config == "c.json"
+
+
+def test_summaries_show_cache_paths_as_cahp_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cahp.reporting.bench_report import _shown
+
+    monkeypatch.setenv("CAHP_HOME", str(tmp_path / "cache"))
+    assert _shown(str(tmp_path / "cache" / "finetuned" / "m")) == "$CAHP_HOME/finetuned/m"
+    assert _shown(str(tmp_path / "cache-other" / "m")) == str(tmp_path / "cache-other" / "m")
+    assert _shown("/data/model") == "/data/model"

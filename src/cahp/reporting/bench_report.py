@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cahp.models import cahp_home
 from cahp.outputs import write_json
 from cahp.scoring import scorer_class
 
@@ -78,6 +79,12 @@ def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple
         f"Not run yet: {', '.join(parts)}. Rerunning `cahp bench` with this config resumes them.",
         "",
     ]
+
+
+def _shown(path: str) -> str:
+    """A path as a summary shows it: ``$CAHP_HOME/...`` rather than this machine's cache folder."""
+    home = str(cahp_home())
+    return "$CAHP_HOME" + path[len(home) :] if path == home or path.startswith(home + "/") else path
 
 
 def load_cells(out: Path) -> list[dict[str, Any]]:
@@ -208,7 +215,7 @@ def write_bench_report(out: str | Path) -> Path:
     lines = [
         f"# Head-pruning benchmark: {Path(config['model']).name} on {config['task']['task']}",
         "",
-        f"Model `{config['model']}`. Calibration: {config.get('calibration_size') or 'all'} examples "
+        f"Model `{_shown(config['model'])}`. Calibration: {config.get('calibration_size') or 'all'} examples "
         f"of the `{task.get('calibration_split', 'train')}` split (seed {config.get('calibration_seed', 0)}) for "
         f"every method{protocol}. Recovery: {recovery_text}.",
         "",
