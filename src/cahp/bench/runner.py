@@ -434,18 +434,18 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         if "task" not in record:  # what the summary says about the data (folders of earlier versions lack it)
             write_json(dense, {**record, "task": bench.task.describe()})
     planned = planned_cells(config.methods, config.seeds, config.deterministic_seeds, config.budgets)
-    budgets = {budget_label(budget): budget for budget in config.budgets}
     computed = 0
     for method, seed, budget in planned:
-        path = out / "cells" / f"{method}__seed{seed}__{budget}.json"
+        label = budget_label(budget)
+        path = out / "cells" / f"{method}__seed{seed}__{label}.json"
         if path.is_file():
             continue
-        cell = bench.run_cell(method, seed, budgets[budget])
+        cell = bench.run_cell(method, seed, budget)
         write_json(path, cell)
         computed += 1
         test = next(iter(cell["accuracy"]["after_recovery"]))
         bench.say(
-            f"{method} seed {seed} budget {budget}: {cell['kept']}/{bench.n_heads} heads, "
+            f"{method} seed {seed} budget {label}: {cell['kept']}/{bench.n_heads} heads, "
             f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned, "
             f"{cell['accuracy']['after_recovery'][test]['accuracy']:.4f} recovered"
         )

@@ -33,8 +33,8 @@ def budget_label(budget: float | str) -> str:
 
 def planned_cells(
     methods: list[str], seeds: list[int], deterministic_seeds: int, budgets: list[float | str]
-) -> list[tuple[str, int, str]]:
-    """The ``(method, seed, budget label)`` cells of a grid, in the order the runner computes them.
+) -> list[tuple[str, int, float | str]]:
+    """The ``(method, seed, budget)`` cells of a grid, in the order the runner computes them.
 
     Seed-major, so that an interrupted grid holds a complete comparison for its first seeds; CAHP first in
     each seed, because its k* is the ``knee`` budget; a method without randomness of its own runs only the
@@ -43,7 +43,7 @@ def planned_cells(
     ordered = sorted(methods, key=lambda method: method != "cahp")
     own_seeds = {method: method_seeds(method, seeds, deterministic_seeds) for method in ordered}
     return [
-        (method, seed, budget_label(budget))
+        (method, seed, budget)
         for seed in seeds
         for method in ordered
         if seed in own_seeds[method]
@@ -61,7 +61,12 @@ def method_seeds(method: str, seeds: list[int], deterministic_seeds: int) -> lis
 def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple[int, list[str]]:
     """How many cells the config plans, and summary lines naming those not in the folder yet (none when complete)."""
     budgets, seeds = config.get("budgets", []), config.get("seeds", [])
-    planned = planned_cells(config.get("methods", []), seeds, config.get("deterministic_seeds", 1), budgets)
+    planned = [
+        (method, seed, budget_label(budget))
+        for method, seed, budget in planned_cells(
+            config.get("methods", []), seeds, config.get("deterministic_seeds", 1), budgets
+        )
+    ]
     done = {(cell["method"], cell["seed"], budget_label(cell["budget"])) for cell in cells}
     missing = [cell for cell in planned if cell not in done]
     if not missing:
