@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
 
 from cahp.bench import BenchConfig, expand_path, run_bench
 from cahp.errors import CahpError
@@ -116,6 +117,9 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
         "layer_retention.png",
         "kept_depth.png",
     }
+    width = imread(tmp_path / "bench" / "plots" / "accuracy_vs_heads.png").shape[1]
+    assert width == 2 * 6 * 120, "after pruning and after recovery side by side"
+    assert "A cell = prune, evaluate, recover, evaluate." in summary
     assert run_bench(config, progress=False)["computed"] == 0
     assert "Same heads across seeds" not in (tmp_path / "bench" / "summary.md").read_text()
     assert "Partial grid" not in summary
@@ -250,6 +254,9 @@ def test_cahp_salience_from_a_head_scorer(classifier: tuple[Path, TaskOptions], 
     summary_md = (tmp_path / "bench" / "summary.md").read_text()
     assert "this grid is retraining-free" in summary_md and "## Accuracy after pruning (no recovery)" in summary_md
     assert "## Accuracy after recovery" not in summary_md, "no recovery: no after-recovery table"
+    assert "A cell = prune, evaluate." in summary_md, "no recovery step is claimed"
+    width = imread(tmp_path / "bench" / "plots" / "accuracy_vs_heads.png").shape[1]
+    assert width == 6 * 120, "one panel, not an after-recovery panel that repeats the first"
     for bad, message in (({"salience": "dsp"}, "depend on how many"), ({"salinece": "fisher"}, "unknown cahp")):
         bench.cahp = bad
         with pytest.raises(CahpError, match=message):

@@ -285,7 +285,8 @@ def write_bench_report(out: str | Path) -> Path:
         lines += [
             "",
             f"CAHP's signatures and salience ({timings['cahp']['shared_signatures_salience_seconds']:.1f} s) are "
-            "computed once for all seeds and counted in its total. A cell = prune, evaluate, recover, evaluate.",
+            "computed once for all seeds and counted in its total. A cell = prune, evaluate"
+            f"{'' if retraining_free else ', recover, evaluate'}.",
         ]
     lines += ["", "Plots: `plots/accuracy_vs_heads.png`, `plots/layer_retention.png`, `plots/kept_depth.png`.", ""]
     summary = out / "summary.md"
@@ -304,7 +305,7 @@ def write_bench_report(out: str | Path) -> Path:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     if cells:
-        plot_accuracy_vs_heads(table, methods, dense_accuracy, split, plots / "accuracy_vs_heads.png")
+        plot_accuracy_vs_heads(table, methods, dense_accuracy, split, plots / "accuracy_vs_heads.png", stages)
         plot_layer_retention(table, methods, plots / "layer_retention.png")
         plot_kept_depth(table, methods, plots / "kept_depth.png")
     return summary
@@ -356,11 +357,20 @@ def _style(method: str, index: int) -> dict[str, Any]:
 
 
 def plot_accuracy_vs_heads(
-    table: dict[str, Any], methods: list[str], dense_accuracy: float, split: str, path: Path
+    table: dict[str, Any],
+    methods: list[str],
+    dense_accuracy: float,
+    split: str,
+    path: Path,
+    stages: dict[str, str] = STAGES,
 ) -> Path:
-    """Accuracy against the share of heads kept, per method (mean line, ±std band), before/after recovery."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-    for ax, (stage, title) in zip(axes, STAGES.items(), strict=True):
+    """Accuracy against the share of heads kept, per method (mean line, ±std band), one panel per stage.
+
+    A retraining-free grid passes only ``after_pruning``: a second panel would repeat the first under a title
+    that claims a recovery.
+    """
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.6), sharey=True, squeeze=False)
+    for ax, (stage, title) in zip(axes[0], stages.items(), strict=True):
         for index, method in enumerate(methods):
             x, mean, std = _curve(table, method, stage)
             style = _style(method, index)
@@ -370,8 +380,8 @@ def plot_accuracy_vs_heads(
         ax.set_title(title)
         ax.set_xlabel("share of heads kept")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{split} accuracy")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel(f"{split} accuracy")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
