@@ -207,7 +207,9 @@ def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions]
     assert "accuracy (10 examples): before" in summary(report)
 
 
-def test_cahp_salience_from_a_head_scorer(classifier: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+def test_cahp_salience_from_a_head_scorer(
+    classifier: tuple[Path, TaskOptions], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``salience: fisher`` makes each cluster keep its highest-Fisher head, in prune and in the bench."""
     import numpy as np
 
@@ -247,7 +249,11 @@ def test_cahp_salience_from_a_head_scorer(classifier: tuple[Path, TaskOptions], 
     bench = _config(classifier, tmp_path / "bench")
     bench.methods, bench.budgets, bench.recovery = ["cahp"], [0.5], TrainingConfig(epochs=0)
     bench.cahp = {"tsne_iterations": 250, "salience": "fisher"}
-    run_bench(bench, progress=False)
+    capsys.readouterr()
+    run_bench(bench, progress=True)
+    printed = capsys.readouterr().out
+    assert "cahp seed 0 budget 0.5:" in printed and "pruned (retraining-free)" in printed
+    assert "recovered" not in printed, "a retraining-free cell claims no recovered accuracy"
     assert (tmp_path / "bench" / "scores" / "fisher__seed0.json").is_file()
     shared = json.loads((tmp_path / "bench" / "scores" / "cahp_shared.json").read_text())
     assert shared["salience"] is None, "the gradient salience is not computed when fisher replaces it"

@@ -444,10 +444,11 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         write_json(path, cell)
         computed += 1
         test = next(iter(cell["accuracy"]["after_recovery"]))
+        recovered = cell["accuracy"]["after_recovery"][test]["accuracy"]
         bench.say(
             f"{method} seed {seed} budget {label}: {cell['kept']}/{bench.n_heads} heads, "
-            f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned, "
-            f"{cell['accuracy']['after_recovery'][test]['accuracy']:.4f} recovered"
+            f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned"
+            + (f", {recovered:.4f} recovered" if config.recovery.epochs > 0 else " (retraining-free)")
         )
     summary = write_bench_report(out)
     return {"cells": len(planned), "computed": computed, "summary": str(summary)}
