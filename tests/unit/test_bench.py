@@ -112,6 +112,11 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     )
     assert "binomial standard error" in summary
     assert "of the `train` split" in summary
+    f1_table = summary.split("## Macro-F1 (mean, after pruning / after recovery)")[1].split("\n\n")[1]
+    f1_row = next(line for line in f1_table.splitlines() if line.startswith("| random |"))
+    f1_cell = records["random__seed0__0.5"]["accuracy"]
+    expected = " / ".join(f"{f1_cell[s]['test']['macro_f1']:.4f}" for s in ("after_pruning", "after_recovery"))
+    assert f1_row.split(" | ")[1] == expected, "the first budget column shows the cell's own macro-F1"
     assert {p.name for p in (tmp_path / "bench" / "plots").iterdir()} == {
         "accuracy_vs_heads.png",
         "layer_retention.png",
@@ -260,6 +265,7 @@ def test_cahp_salience_from_a_head_scorer(
     summary_md = (tmp_path / "bench" / "summary.md").read_text()
     assert "this grid is retraining-free" in summary_md and "## Accuracy after pruning (no recovery)" in summary_md
     assert "## Accuracy after recovery" not in summary_md, "no recovery: no after-recovery table"
+    assert "## Macro-F1 (mean, after pruning)" in summary_md
     assert "A cell = prune, evaluate." in summary_md, "no recovery step is claimed"
     width = imread(tmp_path / "bench" / "plots" / "accuracy_vs_heads.png").shape[1]
     assert width == 6 * 120, "one panel, not an after-recovery panel that repeats the first"

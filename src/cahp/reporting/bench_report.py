@@ -128,8 +128,9 @@ def jaccard(first: dict[str, list[int]], second: dict[str, list[int]]) -> float:
 
 
 def aggregate(cells: list[dict[str, Any]], split: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{method: {budget: {after_pruning, after_recovery, kept, depth, retention, seeds[, seed_overlap]}}}``
-    over seeds; ``seed_overlap`` (several seeds only) is the mean pairwise Jaccard of the selected heads."""
+    """``{method: {budget: {after_pruning, after_recovery, macro_f1, kept, depth, retention, seeds[, seed_overlap]}}}``
+    over seeds; ``macro_f1`` holds a stage only where every cell recorded it; ``seed_overlap`` (several seeds
+    only) is the mean pairwise Jaccard of the selected heads."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         groups[(cell["method"], cell["budget"])].append(cell)
@@ -139,6 +140,8 @@ def aggregate(cells: list[dict[str, Any]], split: str) -> dict[str, dict[str, di
         row: dict[str, Any] = {
             stage: _stats([c["accuracy"][stage][split]["accuracy"] for c in members]) for stage in STAGES
         }
+        f1 = {stage: [c["accuracy"][stage][split].get("macro_f1") for c in members] for stage in STAGES}
+        row["macro_f1"] = {stage: _stats(values) for stage, values in f1.items() if None not in values}
         row["kept"] = _stats([c["kept"] for c in members])
         row["kept_fraction"] = row["kept"]["mean"] / members[0]["heads_total"]
         row["depth"] = _stats([relative_depth(c["kept_heads_by_layer"], layers) for c in members])
@@ -253,6 +256,18 @@ def write_bench_report(out: str | Path) -> Path:
 
     for stage, title in stages.items():
         lines += _markdown_table(f"Accuracy {title}", methods, budgets, show(lambda r, s=stage: _fmt(r[s])))
+
+    def macro_f1(method: str, budget: str) -> str:
+        scores = table[method].get(budget, {}).get("macro_f1", {})
+        return " / ".join(f"{scores[s]['mean']:.4f}" for s in stages) if all(s in scores for s in stages) else "–"
+
+    title = "Macro-F1 (mean, " + " / ".join(s.replace("_", " ") for s in stages) + ")"
+    lines += _markdown_table(title, methods, budgets, macro_f1)
+    lines += [
+        "A macro-F1 far below the accuracy means some class is rarely predicted or rarely right: a class the "
+        "model never predicts counts as 0 in the mean.",
+        "",
+    ]
     if "random" in table:
         title = "Gain over the random control (mean accuracy, " + " / ".join(s.replace("_", " ") for s in stages) + ")"
         lines += _markdown_table(title, [m for m in methods if m != "random"], budgets, gain)
