@@ -261,15 +261,15 @@ def write_bench_report(out: str | Path) -> Path:
         scores = table[method].get(budget, {}).get("macro_f1", {})
         return " / ".join(f"{scores[s]['mean']:.4f}" for s in stages) if all(s in scores for s in stages) else "–"
 
-    title = "Macro-F1 (mean, " + " / ".join(s.replace("_", " ") for s in stages) + ")"
-    lines += _markdown_table(title, methods, budgets, macro_f1)
+    stage_names = " / ".join(s.replace("_", " ") for s in stages)
+    lines += _markdown_table(f"Macro-F1 (mean, {stage_names})", methods, budgets, macro_f1)
     lines += [
         "A macro-F1 far below the accuracy means some class is rarely predicted or rarely right: a class the "
         "model never predicts counts as 0 in the mean.",
         "",
     ]
     if "random" in table:
-        title = "Gain over the random control (mean accuracy, " + " / ".join(s.replace("_", " ") for s in stages) + ")"
+        title = f"Gain over the random control (mean accuracy, {stage_names})"
         lines += _markdown_table(title, [m for m in methods if m != "random"], budgets, gain)
     if "cahp" in table and len(methods) > 1:
         lines += _cahp_vs_best(table, methods, budgets, stages)
