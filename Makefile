@@ -1,4 +1,4 @@
-# cahp: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+# cahp: `make demo` sets everything up and runs the main job; `make test` runs the lint checks and the tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,7 +27,8 @@ install-all: install
 demo: install
 	$(VENV)/bin/cahp demo
 
-test: install
+# What CI runs (.ci/run): the lint checks, then the tests (without the ones marked slow).
+test: lint
 	$(PY) -m pytest -q
 
 lint: install

@@ -27,7 +27,7 @@ CONFIGS = HERE / "configs"
 RESULTS = HERE / "results" / "bench"
 PUBLISHED = ["summary.md", "summary.json", "bench_config.json", "dense.json"]
 #: What a variant grid may change: it reruns some methods of a grid with other settings, same recipe.
-VARIANT_KEYS = {"out", "methods", "budgets", "cahp", "scorer_settings"}
+VARIANT_KEYS = {"out", "methods", "budgets", "method_settings", "focus"}
 
 
 def run_grid(name: str) -> None:
@@ -65,10 +65,12 @@ def publish(name: str) -> Path:
     return target
 
 
-def _variant_label(method: str, config: dict) -> str:
-    """``cahp (salience: fisher)`` for a grid that reruns a method with other settings."""
-    settings = config["cahp"] if method == "cahp" else config["scorer_settings"].get(method, {})
-    return f"{method} ({', '.join(f'{key}: {value}' for key, value in settings.items())})" if settings else method
+def _variant_label(method: str, config: dict, base: dict) -> str:
+    """``cahp (salience: fisher)`` for a grid that reruns a method with settings other than its base grid's."""
+    settings = config["method_settings"].get(method, {})
+    base_settings = base["method_settings"].get(method, {})
+    changed = {key: value for key, value in settings.items() if base_settings.get(key) != value}
+    return f"{method} ({', '.join(f'{key}: {value}' for key, value in changed.items())})" if changed else method
 
 
 def overview(names: list[str], max_fraction: float = 0.3) -> Path:
@@ -78,13 +80,15 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
     adds its rows to ``<grid>``'s table."""
     import json
 
+    from cahp.bench import BenchConfig
     from cahp.reporting.bench_report import budget_label
 
     def load(name: str) -> tuple[dict, dict] | None:
         path = RESULTS / name / "summary.json"
         if not path.is_file():
             return None
-        return json.loads(path.read_text()), json.loads((RESULTS / name / "bench_config.json").read_text())
+        record = json.loads((RESULTS / name / "bench_config.json").read_text())
+        return json.loads(path.read_text()), BenchConfig.from_dict(record).to_dict()
 
     grids = {name: grid for name in names if (grid := load(name)) is not None}
 
@@ -108,7 +112,7 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
         for variant in variants[name]:
             variant_summary, variant_config = grids[variant]
             rows += [
-                (_variant_label(m, variant_config), variant_summary["table"][m])
+                (_variant_label(m, variant_config, config), variant_summary["table"][m])
                 for m in variant_config["methods"]
                 if m in variant_summary["table"]
             ]

@@ -92,6 +92,8 @@ def speed_targets(calibration_size: int | None) -> dict:
 
     model_dir = ensure_finetuned("minilm-l6", "sst5")
     task = load_task("sst5")
+    from cahp.calibration import Calibration, SequenceClassification
+
     model, tokenizer = load_classifier(str(model_dir), task.num_labels)
     split = subsample(task.split("train"), calibration_size, 42)
     data = encode_split(tokenizer, split, 128)
@@ -109,11 +111,12 @@ def speed_targets(calibration_size: int | None) -> dict:
     timings: dict[str, float] = {"plain_forward_default_attention": plain_forward(False)}
     timings["plain_forward_eager_attention"] = plain_forward(True)
     start = time.perf_counter()
-    moments = collect_signatures(model, tokenizer, data, task.num_labels, progress=False)
+    objective = SequenceClassification(task.num_labels)
+    moments = collect_signatures(model, Calibration(data, tokenizer, objective), progress=False)
     timings["signatures"] = time.perf_counter() - start
     train = encode_split(tokenizer, task.split("train"), 128)
     start = time.perf_counter()
-    salience = gradient_salience(model, tokenizer, train, progress=False)
+    salience = gradient_salience(model, Calibration(train, tokenizer, objective), fraction=0.25, progress=False)
     timings["salience"] = time.perf_counter() - start
     start = time.perf_counter()
     selector = CAHPSelector(CAHPSettings()).fit(moments, np.asarray(salience))

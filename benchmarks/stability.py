@@ -32,45 +32,44 @@ from finetune_baselines import cahp_home, ensure_finetuned
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [("minilm-l6", "sst5"), ("minilm-l6", "mnli")]
+#: Settings as in the bench grids (CAHP's salience on every calibration batch), the seed being the run's.
+METHOD_SETTINGS = {"cahp": {"salience_settings": {"fraction": 1.0}}}
 METHODS = ["cahp", "random", "magnitude", "entropy", "gradient", "hies", "attattr", "fisher", "l0", "dsp"]
 
 
 def score_run(model, tokenizer, task, method: str, run: int, keep: int, calibration_size: int) -> dict:
-    """One run of ``method``: its scores (head scorers) and the heads it keeps at ``keep``."""
-    from cahp.data import encode_split
-    from cahp.scoring import get_scorer, scorer_class
-    from cahp.scoring.salience import gradient_salience
-    from cahp.selection.budget import select_top_k
-    from cahp.selection.cahp import CAHPSelector, CAHPSettings
-    from cahp.signatures.collector import collect_signatures
-    from cahp.train.finetune import subsample
+    """One run of ``method`` through the engine: its scores (head scorers) and the heads it keeps at ``keep``."""
+    from cahp.engine import Engine, task_calibration
+    from cahp.methods import Budget
 
-    calibration = encode_split(tokenizer, subsample(task.split(task.calibration_split), calibration_size, run), 128)
+    calibration = task_calibration(task, tokenizer, calibration_size, run, 128)
     start = time.perf_counter()
-    if method == "cahp":
-        moments = collect_signatures(model, tokenizer, calibration, task.num_labels, progress=False)
-        salience = gradient_salience(model, tokenizer, calibration, fraction=1.0, seed=run, progress=False)
-        selector = CAHPSelector(CAHPSettings(seed=run)).fit(moments, np.asarray(salience))
-        kept = selector.selection_for(keep).kept_heads_by_layer
-        clusters = selector.sweep_.clustering(keep).labels.tolist()
-        seconds = time.perf_counter() - start
-        return {"scores": None, "kept": kept, "clusters": clusters, "k_star": int(selector.k_), "seconds": seconds}
-    settings = {"seed": run, **({"keep": keep} if scorer_class(method).budget_aware else {})}
-    scores = get_scorer(method, **settings).score(model, tokenizer, calibration, task.num_labels)
-    kept, _ = select_top_k(scores, keep)
-    return {"scores": scores.tolist(), "kept": kept, "seconds": time.perf_counter() - start}
+    settings = {**METHOD_SETTINGS.get(method, {}), "seed": run}
+    fitted = Engine(model, calibration).fit(method, settings, Budget.keep(keep))
+    plan = fitted.plan(Budget.keep(keep))
+    seconds = time.perf_counter() - start
+    if hasattr(fitted, "scores_"):
+        return {"scores": fitted.scores_.tolist(), "kept": plan.kept_heads_by_layer, "seconds": seconds}
+    clusters = plan.details["clusters"]
+    return {
+        "scores": None,
+        "kept": plan.kept_heads_by_layer,
+        "clusters": clusters,
+        "k_star": fitted.k_star_,
+        "seconds": seconds,
+    }
 
 
 def run_row(model_name: str, task_name: str, methods: list[str], runs: int, budget: float, size: int) -> dict:
     from cahp.data import load_task
+    from cahp.methods import Budget
     from cahp.models import load_classifier
-    from cahp.selection.budget import keep_from_budget
 
     folder = ensure_finetuned(model_name, task_name)
     task = load_task(task_name, protocol="offline") if task_name == "mnli" else load_task(task_name)
     model, tokenizer = load_classifier(str(folder), task.num_labels, task.label_names)
     n_heads = int(model.config.num_hidden_layers * model.config.num_attention_heads)
-    keep = keep_from_budget(n_heads, sparsity=1.0 - budget)
+    keep = Budget.sparsity(1.0 - budget).heads(n_heads)
     cache = cahp_home() / "stability" / f"{model_name}-{task_name}"
     cache.mkdir(parents=True, exist_ok=True)
     rows = []

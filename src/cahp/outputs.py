@@ -1,49 +1,276 @@
-"""Output folders that are never half-written and never silently destroy earlier results.
+"""Output folders that are never half-written, never shared by two runs, and never silently destroy earlier
+results; and atomic writes of every cached file.
 
 A run writes into a hidden staging folder beside its output folder (``.<name>.partial``) and renames it into
 place only when everything is written. An interrupted run leaves only the staging folder, and the same command
 with the same settings resumes from it. An existing output folder is refused unless ``overwrite=True``; it
 is then replaced only at the very end, once the new results are complete.
+
+While a run uses a staging folder it holds a lock file beside it (``.<name>.lock``: pid, host, command); a
+second run to the same output folder is refused with a message naming the holder. A lock left by a process
+that no longer runs on this host is taken over (with a notice).
+
+Every file a run may read back (JSON stages, ``.npz`` statistics, checkpoints) is written to a temporary file
+and renamed into place (:func:`atomic_write`), so a hard kill leaves either the old file or the new one; a
+cache entry that cannot be read anyway (e.g. written by an older version) is treated as missing by
+:func:`read_cache`.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from cahp.errors import OutputExistsError
+import numpy as np
+
+from cahp.errors import OutputError, OutputExistsError, OutputLockedError, notice
 
 RUN_CONFIG_FILE = "run_config.json"
+#: A lock file that cannot be parsed and is older than this is taken as left by a crash while it was written.
+UNREADABLE_LOCK_GRACE_SECONDS = 10.0
+
+T = TypeVar("T")
 
 
-def write_json(path: Path, payload: Any) -> None:
+# ---------------------------------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
+    """Write a file atomically: ``writer(temporary)`` writes a temporary file beside ``path`` that is then
+    flushed to disk and renamed over ``path``. On any error the temporary file is removed and ``path`` is
+    left as it was.
+
+    The temporary file's name ends with ``path``'s suffix (``.npz`` stays ``.npz``), for writers that add
+    or check one.
+
+    Returns:
+        ``path`` as a :class:`Path`.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        writer(temporary)
+        with temporary.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(temporary, path)
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+    atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def atomic_save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:
+    """``np.savez(path, **arrays)`` (uncompressed), written atomically."""
+
+    def write(temporary: Path) -> None:
+        with temporary.open("wb") as handle:
+            np.savez(handle, **arrays)
+
+    return atomic_write(path, write)
+
+
+def read_cache(path: str | os.PathLike[str], loader: Callable[[Path], T], what: str) -> T | None:
+    """Read a cached file, treating an unreadable one as missing.
+
+    Args:
+        path: the cache file.
+        loader: reads it (e.g. ``StreamingMoments.load`` or ``lambda p: json.loads(p.read_text())``).
+        what: what the file holds, for the notice (e.g. ``"signatures"``).
+
+    Returns:
+        ``loader(path)``, or ``None`` when the file does not exist or cannot be read. An unreadable file is
+        moved aside to ``<name>.unreadable`` (replacing an earlier one) and one line
+        ``cahp: cached <what> unreadable (...), recomputing`` is printed on stderr.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return loader(path)
+    except Exception as error:  # truncated zip, bad JSON, wrong keys, old format ...: all mean "recompute"
+        aside = path.with_name(f"{path.name}.unreadable")
+        os.replace(path, aside)
+        notice(f"cached {what} unreadable ({path}: {type(error).__name__}: {error}), recomputing")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- locking
+
+
+def _pid_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    started = holder.get("started")
+    since = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
+    command = f", command {holder['command']!r}" if holder.get("command") else ""
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}{command}{since}"
+
+
+class OutputLock:
+    """An exclusive lock file (created with ``O_EXCL``) holding the owner's pid, host and command.
+
+    Args:
+        path: the lock file.
+        what: what the lock protects, for messages (e.g. the output folder).
+        command: the command line of this run, recorded for whoever finds the lock held.
+    """
+
+    def __init__(self, path: Path, what: str, command: str | None = None) -> None:
+        self.path = path
+        self.what = what
+        self.command = command if command is not None else " ".join(sys.argv)
+        self.held = False
+
+    def acquire(self) -> OutputLock:
+        """Take the lock, or take over a stale one; raise :class:`OutputLockedError` when it is held."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._remove_if_stale(me)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            atexit.register(self.release)  # a run that ends without releasing (an error) frees it on exit
+            return self
+        holder = self._read_holder() or {}
+        raise OutputLockedError(
+            f"{self.what} is in use by another run ({_describe_holder(holder)}); wait for it to finish or "
+            f"choose another --out (if that run is gone, delete {self.path})"
+        )
+
+    def _read_holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _remove_if_stale(self, me: dict[str, Any]) -> None:
+        """Delete the existing lock file if its holder is gone; raise if it is alive."""
+        holder = self._read_holder()
+        if holder is None:
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return  # released meanwhile: try again
+            if age < UNREADABLE_LOCK_GRACE_SECONDS:
+                raise OutputLockedError(
+                    f"{self.what} is being locked by another run right now (lock file {self.path}); "
+                    "wait for it or choose another --out"
+                )
+            notice(f"taking over the unreadable lock {self.path} (left by a crash)")
+        elif holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+            pass  # left by an earlier, unreleased run in this same process (e.g. an interrupted API call)
+        elif holder.get("host") == me["host"] and not _pid_is_running(int(holder.get("pid", -1))):
+            notice(f"taking over the lock of {self.what} from {_describe_holder(holder)}, which is no longer running")
+        else:
+            raise OutputLockedError(
+                f"{self.what} is in use by another run ({_describe_holder(holder)}); wait for it to finish or "
+                f"choose another --out (if that run is gone, delete {self.path})"
+            )
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Delete the lock file if this object holds it (idempotent)."""
+        if self.held:
+            holder = self._read_holder()
+            if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
+                self.path.unlink(missing_ok=True)
+            self.held = False
+            atexit.unregister(self.release)
+
+
+# ---------------------------------------------------------------------------------------------------- staging
 
 
 class StagedOutput:
-    """The staging folder of one run, its resume check, and the final atomic swap.
+    """The staging folder of one run, its lock, its resume check, and the final atomic swap.
+
+    Use it as a context manager, which prepares it on entry and releases the lock on exit (also on error)::
+
+        with StagedOutput(out, run_config, overwrite) as staged:
+            ...write into staged.path...
+            staged.commit()
+
+    or call :meth:`prepare`, then :meth:`commit` (which releases the lock) and :meth:`release` on error.
 
     Args:
         out: the output folder the user asked for.
         run_config: the settings of the run (JSON-ready). An unfinished run resumes only if equal.
         overwrite: replace an existing output folder at the end instead of refusing to start.
+        command: the command line, recorded in the lock file (default: ``sys.argv``).
     """
 
-    def __init__(self, out: str | os.PathLike[str], run_config: dict[str, Any], overwrite: bool = False):
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        run_config: dict[str, Any],
+        overwrite: bool = False,
+        command: str | None = None,
+    ):
         self.out = Path(out).expanduser().resolve()
         self.run_config = json.loads(json.dumps(run_config, default=str))
         self.overwrite = overwrite
         self.staging = self.out.parent / f".{self.out.name}.partial"
+        self.lock = OutputLock(self.out.parent / f".{self.out.name}.lock", f"output folder {self.out}", command)
         self.resumed = False
 
     def prepare(self) -> StagedOutput:
-        """Check the output folder and create (or reopen, to resume) the staging folder."""
+        """Lock, check the output folder and create (or reopen, to resume) the staging folder.
+
+        Raises:
+            OutputLockedError: another running process uses this output folder.
+            OutputExistsError: the output folder holds results (without ``overwrite``), or an unfinished run
+                with other settings is in the staging folder.
+        """
+        if self.lock.held:
+            return self
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except (FileExistsError, NotADirectoryError) as error:
+            raise OutputError(f"cannot create {self.out}: {error.strerror} ({error.filename})") from None
+        except PermissionError as error:
+            raise OutputError(
+                f"cannot write beside {self.out}: {error.strerror} ({error.filename}); choose a writable --out"
+            ) from None
+        try:
+            self._prepare_locked()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def _prepare_locked(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"output path {self.out} is a file: choose a folder for --out")
         if self.out.exists() and any(self.out.iterdir()) and not self.overwrite:
             raise OutputExistsError(
                 f"output folder {self.out} already holds results: pass --overwrite to replace them "
@@ -51,7 +278,7 @@ class StagedOutput:
             )
         config_file = self.staging / RUN_CONFIG_FILE
         if self.staging.exists():
-            earlier = json.loads(config_file.read_text()) if config_file.is_file() else None
+            earlier = read_cache(config_file, lambda p: json.loads(p.read_text()), "run settings")
             if earlier == self.run_config:
                 self.resumed = True
             elif self.overwrite:
@@ -63,7 +290,6 @@ class StagedOutput:
                 )
         self.staging.mkdir(parents=True, exist_ok=True)
         write_json(config_file, self.run_config)
-        return self
 
     @property
     def path(self) -> Path:
@@ -71,13 +297,26 @@ class StagedOutput:
         return self.staging
 
     def commit(self) -> Path:
-        """Move the finished staging folder into place (replacing an old output only now)."""
-        trash = self.out.parent / f".{self.out.name}.old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        if self.out.exists():
-            os.replace(self.out, trash)
-        os.replace(self.staging, self.out)
-        if trash.exists():
-            shutil.rmtree(trash)
+        """Move the finished staging folder into place (replacing an old output only now); release the lock."""
+        try:
+            trash = self.out.parent / f".{self.out.name}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            if self.out.exists():
+                os.replace(self.out, trash)
+            os.replace(self.staging, self.out)
+            if trash.exists():
+                shutil.rmtree(trash)
+        finally:
+            self.release()
         return self.out
+
+    def release(self) -> None:
+        """Release the lock without committing (the staging folder stays, to resume). Idempotent."""
+        self.lock.release()
+
+    def __enter__(self) -> StagedOutput:
+        return self.prepare()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

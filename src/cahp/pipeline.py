@@ -1,8 +1,9 @@
 """``cahp prune``: the end-to-end flow, one call from Python or the command line.
 
-fine-tuned classifier -> accuracy before -> signatures (calibration set) -> salience -> selection
--> physical removal -> accuracy after pruning -> one recovery fine-tune -> accuracy after recovery
--> parameters, FLOPs and measured latency dense vs pruned -> reloadable pruned model, ``report.json``, plots.
+fine-tuned classifier -> accuracy before -> the method's keep-plan (:class:`cahp.engine.Engine`: fit on the
+calibration set, plan the budget under the constraints) -> physical removal -> accuracy after pruning -> one
+recovery fine-tune -> accuracy after recovery -> parameters, FLOPs and measured latency dense vs pruned ->
+reloadable pruned model, ``report.json``, plots.
 
 Each stage's result is cached in the run's staging folder, so an interrupted run resumes where it stopped.
 """
@@ -17,23 +18,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from cahp.adapters import get_adapter
-from cahp.data import EncodedSplit, TaskData, encode_split
+from cahp.config import config_from_dict
+from cahp.data import EncodedSplit, encode_split
+from cahp.engine import Engine, print_line, task_calibration
 from cahp.errors import CahpError
 from cahp.evaluation.accounting import attention_flops, count_parameters, total_flops
 from cahp.evaluation.latency import measure_latency, synthetic_batch
 from cahp.evaluation.metrics import evaluate_split
+from cahp.methods.base import get_method, method_info
+from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import load_classifier
 from cahp.outputs import StagedOutput, write_json
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
-from cahp.scoring.salience import REFERENCE_SALIENCE, check_salience_source, gradient_salience
-from cahp.selection.cahp import CAHPSelector, CAHPSettings
-from cahp.signatures.collector import collect_signatures
-from cahp.signatures.stats import StreamingMoments
-from cahp.surgery import heads_to_remove, prune_heads
+from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
@@ -43,41 +42,46 @@ RECOVERY_DEFAULT = TrainingConfig(epochs=3.0, learning_rate=2e-5, warmup_ratio=0
 
 @dataclass
 class PruneConfig:
-    """Everything that defines a pruning run (written to ``run_config.json``).
+    """Everything that defines a pruning run (written to ``run_config.json``; ``cahp prune --config`` replays it).
 
     Attributes:
         model: a fine-tuned classifier (folder, or alias/hub id of one).
-        method: ``cahp`` or a registered head scorer (then global top-K at the ``cahp.keep``/``sparsity`` budget).
-        scorer_settings: constructor settings of that scorer (for example ``{"steps": 400}`` for ``l0``), or of
-            the scorer that gives CAHP its salience (``cahp.salience``); ``seed`` defaults to ``cahp.seed`` and
-            ``keep`` is set from the budget for budget-aware scorers.
+        task: the task options (``cahp finetune``'s).
+        method: a registered method (``cahp methods`` lists them): ``cahp`` or any head scorer (global top-K).
+        method_settings: that method's settings (for example ``{"steps": 400}`` for ``l0``, ``{"metric":
+            "bhattacharyya"}`` for ``cahp``); ``seed`` defaults to :attr:`seed`.
+        budget: ``"auto"`` (the method finds its own head count, like CAHP's knee), ``"keep=K"`` or
+            ``"sparsity=S"`` (share of heads removed).
+        allow_empty_layers: let a layer lose every head (else every layer keeps at least one).
+        uniform_layers: keep the same number of heads in every layer.
+        gqa_mode: grouped-query attention: ``groups`` (whole key-value groups) or ``uniform`` (the same number
+            of query heads in every group); the budget is made expressible before selection.
+        seed: the method's seed (and the calibration subset's).
         calibration_size: examples of the calibration split (``task.calibration_split``: the training split;
-            offline MNLI: its held-out share) for signatures (seeded, class-stratified);
-            ``None`` = the whole split, as the reference.
-        salience_fraction: share of (shuffled) calibration-split batches for gradient salience (reference: 0.25);
-            a head scorer named by ``cahp.salience`` scores the calibration examples instead.
+            offline MNLI: its held-out share), a seeded class-stratified subset; ``None`` = the whole split.
+        calibration_batch_size: examples per batch for methods that do not set their own.
         recovery: the recovery fine-tune; ``epochs=0`` gives the retraining-free result.
         recovery_max_examples: train the recovery on a stratified subset (demo settings).
-        eval_max_examples: evaluate on a seeded, stratified subset of each split (``None`` = the whole split);
-            the subset is the same before pruning, after pruning and after recovery.
-        gqa_mode: grouped-query attention only: ``groups`` (keep a key-value group when any of its query
-            heads is selected) or ``uniform`` (see :func:`cahp.surgery.prune_heads`).
-        latency_batch_size, latency_seq_len: the dense vs pruned latency measurement.
+        eval_splits: splits evaluated before pruning, after pruning and after recovery.
+        eval_max_examples: evaluate on a seeded, stratified subset of each split (``None`` = the whole split).
+        latency_batch_size, latency_seq_len, latency_repeats: the dense vs pruned latency measurement.
     """
 
     model: str
     task: TaskOptions = field(default_factory=TaskOptions)
     method: str = "cahp"
-    scorer_settings: dict[str, Any] = field(default_factory=dict)
-    cahp: CAHPSettings = field(default_factory=CAHPSettings)
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    budget: str = "auto"
+    allow_empty_layers: bool = False
+    uniform_layers: bool = False
+    gqa_mode: str = "groups"
+    seed: int = 42
     calibration_size: int | None = None
-    signature_batch_size: int = 32
-    salience_fraction: float = 0.25
+    calibration_batch_size: int = 32
     recovery: TrainingConfig = field(default_factory=lambda: copy.deepcopy(RECOVERY_DEFAULT))
     recovery_max_examples: int | None = None
     eval_splits: tuple[str, ...] = ("validation", "test")
     eval_max_examples: int | None = None
-    gqa_mode: str = "groups"
     latency_batch_size: int = 32
     latency_seq_len: int = 128
     latency_repeats: int = 10
@@ -85,21 +89,73 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PruneConfig:
+        """The config of a ``run_config.json``, this version's or an earlier one's (:func:`upgrade_prune_record`)."""
+        return config_from_dict(cls, upgrade_prune_record(raw), "prune config")
+
+    def parsed_budget(self) -> Budget:
+        return Budget.parse(self.budget)
+
+    def constraints(self) -> Constraints:
+        return Constraints.from_options(self.allow_empty_layers, self.uniform_layers, self.gqa_mode)
+
+    def settings(self) -> dict[str, Any]:
+        """The method's settings with the run's seed."""
+        return {"seed": self.seed, **self.method_settings}
+
+
+def upgrade_prune_record(raw: dict[str, Any]) -> dict[str, Any]:
+    """A ``run_config.json`` written before methods had one interface, in today's keys (others pass unchanged).
+
+    Then CAHP's options were a ``cahp`` block (with the budget, the guardrail and the seed), head scorers' a
+    ``scorer_settings`` block, and the gradient salience had its own ``salience_fraction``.
+    """
+    if "cahp" not in raw:
+        return raw
+    record = {
+        key: value
+        for key, value in raw.items()
+        if key not in ("cahp", "scorer_settings", "salience_fraction", "signature_batch_size")
+    }
+    old = dict(raw["cahp"])
+    record["seed"] = old.pop("seed", 42)
+    record["allow_empty_layers"] = old.pop("allow_empty_layers", False)
+    keep, sparsity = old.pop("keep", None), old.pop("sparsity", None)
+    record["budget"] = Budget.from_options(keep, sparsity).label() if (keep or sparsity) else "auto"
+    scorer_settings = dict(raw.get("scorer_settings", {}))
+    if raw.get("method", "cahp") == "cahp":
+        settings = {key: value for key, value in old.items() if key != "salience" or value != "gradient"}
+        if old.get("salience", "gradient") == "gradient":
+            scorer_settings.setdefault("fraction", raw.get("salience_fraction", 0.25))
+        if scorer_settings:
+            settings["salience_settings"] = scorer_settings
+        settings["batch_size"] = raw.get("signature_batch_size", 32)
+        record["method_settings"] = settings
+    else:
+        record["method_settings"] = scorer_settings
+    return record
+
 
 class _Stages:
-    """Run a stage once: its JSON (or other) result is cached in the staging folder."""
+    """Run a stage once: its JSON result is cached in the staging folder, with its seconds."""
 
     def __init__(self, folder: Path, progress: bool):
         self.folder = folder
         self.progress = progress
         self.seconds: dict[str, float] = {}
+        self.cached: list[str] = []
 
     def json(self, name: str, compute: Any) -> Any:
         path = self.folder / f"{name}.json"
         if path.is_file():
-            cached = json.loads(path.read_text())
-            self.seconds[name] = cached["seconds"]
-            return cached["value"]
+            try:
+                cached = json.loads(path.read_text())
+                self.seconds[name] = cached["seconds"]
+                self.cached.append(name)
+                return cached["value"]
+            except (ValueError, KeyError):
+                self.say(f"the cached stage {path.name} is unreadable; recomputing it")
         start = time.perf_counter()
         value = compute()
         self.seconds[name] = round(time.perf_counter() - start, 2)
@@ -117,132 +173,48 @@ def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progr
     }
 
 
-def _check_method(config: PruneConfig) -> None:
-    """Refuse a non-positive subset size, an unknown method, a scorer without a budget or an unknown scorer
-    setting before anything is written."""
+def check_config(config: PruneConfig) -> tuple[Budget, Constraints]:
+    """Refuse a bad setting before anything is loaded or written: subset sizes, the method, its settings, the
+    budget and the constraints. Returns the parsed budget and constraints."""
     for name in ("calibration_size", "recovery_max_examples", "eval_max_examples"):
         value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise CahpError(f"{name} must be a positive number of examples (or None for the whole split), got {value}")
-    if config.method == "cahp":
-        check_salience_source(config.cahp.salience)
-        if config.scorer_settings and config.cahp.salience == REFERENCE_SALIENCE:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise CahpError(
-                f"scorer settings {sorted(config.scorer_settings)} apply to head scorers (--method, or cahp's "
-                "--salience), not to cahp; use the CAHP options (--metric, --embedding, --poly-degree, ...)"
+                f"{name} must be a positive number of examples (or None for the whole split), got {value!r}"
             )
-        if config.scorer_settings:
-            _scorer(config, config.cahp.salience)
-        return
-    from cahp.scoring import available_scorers
-
-    if config.method not in available_scorers():
-        raise CahpError(f"unknown method {config.method!r}; available: cahp, {', '.join(available_scorers())}")
-    if config.cahp.budget_mode() == "auto":
+    for name in ("calibration_batch_size", "latency_batch_size", "latency_seq_len", "latency_repeats"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CahpError(f"{name} must be a positive whole number, got {value!r}")
+    if not config.eval_splits:
+        raise CahpError("eval_splits must name at least one split")
+    if config.recovery.epochs < 0:
+        raise CahpError(f"recovery epochs must be 0 (no recovery) or more, got {config.recovery.epochs}")
+    budget, constraints = config.parsed_budget(), config.constraints()
+    info = method_info(config.method)
+    if budget.is_auto and not info.finds_own_budget:
         raise CahpError(
             f"method {config.method!r} has no automatic head count: give a budget with --keep K or --sparsity S "
-            "(only cahp finds k* by itself)"
+            "(`cahp methods` says which methods find their own)"
         )
-    _scorer(config, config.method)
+    settings = config.settings()
+    if info.budget_aware and not budget.is_auto:
+        settings["keep"] = 1  # the real count needs the model; here only the names and values are checked
+    get_method(config.method, **settings)
+    return budget, constraints
 
 
-def _scorer(config: PruneConfig, name: str, **extra: Any) -> Any:
-    """The head scorer ``name`` with the run's ``scorer_settings`` (``seed`` defaults to ``cahp.seed``)."""
-    from cahp.scoring import get_scorer
-
-    return get_scorer(name, **{"seed": config.cahp.seed, **config.scorer_settings, **extra})
-
-
-def _select(
-    config: PruneConfig, stages: _Stages, model: Any, tokenizer: Any, task: TaskData, selection_data: EncodedSplit
-) -> dict[str, Any]:
-    if config.method != "cahp":  # any registered head scorer, then global top-K with the guardrail
-        from cahp.scoring import scorer_class
-        from cahp.selection.budget import keep_from_budget, select_top_k
-
-        mode = config.cahp.budget_mode()  # "keep" or "sparsity": _check_method refused "auto"
-        adapter = get_adapter(model)
-        layers, heads = adapter.num_layers(model), adapter.num_heads(model)
-        keep = keep_from_budget(layers * heads, config.cahp.keep, config.cahp.sparsity)
-        budget_aware = scorer_class(config.method).budget_aware
-        scorer = _scorer(config, config.method, **({"keep": keep} if budget_aware else {}))
-
-        def score() -> list[list[float]]:
-            if config.calibration_size is None:
-                calibration = selection_data
-            else:
-                split = subsample(task.split(task.calibration_split), config.calibration_size, config.cahp.seed)
-                calibration = encode_split(tokenizer, split, config.task.max_length)
-            stages.say(f"scoring heads with {config.method!r} on {len(calibration)} examples")
-            return scorer.score(model, tokenizer, calibration, task.num_labels).tolist()
-
-        scores = np.array(stages.json(f"scores_{config.method}", score))
-        kept, guardrail = select_top_k(scores, keep, config.cahp.allow_empty_layers)
-
-        def report() -> dict[str, Any]:
-            return {
-                "method": config.method,
-                "scorer_settings": scorer.get_settings(),
-                "budget_mode": mode,
-                "k": keep,
-                "knee": {  # no MSS curve: the budget decides k
-                    "k": keep,
-                    "method": "budget",
-                    "fallback": None,
-                    "degree": 0,
-                    "ks": [],
-                    "mss": [],
-                    "fitted": [],
-                },
-                "guardrail_heads": [list(h) for h in guardrail],
-                "scores": scores.tolist(),
-                "embedding": [],
-                "clusters": [],
-                "kept_heads_by_layer": {str(layer): hs for layer, hs in kept.items()},
-                "kept_heads": sum(len(hs) for hs in kept.values()),
-            }
-
-        return stages.json("selection", report)
-
-    calibration_split = subsample(task.split(task.calibration_split), config.calibration_size, config.cahp.seed)
-    signatures_file = stages.folder / "signatures.npz"
-    if signatures_file.is_file():
-        moments = StreamingMoments.load(signatures_file)
-    else:
-        stages.say(f"collecting attention signatures on {len(calibration_split)} calibration examples")
-        calibration = encode_split(tokenizer, calibration_split, config.task.max_length)
-        start = time.perf_counter()
-        moments = collect_signatures(
-            model,
-            tokenizer,
-            calibration,
-            task.num_labels,
-            size=32,
-            batch_size=config.signature_batch_size,
-            progress=stages.progress,
+def check_fits_model(config: PruneConfig, budget: Budget, grid: HeadGrid, model: Any) -> None:
+    """Refuse what the loaded model cannot do, before any work: ``keep=K`` above its head count, or a latency
+    sequence longer than its position embeddings."""
+    if not budget.is_auto:
+        budget.heads(grid.total)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and config.latency_seq_len > positions:
+        raise CahpError(
+            f"latency_seq_len {config.latency_seq_len} is longer than the model's {positions} positions: "
+            f"pass --latency-seq-len {positions} or less"
         )
-        stages.seconds["signatures"] = round(time.perf_counter() - start, 2)
-        moments.save(signatures_file)
-
-    def salience_scores() -> list[list[float]]:
-        if config.cahp.salience == REFERENCE_SALIENCE:
-            stages.say("computing gradient salience")
-            return gradient_salience(
-                model,
-                tokenizer,
-                selection_data,
-                fraction=config.salience_fraction,
-                seed=config.cahp.seed,
-                progress=stages.progress,
-            ).tolist()
-        scorer = _scorer(config, config.cahp.salience)
-        stages.say(f"salience: scoring heads with {config.cahp.salience!r} on {len(calibration_split)} examples")
-        calibration = encode_split(tokenizer, calibration_split, config.task.max_length)
-        return scorer.score(model, tokenizer, calibration, task.num_labels).tolist()
-
-    salience = np.array(stages.json("salience", salience_scores))
-    stages.say("clustering the head space")
-    return stages.json("selection", lambda: CAHPSelector(config.cahp).fit(moments, salience).report())
 
 
 def prune(
@@ -253,39 +225,46 @@ def prune(
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Prune ``config.model`` with CAHP, recover, and write the pruned model, ``report.json`` and plots.
+    """Prune ``config.model`` with ``config.method``, recover, and write the pruned model, ``report.json`` and plots.
+
+    Every setting is checked before any work, and nothing is written on a refusal.
 
     Returns:
         The report (also written to ``out/report.json``).
     """
-    _check_method(config)
+    budget, constraints = check_config(config)
     task = config.task.load()
-    staged = StagedOutput(out, {"command": "prune", **config.to_dict()}, overwrite).prepare()
-    (staged.path / "stages").mkdir(exist_ok=True)
-    stages = _Stages(staged.path / "stages", progress)
-    if staged.resumed:
-        stages.say(f"resuming the unfinished run in {staged.path}")
-    set_seed(config.cahp.seed)
+    set_seed(config.seed)
     model, tokenizer = load_classifier(config.model, task.num_labels, task.label_names)
+    grid = HeadGrid.of(model)
+    check_fits_model(config, budget, grid, model)
     if torch.cuda.is_available():
         model.cuda()
-    adapter = get_adapter(model)
-    layers, heads = adapter.num_layers(model), adapter.num_heads(model)
     max_length = config.task.max_length
-    # calibration data of every selection method: the training split (offline MNLI: its held-out share)
-    selection_data = encode_split(tokenizer, task.split(task.calibration_split), max_length)
+    calibration = task_calibration(
+        task, tokenizer, config.calibration_size, config.seed, max_length, config.calibration_batch_size, progress
+    )
     evaluation = encode_eval_splits(tokenizer, task, config.eval_splits, config.eval_max_examples, max_length)
+    engine = Engine(model, calibration, say=print_line if progress else None)
+    inputs = {"model_path": _resolved(config.model), **engine.fingerprints}
+    staged = StagedOutput(out, {"command": "prune", **config.to_dict(), "inputs": inputs}, overwrite).prepare()
+    (staged.path / "stages").mkdir(exist_ok=True)
+    stages = _Stages(staged.path / "stages", progress)
+    engine.cache_dir = stages.folder / "methods"
+    if staged.resumed:
+        stages.say(f"resuming the unfinished run in {staged.path}")
 
-    stages.say(f"{config.model}: {layers} layers x {heads} heads; evaluating the dense model")
+    stages.say(f"{config.model}: {grid.layers} layers x {grid.heads} heads; evaluating the dense model")
     before = stages.json("accuracy_before", lambda: _accuracy(model, tokenizer, evaluation, progress))
-    selection = _select(config, stages, model, tokenizer, task, selection_data)
-    kept = {int(layer): hs for layer, hs in selection["kept_heads_by_layer"].items()}
-
+    plan = KeepPlan.from_dict(
+        stages.json("plan", lambda: engine.plan(config.method, config.settings(), budget, constraints).to_dict())
+    )
     dense = copy.deepcopy(model)
     dense_params = count_parameters(dense)
-    prune_heads(model, heads_to_remove(model, kept, config.gqa_mode), gqa_mode=config.gqa_mode)
+    prune_heads(model, heads_to_remove(model, plan.kept_heads_by_layer, config.gqa_mode), gqa_mode=config.gqa_mode)
+    kept = kept_heads_by_layer(model)
     kept_total = sum(len(hs) for hs in kept.values())
-    stages.say(f"removed {layers * heads - kept_total} of {layers * heads} heads; evaluating before recovery")
+    stages.say(f"removed {grid.total - kept_total} of {grid.total} heads; evaluating before recovery")
     pruned_accuracy = stages.json("accuracy_pruned", lambda: _accuracy(model, tokenizer, evaluation, progress))
 
     if config.recovery.epochs > 0:
@@ -329,9 +308,18 @@ def prune(
         "model": config.model,
         "method": config.method,
         "task": task.describe(),
-        "heads": {"layers": layers, "heads_per_layer": heads, "total": layers * heads, "kept": kept_total},
+        "calibration": {**calibration.description, "fingerprint": engine.fingerprints["calibration"]},
+        "heads": {
+            "layers": grid.layers,
+            "heads_per_layer": grid.heads,
+            "kv_heads_per_layer": grid.kv_heads,
+            "total": grid.total,
+            "requested": plan.heads_requested,
+            "kept": kept_total,
+        },
         "kept_heads_by_layer": {str(k): v for k, v in sorted(kept.items())},
-        "selection": selection,
+        "plan": plan.to_dict(),
+        "selection": _selection_view(plan),
         "accuracy": {"before_pruning": before, "after_pruning": pruned_accuracy, "after_recovery": recovered},
         "recovery_history": recovery_history,
         "parameters": {"dense": dense_params, "pruned": count_parameters(model)},
@@ -352,39 +340,57 @@ def prune(
             "flops_ideal_speedup": round(ideal, 3),
         },
         "stage_seconds": stages.seconds,
+        "stages_cached": stages.cached,
         "config": config.to_dict(),
+        "inputs": inputs,
         "command": command,
     }
     model.save_pretrained(staged.path / "model")
     tokenizer.save_pretrained(staged.path / "model")
     plots = staged.path / "plots"
     plots.mkdir(exist_ok=True)
-    plot_mss_curve(selection, plots / "mss_curve.png")
+    plot_mss_curve(report["selection"], plots / "mss_curve.png")
     plot_kept_heads(
-        report["kept_heads_by_layer"], heads, plots / "kept_heads.png", f"{Path(config.model).name} ({task.name})"
+        report["kept_heads_by_layer"], grid.heads, plots / "kept_heads.png", f"{Path(config.model).name} ({task.name})"
     )
-    plot_head_space(selection, heads, plots / "head_space.png")
+    plot_head_space(report["selection"], grid.heads, plots / "head_space.png")
     write_json(staged.path / "report.json", report)
     (stages.folder / "recovery_checkpoint.pt").unlink(missing_ok=True)
     staged.commit()
     return report
 
 
+def _selection_view(plan: KeepPlan) -> dict[str, Any]:
+    """What the plots and the summary read: the plan's details plus the common keys."""
+    return {
+        **plan.details,
+        "method": plan.method,
+        "budget": plan.budget.label(),
+        "k": plan.heads_requested,
+        "kept_heads_by_layer": {str(layer): heads for layer, heads in sorted(plan.kept_heads_by_layer.items())},
+        "guardrail_heads": [list(head) for head in plan.guardrail_heads],
+    }
+
+
+def _resolved(model: str) -> str:
+    """A local model folder as an absolute path; an alias or hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal: heads kept, accuracy before/after, speedup."""
     accuracy = report["accuracy"]
     split = "test" if "test" in accuracy["before_pruning"] else next(iter(accuracy["before_pruning"]))
-    knee = report["selection"]["knee"]
-    how = "knee of MSS(k)" if knee["method"] == "kneedle" else f"fallback ({knee['fallback']})"
-    if report["selection"]["budget_mode"] != "auto":
-        how = f"budget ({report['selection']['budget_mode']})"
-    if report.get("method", "cahp") != "cahp":
-        how = f"{report['method']} scores, top-k {how}"
-    elif report["selection"].get("settings", {}).get("salience", REFERENCE_SALIENCE) != REFERENCE_SALIENCE:
-        how += f"; one head per cluster by {report['selection']['settings']['salience']} scores"
+    selection = report["selection"]
+    if "plan" in report:
+        plan = report["plan"]
+        budget, how = Budget.from_dict(plan["budget"]).label(), plan["details"].get("how", "global top-k")
+    else:  # a report of an earlier version (a cached demo run)
+        budget, how = selection.get("budget_mode", "auto"), f"k = {selection['k']}"
     lines = [
-        f"heads kept: {report['heads']['kept']} of {report['heads']['total']} (k = {report['selection']['k']}, "
-        f"{how}; guardrail added {len(report['selection']['guardrail_heads'])})",
+        f"heads kept: {report['heads']['kept']} of {report['heads']['total']} ({report.get('method', 'cahp')}, "
+        f"budget {budget}: {selection['k']} heads, {how}; guardrail added {len(selection['guardrail_heads'])})",
         f"{split} accuracy ({accuracy['before_pruning'][split]['examples']} examples): "
         f"before {accuracy['before_pruning'][split]['accuracy']:.4f}, "
         f"after pruning {accuracy['after_pruning'][split]['accuracy']:.4f}, "

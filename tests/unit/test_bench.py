@@ -53,7 +53,8 @@ def _config(classifier: tuple[Path, TaskOptions], out: Path) -> BenchConfig:
         budgets=[0.5, "knee"],
         seeds=[0],
         calibration_size=None,
-        cahp={"tsne_iterations": 250},
+        method_settings={"cahp": {"tsne_iterations": 250}},
+        resample_calibration=False,
         recovery=TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=8),
         recovery_max_examples=24,
     )
@@ -88,17 +89,20 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
 
         return wrapper
 
+    from cahp.methods.cahp import CAHP
+
     calls.clear()
     monkeypatch.setattr(runner, "train_model", counting(real_train))
-    monkeypatch.setattr(runner, "collect_signatures", counting(runner.collect_signatures))
+    monkeypatch.setattr(CAHP, "fit", counting(CAHP.fit))
     result = run_bench(config, progress=False)
     assert result == {"cells": 4, "computed": 2, "summary": str(tmp_path / "bench" / "summary.md")}
-    assert calls == {"train_model": 2}, "finished cells and cached CAHP statistics must not be recomputed"
+    assert calls == {"train_model": 2}, "finished cells and the cached CAHP fit must not be recomputed"
 
     records = {p.stem: json.loads(p.read_text()) for p in cells.iterdir()}
     assert len(records) == 4
     knee_k = records["cahp__seed0__knee"]["keep"]
     assert records["random__seed0__knee"]["keep"] == knee_k, "other methods use CAHP's k* as the knee budget"
+    assert records["cahp__seed0__knee"]["fit_cached"] and not records["cahp__seed0__0.5"]["fit_cached"]
     assert records["random__seed0__0.5"]["keep"] == 6 == records["cahp__seed0__0.5"]["keep"]
     for record in records.values():
         assert record["kept"] >= record["keep"] and all(record["kept_heads_by_layer"][str(i)] for i in range(3))
@@ -108,7 +112,7 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
         "| cahp |" in summary
         and "| random |" in summary
         and "Gain over the random control" in summary
-        and "CAHP vs the best other method" in summary
+        and "cahp vs the best other method" in summary
     )
     assert "binomial standard error" in summary
     assert "of the `train` split" in summary
@@ -159,7 +163,9 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     ]
     summary_json = json.loads((tmp_path / "bench" / "summary.json").read_text())
     overlap = summary_json["table"]["random"]["0.5"]["seed_overlap"]
-    assert overlap["n"] == 1 and 0.0 <= overlap["mean"] <= 1.0
+    kept = [json.loads((cells / f"random__seed{s}__0.5.json").read_text())["kept_heads_by_layer"] for s in (0, 1)]
+    heads = [{(layer, h) for layer, hs in k.items() for h in hs} for k in kept]
+    assert overlap["n"] == 1 and overlap["mean"] == pytest.approx(len(heads[0] & heads[1]) / len(heads[0] | heads[1]))
     assert "seed_overlap" not in summary_json["table"]["magnitude"]["0.5"], "deterministic: one seed"
     assert "Same heads across seeds" in (tmp_path / "bench" / "summary.md").read_text()
     record = tmp_path / "bench" / "bench_config.json"
@@ -181,25 +187,25 @@ def test_prune_with_a_scorer_needs_a_budget(classifier: tuple[Path, TaskOptions]
     with pytest.raises(CahpError, match="--keep K or --sparsity S"):
         prune(config, tmp_path / "none", progress=False)
     assert not list(tmp_path.glob("*none*")), "refused before anything is written"
-    config.cahp.keep = 5
+    config.budget = "keep=5"
     report = prune(config, tmp_path / "out", progress=False)
     selection = report["selection"]
-    assert selection["k"] == 5 and selection["budget_mode"] == "keep" and report["method"] == "fisher"
+    assert selection["k"] == 5 and report["plan"]["budget"]["mode"] == "keep" and report["method"] == "fisher"
     assert report["heads"]["kept"] == 5 + len(selection["guardrail_heads"])
-    assert (tmp_path / "out" / "stages" / "scores_fisher.json").is_file()
+    assert len(list((tmp_path / "out" / "stages" / "methods").glob("fisher__*.pkl"))) == 1
     assert "fisher scores" in summary(report)
     assert (tmp_path / "out" / "plots" / "kept_heads.png").is_file()
-    config.scorer_settings = {"max_examples": 8}
+    config.method_settings = {"max_examples": 8}
     report = prune(config, tmp_path / "eight", progress=False)
-    assert report["selection"]["scorer_settings"]["max_examples"] == 8
-    config.scorer_settings = {"max_exampels": 8}
+    assert report["plan"]["settings"]["max_examples"] == 8
+    config.method_settings = {"max_exampels": 8}
     with pytest.raises(CahpError, match=r"no setting\(s\) \['max_exampels'\]"):
         prune(config, tmp_path / "bad", progress=False)
-    config.method, config.scorer_settings = "cahp", {"steps": 3}
-    with pytest.raises(CahpError, match="not to cahp"):
+    config.method, config.method_settings = "cahp", {"steps": 3}
+    with pytest.raises(CahpError, match=r"no setting\(s\) \['steps'\]"):
         prune(config, tmp_path / "bad", progress=False)
-    config.method, config.scorer_settings = "nope", {}
-    with pytest.raises(CahpError, match="available: cahp, "):
+    config.method, config.method_settings = "nope", {}
+    with pytest.raises(CahpError, match=r"unknown method 'nope'; available: .*cahp"):
         prune(config, tmp_path / "bad", progress=False)
     config.method, config.eval_max_examples = "fisher", 0
     with pytest.raises(CahpError, match="eval_max_examples must be a positive number"):
@@ -218,27 +224,26 @@ def test_cahp_salience_from_a_head_scorer(
     """``salience: fisher`` makes each cluster keep its highest-Fisher head, in prune and in the bench."""
     import numpy as np
 
-    from cahp.data import encode_split
+    from cahp.engine import task_calibration
     from cahp.models import load_classifier
     from cahp.pipeline import PruneConfig, prune, summary
     from cahp.scoring import get_scorer
 
     model_dir, task = classifier
-    config = PruneConfig(model=str(model_dir), task=task, latency_repeats=1, latency_seq_len=8)
+    config = PruneConfig(model=str(model_dir), task=task, latency_repeats=1, latency_seq_len=8, budget="keep=5")
     config.recovery.epochs = 0
-    config.cahp.keep, config.cahp.tsne_iterations = 5, 250
     for source, message in (("dsp", "depend on how many heads are kept"), ("nope", "unknown salience 'nope'")):
-        config.cahp.salience = source
+        config.method_settings = {"tsne_iterations": 250, "salience": source}
         with pytest.raises(CahpError, match=message):
             prune(config, tmp_path / "bad", progress=False)
-    config.cahp.salience = "fisher"
+    config.method_settings = {"tsne_iterations": 250, "salience": "fisher"}
     report = prune(config, tmp_path / "out", progress=False)
     assert not list(tmp_path.glob("*bad*")), "a refused salience writes nothing"
 
     data = task.load()
     model, tokenizer = load_classifier(model_dir)
-    calibration = encode_split(tokenizer, data.split(data.calibration_split), task.max_length)
-    fisher = get_scorer("fisher", seed=config.cahp.seed).score(model, tokenizer, calibration, data.num_labels)
+    calibration = task_calibration(data, tokenizer, None, config.seed, task.max_length)
+    fisher = get_scorer("fisher", seed=config.seed).score(model, calibration)
     selection = report["selection"]
     assert selection["settings"]["salience"] == "fisher"
     assert "one head per cluster by fisher scores" in summary(report)
@@ -253,15 +258,13 @@ def test_cahp_salience_from_a_head_scorer(
 
     bench = _config(classifier, tmp_path / "bench")
     bench.methods, bench.budgets, bench.recovery = ["cahp"], [0.5], TrainingConfig(epochs=0)
-    bench.cahp = {"tsne_iterations": 250, "salience": "fisher"}
+    bench.method_settings = {"cahp": {"tsne_iterations": 250, "salience": "fisher"}}
     capsys.readouterr()
     run_bench(bench, progress=True)
     printed = capsys.readouterr().out
     assert "cahp seed 0 budget 0.5:" in printed and "pruned (retraining-free)" in printed
     assert "recovered" not in printed, "a retraining-free cell claims no recovered accuracy"
-    assert (tmp_path / "bench" / "scores" / "fisher__seed0.json").is_file()
-    shared = json.loads((tmp_path / "bench" / "scores" / "cahp_shared.json").read_text())
-    assert shared["salience"] is None, "the gradient salience is not computed when fisher replaces it"
+    assert len(list((tmp_path / "bench" / "fitted").glob("cahp__*.pkl"))) == 1
     summary_md = (tmp_path / "bench" / "summary.md").read_text()
     assert "this grid is retraining-free" in summary_md and "## Accuracy after pruning (no recovery)" in summary_md
     assert "## Accuracy after recovery" not in summary_md, "no recovery: no after-recovery table"
@@ -269,8 +272,8 @@ def test_cahp_salience_from_a_head_scorer(
     assert "A cell = prune, evaluate." in summary_md, "no recovery step is claimed"
     width = imread(tmp_path / "bench" / "plots" / "accuracy_vs_heads.png").shape[1]
     assert width == 6 * 120, "one panel, not an after-recovery panel that repeats the first"
-    for bad, message in (({"salience": "dsp"}, "depend on how many"), ({"salinece": "fisher"}, "unknown cahp")):
-        bench.cahp = bad
+    for bad, message in (({"salience": "dsp"}, "depend on how many"), ({"salinece": "fisher"}, r"no setting\(s\)")):
+        bench.method_settings = {"cahp": bad}
         with pytest.raises(CahpError, match=message):
             run_bench(bench, progress=False)
 
@@ -291,25 +294,26 @@ def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         assert config.model.endswith(f"finetuned/{name.removesuffix('.json').replace('_', '-l6-')}")
         assert "cahp" in config.methods and "random" in config.methods and "knee" in config.budgets
         variant = BenchConfig.from_file(REPO / "benchmarks" / "configs" / name.replace(".json", "_cahp_fisher.json"))
-        assert variant.cahp == {"salience": "fisher"} and variant.out == f"{config.out}-cahp-fisher"
+        assert variant.method_settings["cahp"]["salience"] == "fisher" and variant.out == f"{config.out}-cahp-fisher"
         differing = {k for k, v in variant.to_dict().items() if config.to_dict()[k] != v}
-        assert differing == {"out", "methods", "budgets", "cahp"}, "the same recipe as the grid it is compared with"
+        assert differing == {"out", "methods", "budgets", "method_settings"}, "the same recipe as the compared grid"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "m", "out": "o", "methodz": []}))
     with pytest.raises(CahpError, match="methodz"):
         BenchConfig.from_file(bad)
+    from cahp.cli import UsageError, _key_values, prune_config
+
     parser = build_parser()
     args = parser.parse_args(["prune", "--model", "m", "--out", "o", "--method", "l0", "--sparsity", "0.5"])
-    assert args.method == "l0" and args.salience == "gradient", "the reference salience by default"
-    assert parser.parse_args(["prune", "--model", "m", "--out", "o", "--salience", "fisher"]).salience == "fisher"
-    from cahp.cli import _key_values
-
+    assert args.method == "l0" and prune_config(args).method_settings == {}, "the method's own defaults"
+    args = parser.parse_args(["prune", "--model", "m", "--out", "o", "--salience", "fisher"])
+    assert prune_config(args).method_settings == {"salience": "fisher"}
     args = parser.parse_args(
         ["prune", "--model", "m", "--out", "o", "--scorer-setting", "steps=400", "--scorer-setting", "anneal=false"]
     )
-    assert _key_values(args.scorer_setting) == {"steps": 400, "anneal": False}
+    assert _key_values(args.method_setting) == {"steps": 400, "anneal": False}
     assert _key_values(["name=fast mode", "x=null"]) == {"name": "fast mode", "x": None}
-    with pytest.raises(CahpError, match="KEY=VALUE"):
+    with pytest.raises(UsageError, match="KEY=VALUE"):
         _key_values(["steps"])
     assert parser.parse_args(["bench", "--config", "c.json"]).config == "c.json"
 

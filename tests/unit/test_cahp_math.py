@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cahp.errors import CahpError
+from cahp.errors import CahpError, DataError
 from cahp.scoring import (
     bhattacharyya_distance,
     class_pairs,
@@ -31,6 +31,8 @@ from cahp.selection import (
     select_representatives,
     sweep_k,
 )
+from cahp.selection.cahp import CAHPSelector, CAHPSettings
+from cahp.selection.clustering import distinct_points
 from cahp.signatures import StreamingMoments, interpolation_matrices, resize_attention_maps
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -238,8 +240,15 @@ def test_sweep_k_stops_when_mss_reaches_one_and_is_deterministic() -> None:
     assert sweep.stopped_at == 5
     assert np.all(sweep.mss[sweep.ks >= 5] == 1.0) and np.all(sweep.mss[sweep.ks < 5] < 1.0)
     assert sorted(sweep.clusterings) == [2, 3, 4, 5]
-    recomputed = sweep.clustering(7)  # a padded k is recomputed on demand
-    assert recomputed.k == 7 and set(recomputed.labels.tolist()) == set(range(7))
+    partial = sweep_k(distances, k_range=range(2, 4), seed=0)
+    recomputed = partial.clustering(4)  # a k the sweep did not cluster is computed on demand, same seed
+    assert recomputed.k == 4 and 4 in partial.clusterings
+    np.testing.assert_array_equal(recomputed.labels, sweep.clustering(4).labels)
+    # Past the 5 distinct points k is capped: coinciding heads cannot be told apart, each group is one cluster.
+    capped = sweep.clustering(7)
+    assert capped.k == 5 and capped.loss == 0.0
+    assert len({(int(g), int(c)) for g, c in zip(groups, capped.labels, strict=True)}) == 5
+    assert sweep.n_distinct_points == 5
     again = sweep_k(distances, seed=0)
     np.testing.assert_array_equal(again.mss, sweep.mss)
     np.testing.assert_array_equal(again.clustering(3).labels, sweep.clustering(3).labels)
@@ -326,23 +335,72 @@ def test_knee_step_curve_from_early_stop_falls_back_to_first_perfect_k() -> None
         find_knee(np.array([]), np.array([]))
 
 
-def test_knee_matches_kneed_when_available() -> None:
-    kneed = pytest.importorskip("kneed")
+def _kneed(ks: np.ndarray, mss: np.ndarray, online: bool = False):
+    """The reference Kneedle (``kneed``, a dev dependency) with the reference's settings."""
+    import kneed  # not importorskip: the comparison must run (pip install -e '.[dev]')
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kneed.KneeLocator(
+            ks,
+            mss,
+            curve="concave",
+            direction="increasing",
+            interp_method="polynomial",
+            polynomial_degree=6,
+            online=online,
+        )
+
+
+def _curve(rng: np.random.Generator, shape: str, ks: np.ndarray) -> np.ndarray:
+    noise = rng.normal(0, 0.01, ks.size)
+    if shape == "saturating":
+        return 1 - np.exp(-ks / rng.uniform(2, 30)) + noise
+    if shape == "sigmoid":  # slow start, steep rise, plateau: a local minimum of the difference curve
+        return 1 / (1 + np.exp(-(ks - rng.uniform(3, ks[-1])) / rng.uniform(1, 10))) + noise
+    if shape == "dip then rise":  # high MSS at k = 2, a dip, then a concave rise
+        return rng.uniform(0.2, 0.7) * np.exp(-ks / rng.uniform(1, 5)) + 1 - np.exp(-ks / rng.uniform(5, 30)) + noise
+    return np.cumsum(rng.normal(0.01, 0.03, ks.size))  # random walk
+
+
+@pytest.mark.parametrize("shape", ["saturating", "sigmoid", "dip then rise", "random walk"])
+def test_kneedle_matches_kneed_on_many_curves(shape: str) -> None:
     rng = np.random.default_rng(7)
-    for _ in range(50):
-        ks = np.arange(2, int(rng.integers(10, 140)))
-        mss = 1 - np.exp(-ks / rng.uniform(2, 30)) + rng.normal(0, 0.01, ks.size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reference = kneed.KneeLocator(
-                ks,
-                mss,
-                curve="concave",
-                direction="increasing",
-                interp_method="polynomial",
-                polynomial_degree=6,
-            ).knee
-        assert find_knee(ks, mss).kneedle_k == (None if reference is None else int(reference))
+    for _ in range(60):
+        ks = np.arange(2, int(rng.integers(8, 150)))
+        mss = _curve(rng, shape, ks)
+        result = find_knee(ks, mss)
+        reference = _kneed(ks, mss)
+        assert result.kneedle_k == (None if reference.knee is None else int(reference.knee)), (shape, ks.size)
+        every = _kneed(ks, mss, online=True).all_knees  # the whole walk, in order
+        assert list(result.all_knees) == [int(k) for k in every], (shape, ks.size)
+
+
+def _dip_then_rise(ks: np.ndarray) -> np.ndarray:
+    return 0.2 * np.exp(-(ks - 2) / 2.0) + 0.9 * (1 - np.exp(-(ks - 2) / 18.0))
+
+
+def test_knee_after_a_local_minimum_of_the_difference_curve_is_kneeds() -> None:
+    """Regression: after a local minimum the walk used to go on detecting with threshold 0, so a dip of the
+    difference curve below 0 returned the endpoint k = 2, rejected, and the fallback kept k = 71 of 72 heads.
+    kneed disarms detection after a minimum until the next maximum and finds the knee at 29."""
+    ks = np.arange(2, 72)  # a 6 x 12 model: k = 2 .. N - 1
+    result = find_knee(ks, _dip_then_rise(ks))
+    assert result.method == "kneedle" and result.fallback is None
+    assert result.k == result.kneedle_k == 29
+    assert _kneed(ks, _dip_then_rise(ks)).knee == 29
+
+
+def test_knee_when_kneeds_first_knee_is_the_endpoint() -> None:
+    """Deliberate difference: on a sigmoid the fitted curve falls right after k = 2, so Kneedle's first knee is
+    the endpoint (the reference would keep 2 clusters); we take the walk's next knee, at the top of the rise."""
+    ks = np.arange(2, 72)
+    mss = 1 / (1 + np.exp(-(ks - 20) / 4.0))
+    reference = _kneed(ks, mss, online=True)
+    assert _kneed(ks, mss).knee == 2 and len(reference.all_knees) >= 2
+    result = find_knee(ks, mss)
+    assert result.kneedle_k == 2 and result.method == "kneedle"
+    assert result.k == int(reference.all_knees[1]) and 25 <= result.k <= 40
 
 
 # ------------------------------------------------------------------------------------- representatives
@@ -421,3 +479,124 @@ def test_whole_selection_is_deterministic_for_a_seed() -> None:
         return knee.k, select_representatives(sweep.clustering(knee.k).labels, salience).kept_heads_by_layer
 
     assert run() == run()
+
+
+# ------------------------------------------------------------------------------- degenerate head spaces
+
+
+def test_embed_heads_identical_or_empty_profiles_are_one_point_not_a_crash() -> None:
+    """Regression: t-SNE's PCA start divides by a zero spread on identical profiles (all zero for a single-class
+    calibration split) and the process died with a segmentation fault (exit 139)."""
+    for profiles in (np.zeros((72, 64), np.float32), np.ones((30, 8)), np.zeros((12, 0))):
+        with pytest.warns(UserWarning, match="identical"):
+            points = embed_heads(profiles, n_iter=250)
+        np.testing.assert_array_equal(points, np.zeros((profiles.shape[0], 2)))
+        assert distinct_points(head_distances(points)) == 1
+
+
+def test_embed_heads_rescales_a_spread_float32_cannot_resolve() -> None:
+    """A spread of 1e-25 underflows t-SNE's float32 squared distances (also a segmentation fault before)."""
+    profiles = np.zeros((40, 16), np.float32)
+    profiles[:20, 0] = 1e-25
+    with pytest.warns(UserWarning, match="scaled to unit spread"):
+        points = embed_heads(profiles, n_iter=250, seed=0)
+    assert np.isfinite(points).all()
+    # the two groups of identical heads stay apart: FasterPAM with k = 2 recovers them
+    labels = cluster_heads(head_distances(points), 2, seed=0).labels
+    assert len(set(labels[:20].tolist())) == 1 and len(set(labels[20:].tolist())) == 1 and labels[0] != labels[-1]
+
+
+@pytest.mark.parametrize("method", ["tsne", "none"])
+def test_embed_heads_refuses_non_finite_profiles(method: str) -> None:
+    profiles = np.random.default_rng(0).normal(size=(10, 4))
+    profiles[3, 1] = np.nan
+    with pytest.raises(CahpError, match="NaN/inf"):
+        embed_heads(profiles, method=method)  # type: ignore[arg-type]
+
+
+def test_clustering_caps_k_at_the_distinct_points() -> None:
+    coinciding = head_distances(np.zeros((10, 3)))
+    assert distinct_points(coinciding) == 1
+    assert cluster_heads(coinciding, 4).k == 1
+    sweep = sweep_k(coinciding)  # MSS is 1 from k = 2 on: every head sits on its medoid
+    assert sweep.stopped_at == 2 and np.all(sweep.mss == 1.0) and sweep.clustering(5).k == 1
+    three = head_distances(np.repeat(np.eye(3), [2, 3, 1], axis=0))
+    clustering = cluster_heads(three, 5)
+    assert clustering.k == 3 and clustering.loss == 0.0
+    np.testing.assert_array_equal(clustering.labels, [0, 0, 1, 1, 1, 2])
+    np.testing.assert_array_equal(clustering.medoids, [0, 2, 5])
+
+
+def _moments(class_values: list[np.ndarray]) -> StreamingMoments:
+    """StreamingMoments over classes 0..C-1 from ``[n_c, heads, D]`` samples per class."""
+    moments = StreamingMoments(len(class_values))
+    for label, values in enumerate(class_values):
+        if len(values):
+            moments.add_batch(values, label)
+    return moments
+
+
+def test_cahp_selector_refuses_a_single_class() -> None:
+    rng = np.random.default_rng(0)
+    moments = _moments([rng.normal(size=(8, 24, 16)), np.zeros((0, 24, 16))])
+    with pytest.raises(DataError, match=r"1 class.*at least two"):
+        CAHPSelector().fit(moments, rng.uniform(size=(4, 6)))
+
+
+def test_cahp_selector_on_identical_profiles_keeps_the_most_salient_heads() -> None:
+    """Both classes give every head the same statistics: all profiles are 0. Defined result: one point, k = 1,
+    the most salient head plus each layer's most salient head (the guardrail), stated in the report."""
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(6, 24, 16))
+    salience = rng.uniform(size=(4, 6))
+    with pytest.warns(UserWarning, match="same separability profile"):
+        selector = CAHPSelector().fit(_moments([values, values]), salience)
+    assert selector.k_ == 1 and selector.k_capped_from_ == selector.knee_.k
+    expected = {layer: [int(np.argmax(salience[layer]))] for layer in range(4)}
+    assert selector.kept_heads_by_layer_ == expected
+    report = selector.report()
+    assert report["head_space"]["distinct_profiles"] == 1 and report["head_space"]["distinct_points"] == 1
+    assert any("one point" in note for note in report["head_space"]["notes"])
+
+
+def test_cahp_selector_caps_an_explicit_budget_at_the_distinct_profiles() -> None:
+    rng = np.random.default_rng(2)
+    group_of_head = np.arange(24) % 3  # 3 distinct heads, each repeated 8 times
+    class_a = rng.normal(size=(5, 3, 8))[:, group_of_head]
+    class_b = rng.normal(size=(5, 3, 8))[:, group_of_head]
+    salience = rng.uniform(size=(4, 6))
+    settings = CAHPSettings(embedding="none", keep=10)
+    with pytest.warns(UserWarning, match="capped at 3"):
+        selector = CAHPSelector(settings).fit(_moments([class_a, class_b]), salience)
+    assert selector.k_ == 3 and selector.k_capped_from_ == 10 and selector.distinct_profiles_ == 3
+    flat = salience.reshape(-1)
+    expected = {int(np.flatnonzero(group_of_head == g)[np.argmax(flat[group_of_head == g])]) for g in range(3)}
+    assert set(selector.selection_.representatives) == expected
+    assert selector.report()["head_space"]["k_capped_from"] == 10
+
+
+def test_cahp_selector_refuses_bad_inputs_with_what_to_do() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(2, 5, 24, 16))
+    with pytest.raises(CahpError, match="at least 3"):
+        CAHPSelector().fit(_moments([values[0][:, :2], values[1][:, :2]]), rng.uniform(size=(1, 2)))
+    salience = rng.uniform(size=(4, 6))
+    salience[1, 2] = np.nan
+    with pytest.raises(CahpError, match="salience has NaN"):
+        CAHPSelector().fit(_moments(list(values)), salience)
+    broken = values.copy()
+    broken[0, :, 7] = np.inf  # head 7 = (layer 1, head 1)
+    with pytest.raises(CahpError, match=r"NaN/inf separability profiles .*\(1, 1\)"):
+        CAHPSelector().fit(_moments(list(broken)), rng.uniform(size=(4, 6)))
+
+
+def test_scikit_learn_lower_bound_admits_tsne_max_iter() -> None:
+    """``TSNE(max_iter=...)`` exists from scikit-learn 1.5 on; pyproject must not admit older versions."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    (requirement,) = [r for r in pyproject["project"]["dependencies"] if r.startswith("scikit-learn")]
+    lower = re.search(r">=\s*(\d+)\.(\d+)", requirement)
+    assert lower is not None and (int(lower[1]), int(lower[2])) >= (1, 5), requirement

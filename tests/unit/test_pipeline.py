@@ -23,18 +23,18 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TaskOptio
     return root / "ft", task
 
 
-def _config(model: Path, task: TaskOptions, **cahp: object) -> PruneConfig:
+def _config(model: Path, task: TaskOptions, **fields: object) -> PruneConfig:
     config = PruneConfig(
         model=str(model),
         task=task,
+        method_settings={"tsne_iterations": 250} if fields.get("method", "cahp") == "cahp" else {},
         recovery=TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=8),
         latency_repeats=2,
         latency_seq_len=16,
         latency_batch_size=4,
     )
-    config.cahp.tsne_iterations = 250
-    for key, value in cahp.items():
-        setattr(config.cahp, key, value)
+    for key, value in fields.items():
+        setattr(config, key, value)
     return config
 
 
@@ -72,12 +72,12 @@ def test_prune_end_to_end_reloads(finetuned: tuple[Path, TaskOptions], tmp_path:
 
 def test_same_seed_same_heads_and_budget_mode(finetuned: tuple[Path, TaskOptions], tmp_path: Path) -> None:
     model, task = finetuned
-    config = _config(model, task, keep=5)
+    config = _config(model, task, budget="keep=5")
     config.recovery.epochs = 0
     first = prune(config, tmp_path / "a", progress=False)
     second = prune(config, tmp_path / "b", progress=False)
     assert first["kept_heads_by_layer"] == second["kept_heads_by_layer"]
-    assert first["selection"]["k"] == 5 and first["selection"]["budget_mode"] == "keep"
+    assert first["selection"]["k"] == 5 and first["plan"]["budget"] == {"mode": "keep", "value": 5}
     assert first["accuracy"]["after_recovery"] == first["accuracy"]["after_pruning"]
     assert first["recovery_history"] == []
 
@@ -97,18 +97,112 @@ def test_interrupted_prune_resumes_from_cached_stages(
     with pytest.raises(KeyboardInterrupt):
         prune(config, tmp_path / "out", progress=False)
     stages = tmp_path / ".out.partial" / "stages"
-    assert {"signatures.npz", "salience.json", "selection.json", "accuracy_pruned.json"} <= {
-        p.name for p in stages.iterdir()
-    }
+    assert {"plan.json", "accuracy_pruned.json"} <= {p.name for p in stages.iterdir()}
+    assert len(list((stages / "methods").glob("cahp__*.pkl"))) == 1, "the fitted method is cached"
     monkeypatch.undo()
-    calls = {"signatures": 0}
-    real_collect = pipeline.collect_signatures
+    calls = {"fit": 0}
+    from cahp.methods.cahp import CAHP
 
-    def counting_collect(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        calls["signatures"] += 1
-        return real_collect(*args, **kwargs)
+    real_fit = CAHP.fit
 
-    monkeypatch.setattr(pipeline, "collect_signatures", counting_collect)
+    def counting_fit(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        calls["fit"] += 1
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(CAHP, "fit", counting_fit)
     report = prune(config, tmp_path / "out", progress=False)
-    assert calls["signatures"] == 0, "signatures were cached and must not be collected again"
+    assert calls["fit"] == 0, "the plan was cached and the method must not be fitted again"
     assert report["recovery_history"] and (tmp_path / "out" / "report.json").is_file()
+    assert "plan" in report["stages_cached"] and "accuracy_before" in report["stage_seconds"]
+
+
+def test_unreadable_cached_fit_is_recomputed(finetuned: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    """A fit cache truncated by a hard kill is recomputed (with a message), not a stuck run."""
+    from cahp.calibration import Calibration, SequenceClassification
+    from cahp.data import encode_split, load_task
+    from cahp.engine import Engine
+    from cahp.models import load_classifier
+
+    model_folder, task_options = finetuned
+    task = load_task(task_options.task)
+    model, tokenizer = load_classifier(model_folder, task.num_labels)
+    calibration = Calibration(
+        encode_split(tokenizer, task.split("train"), 16), tokenizer, SequenceClassification(task.num_labels)
+    )
+    messages: list[str] = []
+    engine = Engine(model, calibration, tmp_path / "fits", say=messages.append)
+    first = engine.fit("magnitude", {"seed": 0})
+    [cached] = list((tmp_path / "fits").glob("magnitude__*.pkl"))
+    cached.write_bytes(cached.read_bytes()[:20])
+    again = Engine(model, calibration, tmp_path / "fits", say=messages.append).fit("magnitude", {"seed": 0})
+    assert any("unreadable" in m for m in messages)
+    assert (again.scores_ == first.scores_).all()
+
+
+def test_replayed_run_config_gives_the_same_heads(finetuned: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    """``run_config.json`` replays a run: the same config, the same kept heads."""
+    model, task = finetuned
+    config = _config(model, task, method="gradient", budget="sparsity=0.5")
+    config.recovery.epochs = 0
+    first = prune(config, tmp_path / "a", progress=False)
+    record = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    replayed = PruneConfig.from_dict(record)
+    assert replayed == config
+    second = prune(replayed, tmp_path / "b", progress=False)
+    assert second["kept_heads_by_layer"] == first["kept_heads_by_layer"]
+    assert first["heads"]["kept"] == 6
+
+
+def test_earlier_run_config_records_are_upgraded() -> None:
+    """A run_config.json written before the method interface replays with the same meaning."""
+    old = {
+        "command": "prune",
+        "model": "m",
+        "task": {"task": "sst5"},
+        "method": "cahp",
+        "scorer_settings": {},
+        "cahp": {
+            "metric": "jm",
+            "salience": "gradient",
+            "allow_empty_layers": True,
+            "keep": 7,
+            "sparsity": None,
+            "seed": 3,
+        },
+        "calibration_size": None,
+        "signature_batch_size": 16,
+        "salience_fraction": 0.5,
+    }
+    config = PruneConfig.from_dict(old)
+    assert config.budget == "keep=7" and config.seed == 3 and config.allow_empty_layers
+    assert config.method_settings == {"metric": "jm", "salience_settings": {"fraction": 0.5}, "batch_size": 16}
+
+
+def test_bad_budget_is_refused_before_any_work(finetuned: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    """--keep above the head count, --keep 0 or a scorer without a budget: refused, nothing left behind."""
+    from cahp.errors import CahpError
+
+    model, task = finetuned
+    for fields, message in [
+        ({"budget": "keep=13"}, "more than the model's 12 heads"),
+        ({"budget": "keep=0"}, "at least 1"),
+        ({"budget": "sparsity=1.5"}, "strictly between 0 and 1"),
+        ({"method": "gradient"}, "no automatic head count"),
+        ({"method": "no-such-method", "budget": "keep=3"}, "unknown method"),
+    ]:
+        with pytest.raises(CahpError, match=message):
+            prune(_config(model, task, **fields), tmp_path / "out", progress=False)
+        assert not list(tmp_path.iterdir()), f"{fields} left files behind"
+
+
+@pytest.mark.parametrize("gqa", [False])
+def test_uniform_layers_constraint_keeps_the_same_count_everywhere(
+    finetuned: tuple[Path, TaskOptions], tmp_path: Path, gqa: bool
+) -> None:
+    model, task = finetuned
+    config = _config(model, task, method="gradient", budget="keep=7", uniform_layers=True)
+    config.recovery.epochs = 0
+    report = prune(config, tmp_path / "out", progress=False)
+    counts = {len(heads) for heads in report["kept_heads_by_layer"].values()}
+    assert counts == {2}, "7 heads over 3 layers under uniform_layers: 2 per layer (round(7 / 3))"
+    assert report["heads"]["requested"] == report["heads"]["kept"] == 6

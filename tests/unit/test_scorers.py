@@ -1,18 +1,25 @@
-"""Head scorers: one contract test over every registered scorer, a planted head, GQA/GPT-2 shapes, top-K."""
+"""Head scorers: one contract test over every registered scorer, what the seed does, a planted head, GQA/GPT-2
+shapes, the gradient fraction, the HIES sign, the signature collector's classes, top-K."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from cahp.adapters import get_adapter
+from cahp.calibration import Calibration, SequenceClassification
 from cahp.data.batching import EncodedSplit
 from cahp.errors import CahpError
-from cahp.scoring import available_scorers, get_scorer
+from cahp.scoring import BUILTIN_SCORERS, available_scorers, get_scorer, scorer_class
+from cahp.scoring.base import minmax
+from cahp.scoring.salience import gradient_salience
 from cahp.selection.budget import keep_from_budget, select_top_k
+from cahp.signatures.collector import collect_signatures
 from tests.unit.tiny_models import HEADS, LABELS, LAYERS, VOCAB, build_model
 
 #: Fewer steps for the trained scorers, only to keep the suite quick; every other setting is the default.
@@ -40,6 +47,14 @@ def make_data(examples: int = 20, seed: int = 0, token_types: bool = True) -> En
     return EncodedSplit(features, rng.integers(0, LABELS, examples))
 
 
+def calibrate(tokenizer: Any, data: EncodedSplit) -> Calibration:  # type: ignore[no-untyped-def]
+    return Calibration(data, tokenizer, SequenceClassification(LABELS))
+
+
+def make_calibration(tokenizer: Any, examples: int = 20, seed: int = 0, token_types: bool = True) -> Calibration:
+    return calibrate(tokenizer, make_data(examples, seed, token_types))
+
+
 def test_registry_lists_every_method_and_rejects_unknown_names() -> None:
     names = available_scorers()
     assert {"random", "magnitude", "entropy", "gradient", "hies", "attattr", "l0", "dsp", "fisher"} <= set(names)
@@ -57,10 +72,10 @@ def test_scorer_contract(name: str, tokenizer) -> None:  # type: ignore[no-untyp
     weights = {key: value.clone() for key, value in model.state_dict().items()}
     flags = {key: p.requires_grad for key, p in model.named_parameters()}
     modes = {key: m.training for key, m in model.named_modules()}
-    data = make_data()
+    calibration = make_calibration(tokenizer)
 
     scorer = get_scorer(name, seed=3, **FAST.get(name, {}))
-    scores = scorer.score(model, tokenizer, data, LABELS)
+    scores = scorer.score(model, calibration)
 
     assert scores.shape == (LAYERS, HEADS) and scores.dtype == np.float64
     assert np.all(np.isfinite(scores)) and scorer.scores_ is scores
@@ -71,11 +86,50 @@ def test_scorer_contract(name: str, tokenizer) -> None:  # type: ignore[no-untyp
     assert model.config._attn_implementation == "sdpa"
     assert all(p.grad is None for p in model.parameters())
     json.dumps(scorer.get_settings())  # settings are JSON-ready (cached next to the scores)
-    again = get_scorer(name, seed=3, **FAST.get(name, {})).score(model, tokenizer, data, LABELS)
+    again = get_scorer(name, seed=3, **FAST.get(name, {})).score(model, calibration)
     np.testing.assert_array_equal(scores, again)
 
 
-def planted_model(tokenizer, data: EncodedSplit) -> tuple[torch.nn.Module, EncodedSplit]:  # type: ignore[no-untyped-def]
+#: What the seed does, as each scorer's docs say: (scorer, settings, same scores for seeds 3 and 4?) on 12
+#: examples. Subset-only scorers ignore the seed when the subset is the whole calibration set.
+SEED_CASES = [
+    ("random", {}, False),
+    ("l0", FAST["l0"], False),  # gate noise and batch order
+    ("dsp", FAST["dsp"], False),  # Gumbel noise and batch order
+    ("gradient", {"batch_size": 4}, False),  # all examples, but the shuffle decides who shares a batch
+    ("hies", {"batch_size": 4}, False),  # its gradient term, likewise
+    ("entropy", {"max_examples": 6}, False),  # the subset
+    ("entropy", {}, True),  # 512 >= 12: every example, sorted by length
+    ("fisher", {"max_examples": 6}, False),
+    ("fisher", {}, True),  # 256 >= 12
+    ("attattr", {"steps": 2, "max_examples": 6}, False),
+    ("attattr", {"steps": 2, "max_examples": None}, True),
+]
+
+
+def test_seed_cases_cover_every_builtin_scorer_that_uses_its_seed() -> None:
+    seeded = {name for name in BUILTIN_SCORERS if not scorer_class(name).deterministic}
+    assert seeded <= {name for name, _, _ in SEED_CASES}
+
+
+@pytest.mark.parametrize(("name", "settings", "same"), SEED_CASES)
+def test_seed_is_used_where_the_docs_say(name: str, settings: dict, same: bool, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, calibration = build_model("bert"), make_calibration(tokenizer, 12)
+    first, second = (get_scorer(name, seed=seed, **settings).score(model, calibration) for seed in (3, 4))
+    assert np.array_equal(first, second) == same
+    assert not scorer_class(name).deterministic, "depends on the seed for some calibration set"
+
+
+@pytest.mark.parametrize("name", [name for name in available_scorers() if scorer_class(name).deterministic])
+def test_deterministic_scorers_ignore_the_seed(name: str, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = build_model("bert")
+    calibration = make_calibration(tokenizer, 30)
+    settings = {"max_examples": 10} if "max_examples" in scorer_class(name)().get_settings() else {}
+    first, second = (get_scorer(name, seed=seed, **settings).score(model, calibration) for seed in (3, 4))
+    np.testing.assert_array_equal(first, second)
+
+
+def planted_model(tokenizer, data: EncodedSplit) -> tuple[torch.nn.Module, Calibration]:  # type: ignore[no-untyped-def]
     """Every head's value projection zeroed except ``PLANTED``'s: only that head moves information between
     tokens. The labels follow the model's own (centred) logits, so that head carries all of the task signal."""
     from cahp.evaluation.metrics import predict_logits
@@ -92,14 +146,14 @@ def planted_model(tokenizer, data: EncodedSplit) -> tuple[torch.nn.Module, Encod
                     value.bias[head * size : (head + 1) * size] = 0.0
     logits = predict_logits(model, tokenizer, data, progress=False)
     labels = (logits - logits.mean(0)).argmax(-1)  # without attention [CLS] is constant: all variation is PLANTED's
-    return model, EncodedSplit(data.features, labels)
+    return model, calibrate(tokenizer, EncodedSplit(data.features, labels))
 
 
 @pytest.mark.parametrize("name", ["gradient", "fisher", "attattr", "l0", "dsp"])
 def test_planted_head_ranks_first(name: str, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    model, data = planted_model(tokenizer, make_data(32, seed=1))
+    model, calibration = planted_model(tokenizer, make_data(32, seed=1))
     settings = {"l0": {"steps": 40}, "dsp": {"steps": 40}, "attattr": {"steps": 5}}.get(name, {})
-    scores = get_scorer(name, **settings).score(model, tokenizer, data, LABELS)
+    scores = get_scorer(name, **settings).score(model, calibration)
     assert np.unravel_index(np.argmax(scores), scores.shape) == PLANTED, np.round(scores, 4)
 
 
@@ -109,8 +163,9 @@ def _rows(weight: torch.Tensor, start: int, size: int) -> torch.Tensor:
 
 def test_magnitude_counts_shared_kv_heads_and_fused_gpt2_weights(tokenizer) -> None:  # type: ignore[no-untyped-def]
     llama, gpt2 = build_model("llama"), build_model("gpt2")
-    llama_scores = get_scorer("magnitude").score(llama, tokenizer, make_data(4, token_types=False), LABELS)
-    gpt2_scores = get_scorer("magnitude").score(gpt2, tokenizer, make_data(4, token_types=False), LABELS)
+    calibration = make_calibration(tokenizer, 4, token_types=False)
+    llama_scores = get_scorer("magnitude").score(llama, calibration)
+    gpt2_scores = get_scorer("magnitude").score(gpt2, calibration)
     size, group = 32 // HEADS, HEADS // 2  # 2 key-value heads: query heads {0, 1} read kv 0, {2, 3} read kv 1
     for layer in range(LAYERS):
         attention = llama.model.layers[layer].self_attn
@@ -134,9 +189,9 @@ def test_magnitude_counts_shared_kv_heads_and_fused_gpt2_weights(tokenizer) -> N
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_gradient_scores_gqa_and_gpt2(family: str, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = build_model(family)
-    data = make_data(8, token_types=False)
+    calibration = make_calibration(tokenizer, 8, token_types=False)
     for name in ("gradient", "fisher"):
-        scores = get_scorer(name).score(model, tokenizer, data, LABELS)
+        scores = get_scorer(name).score(model, calibration)
         assert scores.shape == (LAYERS, HEADS) and np.all(np.isfinite(scores)) and scores.max() > 0
 
 
@@ -145,7 +200,97 @@ def test_scorers_refuse_pruned_models(tokenizer) -> None:  # type: ignore[no-unt
 
     model = prune_heads(build_model("bert"), {0: [1]})
     with pytest.raises(CahpError, match="unpruned"):
-        get_scorer("magnitude").score(model, tokenizer, make_data(4), LABELS)
+        get_scorer("magnitude").score(model, make_calibration(tokenizer, 4))
+
+
+def test_gradient_fraction_is_the_reference_salience_and_is_validated(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """CAHP's reference salience is the gradient scorer with ``normalize_layers=False, fraction=0.25``."""
+    model, calibration = build_model("bert"), make_calibration(tokenizer)
+    settings = {"normalize_layers": False, "batch_size": 4, "seed": 5}
+    quarter = get_scorer("gradient", fraction=0.25, **settings).score(model, calibration)
+    reference = gradient_salience(model, calibration, batch_size=4, fraction=0.25, seed=5, progress=False)
+    np.testing.assert_array_equal(quarter, reference)
+    whole = get_scorer("gradient", **settings).score(model, calibration)
+    assert not np.allclose(quarter, whole), "2 of the 5 batches, not all of them"
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(CahpError, match=r"fraction .*\(0, 1\]"):
+            get_scorer("gradient", fraction=bad).score(model, calibration)
+
+
+def test_hies_entropy_sign_and_weight(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Default: low-entropy (focused) heads score high; ``focused_is_important=False`` flips the entropy term."""
+    model, calibration = build_model("bert"), make_calibration(tokenizer)
+    focus = get_scorer("hies", alpha=0.0).score(model, calibration)
+    diverse = get_scorer("hies", alpha=0.0, focused_is_important=False).score(model, calibration)
+    focused_entropy = get_scorer("entropy").score(model, calibration)  # 1 - H
+    np.testing.assert_allclose(focus, minmax(focused_entropy), atol=1e-12)
+    np.testing.assert_allclose(focus + diverse, 1.0, atol=1e-12)
+    importance = get_scorer("gradient", normalize_layers=False).score(model, calibration)
+    np.testing.assert_allclose(get_scorer("hies", alpha=1.0).score(model, calibration), minmax(importance))
+    with pytest.raises(CahpError, match=r"alpha .*\[0, 1\]"):
+        get_scorer("hies", alpha=1.5).score(model, calibration)
+
+
+@dataclass(frozen=True)
+class LossOnly:
+    """An objective with a loss but no target probabilities."""
+
+    name: str = "loss-only"
+    num_groups: int = 0
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def test_scorers_run_on_any_objective_and_attattr_says_what_it_needs(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, data = build_model("bert"), make_data()
+    classification = calibrate(tokenizer, data)
+    loss_only = Calibration(data, tokenizer, LossOnly())
+    np.testing.assert_array_equal(
+        get_scorer("fisher").score(model, loss_only), get_scorer("fisher").score(model, classification)
+    )
+    with pytest.raises(CahpError, match="'loss-only' defines no target probabilities"):
+        get_scorer("attattr", steps=2).score(model, loss_only)
+
+
+class PerExampleGroups(Calibration):
+    """Every example its own group: the collector's moments are then the per-example signatures."""
+
+    @property
+    def num_groups(self) -> int:
+        return len(self)
+
+    def groups(self) -> np.ndarray:
+        return np.arange(len(self))
+
+
+def test_signature_classes_come_from_the_calibration_groups(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Batches are sorted by length, so a class/example mix-up would show in the per-class means."""
+    model, data = build_model("bert"), make_data(13)
+    by_class = collect_signatures(model, calibrate(tokenizer, data), size=4, batch_size=5, progress=False)
+    per_example = collect_signatures(
+        model, PerExampleGroups(data, tokenizer, SequenceClassification(LABELS)), size=4, batch_size=5, progress=False
+    )
+    np.testing.assert_array_equal(by_class.count_, np.bincount(data.labels, minlength=LABELS))
+    np.testing.assert_array_equal(per_example.count_, np.ones(len(data)))
+    for label in range(LABELS):
+        expected = per_example.mean_[data.labels == label].mean(0)
+        np.testing.assert_allclose(by_class.mean_[label], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_signatures_refuse_one_class_before_any_forward(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, data = build_model("bert"), make_data(6)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    one_class = calibrate(tokenizer, EncodedSplit(data.features, np.full(len(data), 2)))
+    with pytest.raises(CahpError, match="only class 2; give a split with at least two classes"):
+        collect_signatures(model, one_class, progress=False)
+    with pytest.raises(CahpError, match="'loss-only' defines 0 class"):
+        collect_signatures(model, Calibration(data, tokenizer, LossOnly()), progress=False)
+    assert forwards == []
 
 
 def test_select_top_k_guardrail_ties_and_budgets() -> None:

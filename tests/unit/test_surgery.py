@@ -159,6 +159,33 @@ def test_zero_head_layer_runs_no_projection(family: str) -> None:
     assert calls == []
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_zero_head_layer_keeps_the_generation_cache(family: str) -> None:
+    """A decoder layer without heads stores its (empty) keys in the cache under the argument name its model
+    uses (``cache``; GPT-NeoX: ``layer_past``), so a cached step sees every earlier position and gives the
+    logits of the full forward."""
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = build_model(family).config
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    prune_heads(model, {1: list(range(HEADS))})
+    ids = make_inputs(family)["input_ids"]
+    probs: list[torch.Tensor] = []
+    get_adapter(model).attention_modules(model)[1].register_forward_hook(lambda _m, _a, out: probs.append(out[1]))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        prefix = model(ids[:, :-1], use_cache=True)
+        name = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )  # 5.x renamed it
+        step = model(ids[:, -1:], **{name: prefix[name]}, use_cache=True).logits[:, -1]
+    assert probs[-1].shape == (ids.shape[0], 0, 1, ids.shape[1])  # one query over every cached key
+    torch.testing.assert_close(step, full, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_masking_a_pruned_model_reads_original_numbers(family: str) -> None:
     model = build_model(family)
@@ -271,27 +298,20 @@ def test_wrong_gate_shape_is_refused() -> None:
 def test_parameter_count_drops_by_removed_projections(family: str) -> None:
     model = build_model(family)
     adapter = get_adapter(model)
+    geometry = adapter.geometry(model)
     layer = adapter.layer_modules(model)[0]
 
-    # Per-head sizes measured on the DENSE model: q/k/v rows (with bias), o columns.
-    def size(path: str) -> int:
+    # Parameters per output row of a projection, measured on the DENSE model: its input width, plus the bias.
+    def per_row(path: str) -> int:
         module = layer.get_submodule(path)
-        bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
-        return module.weight.numel() + bias
+        return module.weight.shape[geometry.in_axis] + (getattr(module, "bias", None) is not None)
 
-    kv = num_kv_heads(model)
-    if adapter.fused_qkv:
-        per_query_head, per_kv_head = size(adapter.query) // 3 // HEADS, 2 * size(adapter.query) // 3 // kv
-    else:
-        per_query_head, per_kv_head = (
-            size(adapter.query) // HEADS,
-            (size(adapter.key) + size(adapter.value)) // kv,
-        )
-    out_weight = layer.get_submodule(adapter.output).weight.numel()
-    per_query_head += out_weight // HEADS
+    output = layer.get_submodule(adapter.output).weight
+    per_query_head = geometry.head_dim * (per_row(adapter.query) + output.shape[geometry.out_axis])
+    per_kv_head = geometry.head_dim * (per_row(adapter.key) + per_row(adapter.value))
     plan = plan_for(family)
     removed_q = sum(len(heads) for heads in plan.values())
-    removed_kv = removed_q // (HEADS // kv)
+    removed_kv = removed_q // (HEADS // num_kv_heads(model))
     before = count_parameters(model)
     prune_heads(model, plan)
     assert before - count_parameters(model) == removed_q * per_query_head + removed_kv * per_kv_head
@@ -379,13 +399,16 @@ needs_onnxruntime = pytest.mark.skipif(
 )
 
 
+#: ONNX export families run in CI (about 5 s each); the others are marked slow.
+ONNX_IN_CI = ("mpnet", "llama", "gpt_neox", "gpt2", "vit")
+
+
 @needs_onnxruntime
 @pytest.mark.parametrize(
     "family",
     [
-        "mpnet",
-        "llama",
-        *[pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES if f not in ("mpnet", "llama")],
+        *ONNX_IN_CI,
+        *[pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES if f not in ONNX_IN_CI],
     ],
 )
 def test_onnx_export_matches_pytorch(family: str, tmp_path: Path) -> None:

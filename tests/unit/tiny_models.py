@@ -1,7 +1,8 @@
 """Tiny random models built from configs (no downloads), one per supported family, with padded inputs.
 
 Every model has 3 layers of 4 query heads (Llama-style models: 2 key-value heads, groups {0,1} and {2,3}),
-a sequence-classification head with 3 labels, and runs in fp32 eval mode.
+a sequence-classification head with 3 labels, and runs in fp32 eval mode. GPT-NeoX's rotary embedding covers
+half of each head, so a wrong slice of its interleaved ``query_key_value`` shows in the logits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
+    GPTNeoXConfig,
+    GPTNeoXForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
     MistralConfig,
@@ -136,6 +139,22 @@ def _gpt2(attn: str) -> PreTrainedModel:
     return GPT2ForSequenceClassification._from_config(config, attn_implementation=attn)
 
 
+def _gpt_neox(attn: str) -> PreTrainedModel:
+    config = GPTNeoXConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **_common_text(),
+    )
+    return GPTNeoXForSequenceClassification._from_config(config, attn_implementation=attn)
+
+
 def _llama_like(config_cls: type, model_cls: type, **extra: object) -> Callable[[str], PreTrainedModel]:
     def build(attn: str) -> PreTrainedModel:
         config = config_cls(
@@ -163,6 +182,7 @@ SPECS: dict[str, TinySpec] = {
         TinySpec("mpnet", _mpnet, pad_token_id=1),
         TinySpec("vit", _vit, is_image=True),
         TinySpec("gpt2", _gpt2),
+        TinySpec("gpt_neox", _gpt_neox),
         TinySpec("llama", _llama_like(LlamaConfig, LlamaForSequenceClassification, attention_bias=True), gqa=True),
         TinySpec("mistral", _llama_like(MistralConfig, MistralForSequenceClassification), gqa=True),
         TinySpec("qwen2", _llama_like(Qwen2Config, Qwen2ForSequenceClassification), gqa=True),

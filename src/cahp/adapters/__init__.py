@@ -1,7 +1,8 @@
 """Architecture adapters: where each family keeps its attention heads. Importing this package registers the
-built-in families (BERT/RoBERTa/XLM-R/ELECTRA, DistilBERT, MPNet, ViT, GPT-2, Llama/Mistral/Qwen2)."""
+built-in families (BERT/RoBERTa/XLM-R/ELECTRA, DistilBERT, MPNet, ViT, GPT-2, GPT-NeoX/Pythia,
+Llama/Mistral/Qwen2). :mod:`cahp.adapters.geometry` says which rows and columns are each head's."""
 
-from cahp.adapters import bert, distilbert, gpt2, llama, mpnet, vit  # noqa: F401  (registers built-ins)
+from cahp.adapters import bert, distilbert, gpt2, gpt_neox, llama, mpnet, vit  # noqa: F401  (registers built-ins)
 from cahp.adapters.base import (
     ArchitectureAdapter,
     attention_modules,
@@ -13,9 +14,14 @@ from cahp.adapters.base import (
     register_adapter,
     supported_model_types,
 )
+from cahp.adapters.geometry import GeometryError, HeadGeometry, ProjectionKind, QkvLayout
 
 __all__ = [
     "ArchitectureAdapter",
+    "GeometryError",
+    "HeadGeometry",
+    "ProjectionKind",
+    "QkvLayout",
     "attention_modules",
     "get_adapter",
     "num_heads",

@@ -1,8 +1,11 @@
 """Declarative description of where the attention heads of an architecture live, and the adapter registry.
 
-An :class:`ArchitectureAdapter` is pure data: dotted attribute paths and a few flags. Surgery
-(:mod:`cahp.surgery`) reads it to mask or remove heads; signature collectors read it to hook attention maps.
-Adding an architecture means writing one small file that calls :func:`register_adapter`.
+An :class:`ArchitectureAdapter` is pure data: dotted attribute paths, a q/k/v layout and a few flags. It is
+the ONE place that says which rows and columns of the projections belong to which head: its
+:meth:`~ArchitectureAdapter.geometry` returns a :class:`HeadGeometry` for a layer's current heads, and surgery
+(:mod:`cahp.surgery`), masking, the magnitude scorer and the FLOP accounting read that instead of working it
+out themselves. Signature collectors read the adapter to hook attention maps. Adding an architecture means
+writing one small file that calls :func:`register_adapter`.
 
 Paths are relative: ``layers`` to ``model.base_model`` (so ``BertModel`` and
 ``BertForSequenceClassification`` share an adapter), every other path to one transformer layer.
@@ -18,6 +21,14 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from cahp.adapters.geometry import (
+    PROJECTION_KINDS,
+    QKV_LAYOUTS,
+    GeometryError,
+    HeadGeometry,
+    ProjectionKind,
+    QkvLayout,
+)
 from cahp.errors import UnsupportedArchitectureError
 
 
@@ -36,14 +47,16 @@ class ArchitectureAdapter:
         attention: path inside a layer to the module whose forward returns ``(output, probs, ...)``; with
             ``attn_implementation="eager"`` element ``[1]`` is the attention probabilities
             ``[batch, heads, query_len, key_len]``.
-        query, key, value: paths inside a layer to the input projections. With ``fused_qkv`` all three name
-            the same module, whose outputs are the column blocks ``[q | k | v]``.
+        query, key, value: paths inside a layer to the input projections; with a fused ``qkv_layout`` all
+            three name the same module.
         output: path inside a layer to the output projection, whose INPUT is the per-head context
-            ``[..., heads * head_dim]`` (head ``h`` owns columns ``h*head_dim:(h+1)*head_dim``).
+            ``[..., heads * head_dim]``.
         head_dim: ``config -> head size``.
         num_kv_heads_key: config attribute with the number of key-value heads (grouped-query attention);
             ``None`` when every query head has its own key and value.
-        fused_qkv: q, k and v are one projection (GPT-2 ``c_attn``).
+        qkv_layout: which projection rows are whose (:mod:`cahp.adapters.geometry`): ``"separate"`` modules,
+            one ``"fused"`` ``[q | k | v]`` module (GPT-2 ``c_attn``), or one module ``"fused_per_head"``
+            with rows ``[head, (q, k, v), head_dim]`` (GPT-NeoX ``query_key_value``).
         transposed: weights are stored ``[in, out]`` (GPT-2 ``Conv1D``), not ``nn.Linear``'s ``[out, in]``.
         head_count_attrs: attributes of the attention module holding its number of query heads.
         width_attrs: attributes of the attention module holding ``query heads * head_dim``.
@@ -53,6 +66,8 @@ class ArchitectureAdapter:
             all layers (MPNet's relative position bias); a pruned layer gets its own slice of it.
         probs_need_output_attentions: the attention module returns the probabilities only when called
             with ``output_attentions=True`` (MPNet): run the model with ``output_attentions=True``.
+        cache_arguments: names under which the layer passes the generation cache to the attention module
+            (a layer without heads still has to record its empty keys and values there).
     """
 
     family: str
@@ -64,13 +79,25 @@ class ArchitectureAdapter:
     output: str
     head_dim: Callable[[PretrainedConfig], int] = hidden_size_over_heads
     num_kv_heads_key: str | None = None
-    fused_qkv: bool = False
+    qkv_layout: QkvLayout = "separate"
     transposed: bool = False
     head_count_attrs: tuple[str, ...] = ()
     width_attrs: tuple[str, ...] = ()
     kv_groups_attr: str | None = None
     per_head_argument: tuple[str, int] | None = None
     probs_need_output_attentions: bool = False
+    cache_arguments: tuple[str, ...] = ("cache", "past_key_values")
+
+    def __post_init__(self) -> None:
+        if self.qkv_layout not in QKV_LAYOUTS:
+            raise GeometryError(
+                f"adapter {self.family!r}: qkv_layout must be one of {QKV_LAYOUTS}, got {self.qkv_layout!r}"
+            )
+        if self.qkv_layout != "separate" and len({self.query, self.key, self.value}) != 1:
+            raise GeometryError(
+                f"adapter {self.family!r}: qkv_layout {self.qkv_layout!r} means one fused projection, so query, key "
+                f"and value must name the same module; got {self.query!r}, {self.key!r}, {self.value!r}"
+            )
 
     # ---- model-level facts -------------------------------------------------------------------------------
 
@@ -104,6 +131,37 @@ class ArchitectureAdapter:
     def output_inside_attention(self) -> bool:
         """Whether the attention module applies the output projection itself (GPT-2, Llama, ViT, ...)."""
         return self.output.startswith(self.attention + ".")
+
+    # ---- head geometry -----------------------------------------------------------------------------------
+
+    def geometry(
+        self,
+        model_or_config: PreTrainedModel | PretrainedConfig,
+        query_heads: int | None = None,
+        kv_heads: int | None = None,
+    ) -> HeadGeometry:
+        """Which rows/columns of a layer's projections belong to which head, for a layer that has
+        ``query_heads`` / ``kv_heads`` heads NOW (default: the original counts; for a pruned model use
+        :func:`cahp.surgery.layer_geometries`, which reads the pruning record)."""
+        return HeadGeometry(
+            layout=self.qkv_layout,
+            query_heads=self.num_heads(model_or_config) if query_heads is None else query_heads,
+            kv_heads=self.num_kv_heads(model_or_config) if kv_heads is None else kv_heads,
+            head_dim=self.head_size(model_or_config),
+            transposed=self.transposed,
+        )
+
+    def input_projections(self) -> dict[str, tuple[ProjectionKind, ...]]:
+        """Each distinct q/k/v projection path of a layer, with the kinds whose rows it holds
+        (``{"attn.c_attn": ("query", "key", "value")}`` for a fused layout)."""
+        paths: dict[str, tuple[ProjectionKind, ...]] = {}
+        for kind, path in zip(PROJECTION_KINDS, (self.query, self.key, self.value), strict=True):
+            paths[path] = (*paths.get(path, ()), kind)
+        return paths
+
+    def attention_projections(self, layer: nn.Module) -> list[nn.Module]:
+        """The distinct q/k/v/o projection modules of one layer (a fused q/k/v projection once)."""
+        return [layer.get_submodule(path) for path in (*self.input_projections(), self.output)]
 
     # ---- modules -----------------------------------------------------------------------------------------
 

@@ -9,47 +9,46 @@ plots in ``OUT/plots/`` are then rebuilt from the files (:mod:`cahp.reporting.be
 seed-major (every method and budget of the first seed, then the next seed), so a grid stopped early still
 compares every method; methods, budgets and seeds may be added to a config later and only new cells run.
 
-Fairness rules: every method scores the same calibration examples (``calibration_size`` drawn with
-``calibration_seed``), selects with the same global top-K and one-head-per-layer guardrail (CAHP: its own
-clusters, same guardrail), and is recovered with the same recipe and recovery seed, so the spread over seeds
-is the spread of the selection alone. Methods with no randomness of their own (magnitude, entropy, gradient,
-hies, attattr, fisher) run only the first ``deterministic_seeds`` seeds (default 1: their std is 0 by
-construction). Budget ``"knee"`` is CAHP's own k* (per seed); other methods get the k* of CAHP's run with the
-same seed (or the first seed), so they are compared at the same head count.
+Fairness rules: every method runs through the same engine (:class:`cahp.engine.Engine`): it is fitted on the
+same calibration examples (per seed: ``calibration_size`` examples drawn with ``calibration_seed + seed`` when
+``resample_calibration``, else one sample drawn with ``calibration_seed`` for every seed), selects with the same
+rule and constraints (:mod:`cahp.methods.select`), and is recovered with the same recipe and recovery seed. With
+``resample_calibration`` every method runs every seed, so a method's spread over seeds includes the spread of
+the data it learns from, and "the best baseline" is a mean over seeds like the focus method's. Without it (the
+committed grids), methods whose registry entry says ``deterministic`` run only the first ``deterministic_seeds``
+seeds. Budget ``"knee"`` is the auto budget: a method that finds its own head count uses it; the others are
+compared at the head count of the first such method in the same seed (or its first seed).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from cahp.adapters import get_adapter
+from cahp.config import config_from_dict
 from cahp.data import EncodedSplit, encode_split
+from cahp.engine import Engine, task_calibration
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import evaluate_split
+from cahp.methods.base import PruningMethod, available_methods, get_method, method_info
+from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import cahp_home, load_classifier
 from cahp.outputs import write_json
 from cahp.reporting.bench_report import budget_label, method_seeds, planned_cells, write_bench_report
-from cahp.scoring import available_scorers, get_scorer, scorer_class
-from cahp.scoring.salience import REFERENCE_SALIENCE, check_salience_source, gradient_salience
-from cahp.selection.budget import keep_from_budget, select_top_k
-from cahp.selection.cahp import CAHPSelector, CAHPSettings
-from cahp.signatures.collector import collect_signatures
-from cahp.signatures.stats import StreamingMoments
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
-Budget = float | str
+Budget_ = float | str
 KNEE = "knee"
 
 #: Settings that change results: a folder whose cells were computed with other values is refused.
@@ -58,13 +57,14 @@ RESULT_KEYS = (
     "task",
     "calibration_size",
     "calibration_seed",
-    "scorer_settings",
-    "cahp",
+    "resample_calibration",
+    "method_settings",
     "recovery",
     "recovery_max_examples",
     "eval_splits",
     "eval_max_examples",
     "allow_empty_layers",
+    "uniform_layers",
     "gqa_mode",
 )
 
@@ -76,57 +76,57 @@ class BenchConfig:
     Attributes:
         model: a fine-tuned classifier folder (``$VARS`` and ``~`` are expanded; ``$CAHP_HOME`` defaults to
             ``~/.cache/cahp``).
-        out: output folder (cells, scores, summary, plots).
-        task: the task options (``cahp finetune``'s).
-        methods: ``"cahp"`` and/or registered scorer names.
-        budgets: fractions of heads KEPT in ``(0, 1]`` and/or ``"knee"`` (CAHP's k*).
-        seeds: seeds of the methods that have randomness (random, l0, dsp, cahp).
-        deterministic_seeds: how many of ``seeds`` the other methods run (default 1).
-        calibration_size, calibration_seed: the scoring examples (stratified subset of the training split;
-            ``None`` = all of it), the same for every method and seed.
-        scorer_settings: ``{method: {setting: value}}`` passed to :func:`cahp.scoring.get_scorer`.
-        cahp: :class:`CAHPSettings` fields (not ``seed``/``keep``/``sparsity``, which the bench sets). With
-            ``{"salience": "fisher"}`` (any head scorer that needs no budget) each cluster keeps the head that
-            scorer ranks first (with its ``scorer_settings``, and the CAHP seed when it has randomness).
+        out: output folder (cells, fitted methods, summary, plots).
+        task: the task options (``cahp finetune``'s); a string is the task name.
+        methods: registered methods (``cahp methods``).
+        budgets: fractions of heads KEPT in ``(0, 1]`` and/or ``"knee"`` (the auto budget: see the module docs).
+        seeds: the seeds of every method.
+        deterministic_seeds: without ``resample_calibration``: how many of ``seeds`` a deterministic method runs.
+        calibration_size, calibration_seed: the calibration examples (stratified subset of the calibration split;
+            ``None`` = all of it).
+        resample_calibration: draw each seed's own calibration sample (seed ``s``: ``calibration_seed + s``).
+        method_settings: ``{method: {setting: value}}`` (not ``seed`` and not ``keep``: the bench sets them).
+        focus: the method the summary compares with the best other one (default: the first of ``methods``).
         recovery: the recovery fine-tune of every cell (``epochs: 0`` = retraining-free only).
         recovery_max_examples: recover on a stratified subset of the training split.
         eval_splits: splits evaluated after pruning and after recovery.
         eval_max_examples: evaluate on a stratified subset of each split (``None`` = all).
-        allow_empty_layers: let a layer lose every head (else its best head stays, for every method).
-        gqa_mode: grouped-query attention only, see :func:`cahp.surgery.prune_heads`.
+        allow_empty_layers, uniform_layers, gqa_mode: the constraints of every plan (see ``cahp prune``).
     """
 
     model: str
     out: str
     task: TaskOptions = field(default_factory=TaskOptions)
     methods: list[str] = field(default_factory=lambda: ["cahp", "random", "gradient"])
-    budgets: list[Budget] = field(default_factory=lambda: [0.9, 0.75, 0.5, 0.3, 0.2, 0.1, KNEE])
+    budgets: list[Budget_] = field(default_factory=lambda: [0.9, 0.75, 0.5, 0.3, 0.2, 0.1, KNEE])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     deterministic_seeds: int = 1
     calibration_size: int | None = 512
     calibration_seed: int = 0
-    scorer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    cahp: dict[str, Any] = field(default_factory=dict)
+    resample_calibration: bool = True
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    focus: str | None = None
     recovery: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=1.0, learning_rate=2e-5))
     recovery_max_examples: int | None = 2000
     eval_splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     eval_max_examples: int | None = None
     allow_empty_layers: bool = False
+    uniform_layers: bool = False
     gqa_mode: str = "groups"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def constraints(self) -> Constraints:
+        return Constraints.from_options(self.allow_empty_layers, self.uniform_layers, self.gqa_mode)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> BenchConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise CahpError(f"unknown bench config key(s) {unknown}; known keys: {sorted(known)}")
-        values = dict(raw)
-        values["task"] = TaskOptions(**values.get("task", {}))
-        values["recovery"] = TrainingConfig(**values["recovery"]) if "recovery" in values else cls().recovery
-        config = cls(**values)
+        """A config from JSON (this version's keys, or an earlier record's: see :func:`upgrade_bench_record`)."""
+        values = upgrade_bench_record(raw)
+        if isinstance(values.get("task"), str):
+            values["task"] = {"task": values["task"]}
+        config = config_from_dict(cls, values, "bench config")
         config.model = expand_path(config.model)
         config.out = expand_path(config.out)
         if config.task.data_dir is not None:
@@ -143,9 +143,37 @@ class BenchConfig:
             raw = json.loads(path.read_text())
         except FileNotFoundError as error:
             raise CahpError(f"bench config {path} does not exist") from error
-        except json.JSONDecodeError as error:
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CahpError(f"bench config {path} is not valid JSON: {error}") from error
+        if not isinstance(raw, dict):
+            raise CahpError(f"bench config {path} must hold a JSON object")
         return cls.from_dict(raw)
+
+
+def upgrade_bench_record(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config or record of the bench before methods had one interface, in today's keys.
+
+    Then CAHP's settings were a ``cahp`` block and head scorers' a ``scorer_settings`` block; every seed used one
+    calibration sample; CAHP's gradient salience used every calibration batch, drawn in the order of
+    ``calibration_seed``, and a scorer named as CAHP's salience took the scorer settings of that name.
+    """
+    if "cahp" not in raw and "scorer_settings" not in raw:
+        return dict(raw)
+    record = {key: value for key, value in raw.items() if key not in ("cahp", "scorer_settings")}
+    settings: dict[str, dict[str, Any]] = {m: dict(v) for m, v in (raw.get("scorer_settings") or {}).items()}
+    if "cahp" in raw.get("methods", ["cahp"]) or raw.get("cahp"):
+        cahp = dict(raw.get("cahp") or {})
+        salience = cahp.get("salience", "gradient")
+        cahp.pop("allow_empty_layers", None)
+        salience_settings = {"fraction": 1.0} if salience == "gradient" else dict(settings.get(salience, {}))
+        if salience_settings:
+            cahp["salience_settings"] = salience_settings
+        cahp["salience_seed"] = raw.get("calibration_seed", 0)
+        if "cahp" in raw.get("methods", ["cahp"]):
+            settings["cahp"] = cahp
+    record["method_settings"] = settings
+    record.setdefault("resample_calibration", False)
+    return record
 
 
 def expand_path(value: str) -> str:
@@ -168,31 +196,50 @@ def expand_path(value: str) -> str:
 
 
 def _validate(config: BenchConfig) -> None:
-    methods = ["cahp", *available_scorers()]
-    unknown = [m for m in config.methods if m not in methods]
+    """Refuse a grid that cannot run, before anything is loaded, with messages that name the key."""
+    if not isinstance(config.methods, list) or not config.methods:
+        raise CahpError('bench config: "methods" must list at least one method (`cahp methods` lists them)')
+    registered = available_methods()
+    unknown = [m for m in config.methods if m not in registered]
     if unknown:
-        raise CahpError(f"unknown method(s) {unknown}; available: {', '.join(methods)}")
+        raise CahpError(f'bench config: unknown method(s) {unknown} in "methods"; available: {", ".join(registered)}')
+    if not isinstance(config.budgets, list) or not config.budgets:
+        raise CahpError('bench config: "budgets" must list fractions of heads kept in (0, 1] and/or "knee"')
     for budget in config.budgets:
         if budget == KNEE:
-            if "cahp" not in config.methods:
-                raise CahpError('budget "knee" is CAHP\'s k*: add "cahp" to methods or drop the budget')
-        elif isinstance(budget, str) or not 0.0 < float(budget) <= 1.0:
-            raise CahpError(f'budgets are fractions of heads kept in (0, 1] or "knee", got {budget!r}')
-    if not config.seeds:
-        raise CahpError("seeds must list at least one seed")
-    set_by_bench = {"seed", "keep", "sparsity"}
-    forbidden = set_by_bench & set(config.cahp)
-    if forbidden:
-        raise CahpError(f"cahp settings {sorted(forbidden)} are set by the bench (seeds and budgets)")
-    unknown_settings = set(config.cahp) - {f.name for f in fields(CAHPSettings)}
-    if unknown_settings:
-        known = [f.name for f in fields(CAHPSettings) if f.name not in set_by_bench]
-        raise CahpError(f"unknown cahp settings {sorted(unknown_settings)}; known: {', '.join(known)}")
-    check_salience_source(config.cahp.get("salience", REFERENCE_SALIENCE))
+            if not any(registered[m].finds_own_budget for m in config.methods):
+                own = [n for n, info in registered.items() if info.finds_own_budget]
+                raise CahpError(
+                    f'bench config: budget "knee" needs a method that finds its own head count ({", ".join(own)})'
+                )
+        elif isinstance(budget, bool) or not isinstance(budget, int | float) or not 0.0 < float(budget) <= 1.0:
+            raise CahpError(
+                f'bench config: "budgets" holds fractions of heads kept in (0, 1] or "knee", got {budget!r}'
+            )
+    if not isinstance(config.seeds, list) or not config.seeds or not all(isinstance(s, int) for s in config.seeds):
+        raise CahpError('bench config: "seeds" must list at least one whole number')
+    for name in ("calibration_size", "recovery_max_examples", "eval_max_examples"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise CahpError(f'bench config: "{name}" must be a positive number of examples or null, got {value!r}')
+    if config.focus is not None and config.focus not in config.methods:
+        raise CahpError(f'bench config: "focus" {config.focus!r} is not one of "methods" {config.methods}')
+    if not isinstance(config.method_settings, dict):
+        raise CahpError('bench config: "method_settings" must be an object {method: {setting: value}}')
+    for method, settings in config.method_settings.items():
+        if method not in config.methods:
+            raise CahpError(f'bench config: "method_settings" names {method!r}, which is not in "methods"')
+        if not isinstance(settings, dict):
+            raise CahpError(f'bench config: "method_settings"."{method}" must be an object of settings')
+        forbidden = {"seed", "keep"} & set(settings)
+        if forbidden:
+            raise CahpError(f'bench config: "method_settings"."{method}" sets {sorted(forbidden)}: the bench sets them')
+        get_method(method, **settings, **({"keep": 1} if registered[method].budget_aware else {}))
+    config.constraints()
 
 
-def _check_folder(out: Path, config: BenchConfig) -> None:
-    """Refuse a folder holding results of other settings; record this config."""
+def _check_folder(out: Path, config: BenchConfig) -> dict[str, Any]:
+    """Refuse a folder holding results of other settings; record this config and return the record."""
     record = out / "bench_config.json"
     current = json.loads(json.dumps(config.to_dict(), default=str))
     if record.is_file():
@@ -206,13 +253,20 @@ def _check_folder(out: Path, config: BenchConfig) -> None:
                 "use another out folder, or delete it to start over"
             )
     write_json(record, current)
+    return current
+
+
+def _kept_fraction_heads(fraction: float, total: int) -> int:
+    """Heads kept for a kept fraction: ``round(fraction * total)`` half up, at least 1 (the bench's rule since v1)."""
+    return max(1, min(total, math.floor((1.0 - (1.0 - float(fraction))) * total + 0.5)))
 
 
 class _Bench:
-    """The state of one run: model, data, caches."""
+    """The state of one run: model, per-seed calibration sets and engines, recovery data."""
 
-    def __init__(self, config: BenchConfig, progress: bool):
+    def __init__(self, config: BenchConfig, record: dict[str, Any], progress: bool):
         self.config = config
+        self.record = record
         self.progress = progress
         self.out = Path(config.out)
         self.task = config.task.load()
@@ -220,23 +274,30 @@ class _Bench:
         self.model, self.tokenizer = load_classifier(config.model, self.task.num_labels, self.task.label_names)
         if torch.cuda.is_available():
             self.model.cuda()
-        adapter = get_adapter(self.model)
-        self.layers, self.heads = adapter.num_layers(self.model), adapter.num_heads(self.model)
-        self.n_heads = self.layers * self.heads
-        max_length = config.task.max_length
+        self.grid = HeadGrid.of(self.model)
+        self.n_heads = self.grid.total
+        self.constraints = config.constraints()
         self.evaluation = encode_eval_splits(
-            self.tokenizer, self.task, config.eval_splits, config.eval_max_examples, max_length
+            self.tokenizer, self.task, config.eval_splits, config.eval_max_examples, config.task.max_length
         )
         if not self.evaluation:
             raise CahpError(f"none of the eval_splits {config.eval_splits} exists; the task has {self.task.splits}")
-        calibration_split = self.task.split(self.task.calibration_split)  # offline MNLI: the held-out share
-        calibration = subsample(calibration_split, config.calibration_size, config.calibration_seed)
-        self.calibration = encode_split(self.tokenizer, calibration, max_length)
+        self._engines: dict[int, Engine] = {}
         self._recovery_data: EncodedSplit | None = None
 
     def say(self, message: str) -> None:
         if self.progress:
             print(message, flush=True)
+
+    def engine(self, seed: int) -> Engine:
+        """The engine of ``seed``: its calibration sample (shared by every seed without resampling)."""
+        sample_seed = self.config.calibration_seed + (seed if self.config.resample_calibration else 0)
+        if sample_seed not in self._engines:
+            calibration = task_calibration(
+                self.task, self.tokenizer, self.config.calibration_size, sample_seed, self.config.task.max_length
+            )
+            self._engines[sample_seed] = Engine(self.model, calibration, self.out / "fitted", say=self.say)
+        return self._engines[sample_seed]
 
     @property
     def recovery_data(self) -> EncodedSplit:
@@ -248,135 +309,40 @@ class _Bench:
     def accuracy(self, model: Any) -> dict[str, Any]:
         return {name: evaluate_split(model, self.tokenizer, data, 64, False) for name, data in self.evaluation.items()}
 
-    def seeds_for(self, method: str) -> list[int]:
-        return method_seeds(method, self.config.seeds, self.config.deterministic_seeds)
+    def settings(self, method: str, seed: int) -> dict[str, Any]:
+        return {**self.config.method_settings.get(method, {}), "seed": seed}
 
-    # ---- selections --------------------------------------------------------------------------------------
+    # ---- plans -------------------------------------------------------------------------------------------
 
-    def scores(self, method: str, seed: int, keep: int | None) -> tuple[np.ndarray, float]:
-        """Cached ``[layers, heads]`` scores of a scorer and the seconds they took."""
-        budget_aware = scorer_class(method).budget_aware
-        suffix = f"__keep{keep}" if budget_aware else ""
-        path = self.out / "scores" / f"{method}__seed{seed}{suffix}.json"
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            return np.array(cached["scores"]), cached["seconds"]
-        settings = {**self.config.scorer_settings.get(method, {}), "seed": seed}
-        if budget_aware:
-            settings["keep"] = keep
-        scorer = get_scorer(method, **settings)
-        self.say(f"scoring {method} (seed {seed}{f', keep {keep}' if budget_aware else ''})")
-        start = time.perf_counter()
-        scores = scorer.score(self.model, self.tokenizer, self.calibration, self.task.num_labels)
-        seconds = round(time.perf_counter() - start, 2)
-        payload = {"method": method, "seed": seed, "settings": scorer.get_settings(), "seconds": seconds}
-        write_json(path, {**payload, "scores": scores.tolist()})
-        return scores, seconds
+    def auto_heads(self, seed: int) -> int:
+        """The head count of the first method that finds its own, in ``seed`` (or in that method's first seed)."""
+        method = next(m for m in self.config.methods if method_info(m).finds_own_budget)
+        own_seeds = method_seeds(method, self.record)
+        plan = self.plan(method, seed if seed in own_seeds else own_seeds[0], KNEE)[0]
+        return plan.heads_requested
 
-    def _cahp_inputs(self, seed: int) -> tuple[StreamingMoments, np.ndarray]:
-        """Signatures and salience on the calibration set. The signatures and the reference gradient salience
-        are computed once for every CAHP seed (their time is recorded in ``scores/cahp_shared.json``; a seed's
-        scoring time is its head space, sweep and selections). With ``cahp.salience`` naming a head scorer,
-        the gradient is not computed: that scorer's scores are the salience, cached and timed in ``scores/``
-        like the method's own."""
-        signatures = self.out / "scores" / "cahp_signatures.npz"
-        shared = self.out / "scores" / "cahp_shared.json"
-        source = self.config.cahp.get("salience", REFERENCE_SALIENCE)
-        if signatures.is_file() and shared.is_file():
-            moments, cached = StreamingMoments.load(signatures), json.loads(shared.read_text())
-        else:
-            what = "signatures and salience" if source == REFERENCE_SALIENCE else "signatures"
-            self.say(f"cahp: {what} on {len(self.calibration)} calibration examples")
-            start = time.perf_counter()
-            moments = collect_signatures(
-                self.model, self.tokenizer, self.calibration, self.task.num_labels, progress=False
-            )
-            salience = None
-            if source == REFERENCE_SALIENCE:
-                salience = gradient_salience(
-                    self.model,
-                    self.tokenizer,
-                    self.calibration,
-                    fraction=1.0,
-                    seed=self.config.calibration_seed,
-                    progress=False,
-                ).tolist()
-            cached = {"seconds": round(time.perf_counter() - start, 2), "salience": salience}
-            moments.save(signatures)
-            write_json(shared, cached)
-        if source == REFERENCE_SALIENCE:
-            return moments, np.array(cached["salience"])
-        own_seeds = self.seeds_for(source)  # a deterministic scorer runs once, shared by every CAHP seed
-        return moments, self.scores(source, seed if seed in own_seeds else own_seeds[0], None)[0]
+    def budget_for(self, method: str, seed: int, budget: Budget_) -> Budget:
+        if budget != KNEE:
+            return Budget.keep(_kept_fraction_heads(float(budget), self.n_heads))
+        return Budget.auto() if method_info(method).finds_own_budget else Budget.keep(self.auto_heads(seed))
 
-    def cahp_plan(self, seed: int, keep: int | None) -> dict[str, Any]:
-        """CAHP's selection for ``keep`` heads (``None``: its knee), from a per-seed cache of every budget."""
-        path = self.out / "scores" / f"cahp__seed{seed}.json"
-        cached = json.loads(path.read_text()) if path.is_file() else None
-        if cached is not None and (keep is None or str(keep) in cached["selections"]):
-            return cached["selections"][str(cached["k_star"] if keep is None else keep)] | {
-                "seconds": cached["seconds"],
-                "knee": cached["knee"],
-            }
-        moments, salience = self._cahp_inputs(seed)
-        self.say(f"cahp: head space and MSS(k) sweep (seed {seed})")
-        start = time.perf_counter()
-        settings = CAHPSettings(**self.config.cahp, seed=seed)
-        selector = CAHPSelector(settings).fit(moments, salience)
-        ks = {selector.k_, *(self.keep_for(b) for b in self.config.budgets if b != KNEE)}
-        if keep is not None:
-            ks.add(keep)
-        selections = dict(cached["selections"]) if cached else {}
-        for k in sorted(ks):
-            selection = selector.selection_for(k, self.config.allow_empty_layers)
-            selections[str(k)] = {
-                "kept_heads_by_layer": {str(layer): hs for layer, hs in selection.kept_heads_by_layer.items()},
-                "guardrail_heads": [list(map(int, h)) for h in selection.guardrail_heads],
-            }
-        seconds = cached["seconds"] if cached else round(time.perf_counter() - start, 2)  # a refit adds no cost
-        record = {"k_star": int(selector.k_), "knee": selector.knee_.to_dict(), "seconds": seconds}
-        write_json(path, {**record, "selections": selections})
-        return selections[str(selector.k_ if keep is None else keep)] | {"seconds": seconds, "knee": record["knee"]}
-
-    def knee_keep(self, seed: int) -> int:
-        """CAHP's k* for ``seed`` (or for its first seed, when CAHP does not run ``seed``)."""
-        cahp_seed = seed if seed in self.seeds_for("cahp") else self.seeds_for("cahp")[0]
-        return int(self.cahp_plan(cahp_seed, None)["knee"]["k"])
-
-    def keep_for(self, budget: Budget) -> int:
-        return keep_from_budget(self.n_heads, sparsity=1.0 - float(budget))
-
-    def plan(self, method: str, seed: int, budget: Budget) -> dict[str, Any]:
-        """``{keep, kept_heads_by_layer, guardrail_heads, scoring_seconds}`` for one cell."""
-        if method == "cahp":
-            keep = None if budget == KNEE else self.keep_for(budget)
-            plan = self.cahp_plan(seed, keep)
-            return {
-                "keep": int(plan["knee"]["k"]) if keep is None else keep,
-                "kept_heads_by_layer": plan["kept_heads_by_layer"],
-                "guardrail_heads": plan["guardrail_heads"],
-                "scoring_seconds": plan["seconds"],
-            }
-        keep = self.knee_keep(seed) if budget == KNEE else self.keep_for(budget)
-        scores, seconds = self.scores(method, seed, keep)
-        kept, guardrail = select_top_k(scores, keep, self.config.allow_empty_layers)
-        return {
-            "keep": keep,
-            "kept_heads_by_layer": {str(layer): hs for layer, hs in kept.items()},
-            "guardrail_heads": [list(h) for h in guardrail],
-            "scoring_seconds": seconds,
-        }
+    def plan(self, method: str, seed: int, budget: Budget_) -> tuple[KeepPlan, PruningMethod, bool]:
+        """The keep-plan of one cell, the fitted method, and whether the fit came from the cache."""
+        engine = self.engine(seed)
+        asked = self.budget_for(method, seed, budget)
+        method_object = engine.fit(method, self.settings(method, seed), asked)
+        return method_object.plan(asked, self.constraints), method_object, engine.last_fit_cached
 
     # ---- cells -------------------------------------------------------------------------------------------
 
-    def run_cell(self, method: str, seed: int, budget: Budget) -> dict[str, Any]:
+    def run_cell(self, method: str, seed: int, budget: Budget_) -> dict[str, Any]:
         start = time.perf_counter()
-        plan = self.plan(method, seed, budget)
+        plan, fitted, cached = self.plan(method, seed, budget)
         planned = time.perf_counter()
-        selected = {int(layer): hs for layer, hs in plan["kept_heads_by_layer"].items()}
         model = copy.deepcopy(self.model)
-        prune_heads(model, heads_to_remove(model, selected, self.config.gqa_mode), gqa_mode=self.config.gqa_mode)
-        kept = kept_heads_by_layer(model)  # with GQA groups, more than selected
+        gqa_mode = self.config.gqa_mode
+        prune_heads(model, heads_to_remove(model, plan.kept_heads_by_layer, gqa_mode), gqa_mode=gqa_mode)
+        kept = kept_heads_by_layer(model)
         after_pruning = self.accuracy(model)
         pruned = time.perf_counter()
         history: list[dict[str, Any]] = []
@@ -388,23 +354,29 @@ class _Bench:
             )
             after_recovery = self.accuracy(model)
         end = time.perf_counter()
+        record = plan.to_dict()
+        record.pop("details")
         return {
             "method": method,
             "seed": seed,
             "budget": budget_label(budget),
             "budget_fraction": None if budget == KNEE else float(budget),
-            "keep": plan["keep"],
+            "keep": plan.heads_requested,
             "heads_total": self.n_heads,
-            "layers": self.layers,
-            "heads_per_layer": self.heads,
+            "layers": self.grid.layers,
+            "heads_per_layer": self.grid.heads,
             "kept": sum(len(hs) for hs in kept.values()),
             "kept_heads_by_layer": {str(layer): hs for layer, hs in kept.items()},
-            "selected_heads_by_layer": plan["kept_heads_by_layer"],
-            "guardrail_heads": plan["guardrail_heads"],
+            "selected_heads_by_layer": {str(layer): hs for layer, hs in plan.kept_heads_by_layer.items()},
+            "guardrail_heads": [list(h) for h in plan.guardrail_heads],
+            "plan": record,
+            "calibration": self.engine(seed).calibration.description,
+            "budget_aware": bool(fitted.budget_aware),
+            "fit_cached": bool(cached),
             "accuracy": {"after_pruning": after_pruning, "after_recovery": after_recovery},
             "recovery_history": history,
             "seconds": {
-                "scoring": plan["scoring_seconds"],
+                "scoring": float(getattr(fitted, "fit_seconds_", 0.0)),
                 "selection": round(planned - start, 2),
                 "prune_and_evaluate": round(pruned - planned, 2),
                 "recovery_and_evaluate": round(end - pruned, 2),
@@ -421,19 +393,18 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     _validate(config)
     out = Path(config.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "scores").mkdir(exist_ok=True)
-    _check_folder(out, config)
-    bench = _Bench(config, progress)
+    record = _check_folder(out, config)
+    bench = _Bench(config, record, progress)
     dense = out / "dense.json"
     if not dense.is_file():
         bench.say(f"{config.model}: evaluating the dense model")
-        record = {"accuracy": bench.accuracy(bench.model), "heads_total": bench.n_heads, "task": bench.task.describe()}
-        write_json(dense, record)
-    else:
-        record = json.loads(dense.read_text())
-        if "task" not in record:  # what the summary says about the data (folders of earlier versions lack it)
-            write_json(dense, {**record, "task": bench.task.describe()})
-    planned = planned_cells(config.methods, config.seeds, config.deterministic_seeds, config.budgets)
+        dense_record = {
+            "accuracy": bench.accuracy(bench.model),
+            "heads_total": bench.n_heads,
+            "task": bench.task.describe(),
+        }
+        write_json(dense, dense_record)
+    planned = planned_cells(record)
     computed = 0
     for method, seed, budget in planned:
         label = budget_label(budget)

@@ -1,7 +1,15 @@
 """Tasks, data sources and batching."""
 
 from cahp.data.batching import EncodedSplit, collate, encode_split, iter_batches, num_batches
-from cahp.data.tasks import TASKS, TaskData, TaskSpec, TextSplit, load_task, stratified_holdout
+from cahp.data.tasks import (
+    TASKS,
+    TaskData,
+    TaskSpec,
+    TextSplit,
+    fingerprint_split,
+    load_task,
+    stratified_holdout,
+)
 
 __all__ = [
     "TASKS",
@@ -11,6 +19,7 @@ __all__ = [
     "TextSplit",
     "collate",
     "encode_split",
+    "fingerprint_split",
     "iter_batches",
     "load_task",
     "num_batches",

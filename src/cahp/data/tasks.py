@@ -10,17 +10,22 @@ MNLI has two protocols: ``standard`` (train split from the hub; validation = val
 validation_mismatched) and ``offline`` (no MNLI train split exists offline: train on validation_matched minus
 a seeded, label-stratified 10% held out as validation; test = validation_mismatched). ``auto`` picks
 ``standard`` when a train split is found and ``offline`` otherwise. The protocol is named in every result.
+
+Labels: integer labels are class ids. String labels are numbered by the model's ``label2id`` when the model
+names its labels (``load_task(..., label2id=...)``, or :meth:`TaskData.aligned_to`), otherwise alphabetically;
+fine-tuning records the numbering in the saved model's config, so every later command maps them the same way.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +102,30 @@ class TextSplit:
     name: str
     texts: list[tuple[str, ...]]
     labels: np.ndarray  # [examples], int64
+    #: where the examples were read from (a file, or ``hub <id>``), for messages
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> TextSplit:
         indices = np.asarray(indices, dtype=np.int64)
-        return TextSplit(name or self.name, [self.texts[i] for i in indices], self.labels[indices])
+        return TextSplit(name or self.name, [self.texts[i] for i in indices], self.labels[indices], self.source)
+
+    def where(self) -> str:
+        """``"<file> (split '<name>')"``, for messages."""
+        return f"{self.source or 'the data'} (split {self.name!r})"
+
+
+def fingerprint_split(split: TextSplit) -> str:
+    """SHA-256 of a split's texts and labels (in order), ``"sha256:<hex>"``: equal exactly when the examples
+    are; the split's name and source do not count."""
+    digest = hashlib.sha256()
+    for texts in split.texts:
+        digest.update("\x1f".join(texts).encode("utf-8", "surrogatepass"))
+        digest.update(b"\x1e")
+    digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 @dataclass
@@ -121,6 +143,11 @@ class TaskData:
     #: where pruning methods draw calibration data (signatures, salience, head scores): ``train``, except
     #: under the offline MNLI protocol, which reserves its held-out ``validation`` share for this.
     calibration_split: str = "train"
+    #: how the labels in the data became ids: ``ids`` (integers in the data), ``alphabetical`` (string labels
+    #: numbered in sorted order) or ``label2id`` (string labels numbered by the model's ``label2id``)
+    label_mapping: str = "ids"
+    #: whether ``num_labels`` was inferred as the largest integer label + 1 (neither built in nor given)
+    num_labels_inferred: bool = False
 
     def split(self, name: str) -> TextSplit:
         if name not in self.splits:
@@ -138,7 +165,73 @@ class TaskData:
             "label_names": self.label_names,
             "split_sizes": {name: len(split) for name, split in self.splits.items()},
             "notes": self.notes,
-        }
+        } | ({"label_mapping": self.label_mapping} if self.label_mapping != "ids" else {})
+
+    def aligned_to(self, model_config: Any) -> TaskData:
+        """This task with its label ids made to agree with a model (a ``transformers`` config).
+
+        - A base model (no classification head yet): unchanged; its new head gets this task's labels.
+        - String labels and a classifier that names its labels (``label2id`` other than ``LABEL_0 ...``):
+          renumbered by the model's ids. A label the model does not know is refused.
+        - Integer labels: must lie in the model's ``0..num_labels-1``. An inferred label count (largest
+          label + 1) below the model's grows to it (a test split may lack the top class).
+
+        Raises:
+            DataError: labels the model does not know, or a label count that differs from the model's.
+        """
+        from cahp.models import is_classifier_config, named_labels
+
+        if not is_classifier_config(model_config):
+            return self
+        model_count = int(model_config.num_labels)
+        model_names = named_labels(model_config)
+        if self.label_mapping in ("alphabetical", "label2id") and model_names is not None:
+            unknown = [name for name in self.label_names if name not in model_names]
+            if unknown:
+                raise DataError(
+                    f"labels {unknown[:5]} of {self.source} are not labels of the model (its label2id names "
+                    f"{model_names}): evaluate it on data with those labels, or fine-tune a base model on this task"
+                )
+            if self.label_names == model_names:
+                return replace(self, label_mapping="label2id")
+            new_ids = np.array([model_names.index(name) for name in self.label_names], dtype=np.int64)
+            splits = {
+                name: TextSplit(split.name, split.texts, new_ids[split.labels], split.source)
+                for name, split in self.splits.items()
+            }
+            note = f"string labels numbered by the model's label2id: {_numbering(model_names)}"
+            return replace(
+                self,
+                num_labels=model_count,
+                label_names=list(model_names),
+                splits=splits,
+                label_mapping="label2id",
+                notes=[*self.notes, note],
+            )
+        for split in self.splits.values():
+            if len(split) and (split.labels.min() < 0 or split.labels.max() >= model_count):
+                bad = int(split.labels[(split.labels < 0) | (split.labels >= model_count)][0])
+                shown = self.label_names[bad] if 0 <= bad < len(self.label_names) else bad
+                raise DataError(
+                    f"label {shown!r} in {split.where()} is outside the model's {model_count} labels "
+                    f"(0..{model_count - 1}): this model was trained for another label set; fine-tune a base "
+                    "model on this task (--num-labels sets its label count), or fix the data"
+                )
+        if self.num_labels == model_count:
+            return self
+        if self.num_labels < model_count and self.num_labels_inferred:
+            names = model_names or [*self.label_names, *(str(i) for i in range(self.num_labels, model_count))]
+            note = f"label count from the model ({model_count}); the data's largest label is {self.num_labels - 1}"
+            return replace(self, num_labels=model_count, label_names=list(names), notes=[*self.notes, note])
+        raise DataError(
+            f"task {self.name!r} has {self.num_labels} labels but the model has {model_count}: pass "
+            f"--num-labels {model_count} if the data uses only some of the model's labels, or fine-tune a base "
+            "model for this task"
+        )
+
+
+def _numbering(label_names: Sequence[str]) -> dict[str, int]:
+    return {name: index for index, name in enumerate(label_names)}
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,26 +250,96 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+@dataclass
+class RawRows:
+    """Records read from one file (or hub split), with where each came from.
+
+    ``lines[i]`` is the file line of ``rows[i]`` (JSON lines and CSV) or ``None`` (a JSON list, the hub).
+    """
+
+    rows: list[dict[str, Any]]
+    source: str
+    lines: list[int | None]
+
+    def where(self, index: int) -> str:
+        line = self.lines[index]
+        return f"{self.source}, line {line}" if line is not None else f"{self.source}, record {index + 1}"
+
+
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (Excel's CSV export) is dropped instead of glued to the first column name
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return path.open("r", encoding="utf-8-sig", newline="")
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read JSON lines, a JSON list, or CSV (optionally gzipped) into a list of dicts."""
+def _read_rows(path: Path) -> RawRows:
+    """Read JSON lines, a JSON list, or CSV (optionally gzipped) into records.
+
+    Raises:
+        DataError: not UTF-8, not gzip, malformed JSON (naming the line) or CSV, records that are not objects.
+    """
     stem = path.name.removesuffix(".gz")
-    with _open_text(path) as handle:
-        if stem.endswith(".csv"):
-            return list(csv.DictReader(handle))
-        if stem.endswith(".jsonl"):
-            return [json.loads(line) for line in handle if line.strip()]
-        content = json.load(handle)
+    try:
+        with _open_text(path) as handle:
+            if stem.endswith(".csv"):
+                return _read_csv(handle, path)
+            if stem.endswith(".jsonl"):
+                return _read_json_lines(handle, path)
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {error.object[error.start : error.start + 1]!r} at offset "
+            f"{error.start}): re-save it as UTF-8"
+        ) from None
+    except (gzip.BadGzipFile, EOFError, OSError) as error:
+        raise DataError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno}); use JSON lines, "
+            "a JSON list or CSV"
+        ) from None
     if isinstance(content, dict) and "data" in content:
         content = content["data"]
     if not isinstance(content, list):
         raise DataError(f"{path}: expected a list of records in JSON; use JSON lines, a JSON list or CSV")
-    return content
+    for index, row in enumerate(content):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, record {index + 1}: expected an object with named columns, got {row!r:.60}")
+    return RawRows(content, str(path), [None] * len(content))
+
+
+def _read_json_lines(handle: io.TextIOBase, path: Path) -> RawRows:
+    rows, lines = [], []
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}); each line must "
+                "hold one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object with named columns, got {row!r:.60}")
+        rows.append(row)
+        lines.append(number)
+    return RawRows(rows, str(path), lines)
+
+
+def _read_csv(handle: io.TextIOBase, path: Path) -> RawRows:
+    reader = csv.DictReader(handle)
+    rows, lines = [], []
+    try:
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as error:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({error})") from None
+    return RawRows(rows, str(path), lines)
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
@@ -187,47 +350,91 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
+def _check_columns(raw: RawRows, name: str, text_columns: Sequence[str], label_column: str) -> None:
+    """Every record must hold every text column and a label.
+
+    Raises:
+        DataError: naming the file, the line (or record) and the missing column.
+    """
+    if not raw.rows:
+        raise DataError(f"split {name!r} from {raw.source} is empty: point to a file with examples")
+    available = [str(c) for c in raw.rows[0] if c is not None]
+    for column in (*text_columns, label_column):
+        if column not in raw.rows[0]:
+            raise DataError(
+                f"column {column!r} not found in {raw.source} (split {name!r}); available columns: "
+                f"{', '.join(available)}; set --text-columns / --label-column"
+            )
+    for index, row in enumerate(raw.rows):
+        for column in (*text_columns, label_column):
+            if column not in row:
+                raise DataError(
+                    f"{raw.where(index)} (split {name!r}) has no {column!r} column: every record needs "
+                    f"{', '.join(repr(c) for c in (*text_columns, label_column))}"
+                )
+        label = row[label_column]
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"{raw.where(index)} (split {name!r}) has an empty label ({label_column!r}): fix the row")
+
+
 def _rows_to_split(
-    rows: list[dict[str, Any]],
+    raw: RawRows,
     name: str,
     text_columns: Sequence[str],
     label_column: str,
-    label_to_id: dict[Any, int] | None,
-    where: str,
+    label_to_id: Mapping[str, int] | None,
+    labels_known_as: str = "the task's labels (those of its train split)",
 ) -> TextSplit:
-    if not rows:
-        raise DataError(f"split {name!r} from {where} is empty: point to a file with examples")
-    available = list(rows[0].keys())
-    for column in (*text_columns, label_column):
-        if column not in rows[0]:
-            raise DataError(
-                f"column {column!r} not found in {where} (split {name!r}); available columns: "
-                f"{', '.join(available)}; set --text-columns / --label-column"
-            )
+    """Records to a :class:`TextSplit`: integer labels as they are, or string labels through ``label_to_id``
+    (``labels_known_as`` says where those come from, for the message about an unknown label)."""
+    _check_columns(raw, name, text_columns, label_column)
+    rows = raw.rows
     texts = [tuple("" if row[c] is None else str(row[c]) for c in text_columns) for row in rows]
-    raw_labels = [row[label_column] for row in rows]
-    if label_to_id is not None:
-        unknown = sorted({str(label) for label in raw_labels if label not in label_to_id})
-        if unknown:
-            raise DataError(
-                f"labels {unknown[:5]} in {where} (split {name!r}) are not in the training labels "
-                f"{sorted(map(str, label_to_id))}"
-            )
-        labels = np.array([label_to_id[label] for label in raw_labels], dtype=np.int64)
-    else:
-        try:
-            labels = np.array([int(label) for label in raw_labels], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise DataError(f"non-integer labels in {where} (split {name!r})") from None
-    return TextSplit(name, texts, labels)
+    labels = np.empty(len(rows), dtype=np.int64)
+    for index, row in enumerate(rows):
+        label = row[label_column]
+        if label_to_id is not None:
+            if str(label) not in label_to_id:
+                raise DataError(
+                    f"label {str(label)!r} at {raw.where(index)} (split {name!r}) is not one of {labels_known_as} "
+                    f"{sorted(label_to_id, key=label_to_id.__getitem__)}"
+                )
+            labels[index] = label_to_id[str(label)]
+        else:
+            try:
+                labels[index] = _as_int_label(label)
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"label {label!r} at {raw.where(index)} (split {name!r}) is not an integer; labels must be all "
+                    "integers or all strings"
+                ) from None
+    return TextSplit(name, texts, labels, raw.source)
+
+
+def _as_int_label(label: Any) -> int:
+    if isinstance(label, bool | int):
+        return int(label)
+    if isinstance(label, float) and label.is_integer():
+        return int(label)
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        return int(label.strip())
+    raise ValueError(label)
+
+
+def _is_int_label(label: Any) -> bool:
+    try:
+        _as_int_label(label)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_labels(split: TextSplit, num_labels: int, where: str) -> None:
     if len(split) and (split.labels.min() < 0 or split.labels.max() >= num_labels):
         bad = split.labels[(split.labels < 0) | (split.labels >= num_labels)]
         raise DataError(
-            f"labels outside 0..{num_labels - 1} in {where} (split {split.name!r}), e.g. {int(bad[0])}: "
-            f"fix the data or set --num-labels"
+            f"labels outside 0..{num_labels - 1} in {split.source or where} (split {split.name!r}), e.g. "
+            f"{int(bad[0])}: fix the data or set --num-labels"
         )
 
 
@@ -248,25 +455,43 @@ def _load_local_builtin(spec: TaskSpec, folder: Path) -> dict[str, TextSplit] | 
     for split, stem in spec.local_splits.items():
         path = _find_split_file(task_folder, stem)
         if path is not None:
-            rows = _read_rows(path)
-            splits[split] = _rows_to_split(rows, split, spec.text_columns, "label", None, str(path))
+            splits[split] = _rows_to_split(_read_rows(path), split, spec.text_columns, "label", None)
     return splits or None
+
+
+def _hub_dataset(path: str, config: str | None) -> Any:
+    """``datasets.load_dataset(path, config)``; when the hub cannot be reached, only the local cache is read
+    (at once, instead of after ~30 s of retries).
+
+    Raises:
+        DataError: not loadable (the message says why).
+    """
+    import datasets  # before the offline switch: datasets copies the hub's offline flag when first imported
+
+    from cahp.models import offline_when_hub_unreachable
+
+    with offline_when_hub_unreachable() as offline:
+        try:
+            return datasets.load_dataset(path, config)
+        except Exception as error:  # offline, unknown id, ... all mean "not found here"
+            reason = f"{type(error).__name__}: {error}"
+            raise DataError(f"{reason}{f'; the hub cannot be used: {offline}' if offline else ''}") from None
 
 
 def _load_hub(
     path: str, config: str | None, split_names: dict[str, str], text_columns: Sequence[str], label_column: str
 ) -> dict[str, TextSplit]:
     try:
-        import datasets
-
-        dataset = datasets.load_dataset(path, config)
-    except Exception as error:  # offline, unknown id, ... all mean "not found here"
-        raise DataError(f"hub dataset {path!r}{f' ({config})' if config else ''}: {error}") from error
-    return {
-        split: _rows_to_split(dataset[hub_split].to_list(), split, text_columns, label_column, None, f"hub {path}")
-        for split, hub_split in split_names.items()
-        if hub_split in dataset
-    }
+        dataset = _hub_dataset(path, config)
+    except DataError as error:
+        raise DataError(f"hub dataset {path!r}{f' ({config})' if config else ''}: {error}") from None
+    splits = {}
+    for split, hub_split in split_names.items():
+        if hub_split in dataset:
+            rows = dataset[hub_split].to_list()
+            raw = RawRows(rows, f"hub {path}", [None] * len(rows))
+            splits[split] = _rows_to_split(raw, split, text_columns, label_column, None)
+    return splits
 
 
 # ---------------------------------------------------------------------------------------------------- API
@@ -358,6 +583,7 @@ def _load_custom(
     text_columns: Sequence[str] | None,
     label_column: str,
     num_labels: int | None,
+    label2id: Mapping[str, int] | None,
 ) -> TaskData:
     folder = Path(task).expanduser()
     if folder.is_dir():
@@ -375,48 +601,74 @@ def _load_custom(
     else:
         path, _, config = task.partition(":")
         try:
-            import datasets
-
-            dataset = datasets.load_dataset(path, config or None)
-        except Exception as error:
+            dataset = _hub_dataset(path, config or None)
+        except DataError as error:
             raise DataError(
                 f"task {task!r} is not a built-in task ({', '.join(TASKS)}), not a local folder, and not "
-                f"loadable from the hub ({type(error).__name__}: {error})"
+                f"loadable from the hub ({error})"
             ) from None
-        raw = {split: dataset[split].to_list() for split in dataset}
+        raw = {}
+        for split in dataset:
+            rows = dataset[split].to_list()
+            raw[split] = RawRows(rows, f"hub {task} ({split})", [None] * len(rows))
         source = f"hub {task}"
-    first_rows = next((rows for rows in raw.values() if rows), [])
-    if not first_rows:
+    first = next((rows for rows in raw.values() if rows.rows), None)
+    if first is None:
         raise DataError(f"every split of {source} is empty")
     if text_columns is None:
-        candidates = [c for c in ("text", "sentence", "content") if c in first_rows[0]]
+        candidates = [c for c in ("text", "sentence", "content") if c in first.rows[0]]
         if not candidates:
             raise DataError(
-                f"no text column found in {source} (columns: {', '.join(first_rows[0])}); set --text-columns"
+                f"no text column found in {source} (columns: {', '.join(map(str, first.rows[0]))}); set --text-columns"
             )
         text_columns = candidates[:1]
     text_columns = tuple(text_columns)
-    label_to_id = None
-    train_rows = raw.get("train") or first_rows
-    if label_column in train_rows[0] and not all(
-        isinstance(row[label_column], int) or str(row[label_column]).lstrip("-").isdigit() for row in train_rows
-    ):
-        names = sorted({str(row[label_column]) for row in train_rows})
-        label_to_id = {name: i for i, name in enumerate(names)}
-        raw = {split: [{**row, label_column: str(row[label_column])} for row in rows] for split, rows in raw.items()}
+    for split, rows in raw.items():
+        _check_columns(rows, split, text_columns, label_column)
+    train = raw.get("train") or first
+    label_to_id: Mapping[str, int] | None = None
+    label_mapping = "ids"
+    if not all(_is_int_label(row[label_column]) for row in train.rows):
+        if label2id:
+            label_to_id, label_mapping = {str(k): int(v) for k, v in label2id.items()}, "label2id"
+            if sorted(label_to_id.values()) != list(range(len(label_to_id))):
+                raise DataError(f"label2id {dict(label2id)} does not number its labels 0..{len(label2id) - 1}")
+        else:
+            names = sorted({str(row[label_column]) for row in train.rows})
+            label_to_id, label_mapping = {name: i for i, name in enumerate(names)}, "alphabetical"
+    known_as = (
+        "the model's labels (its config.label2id; fine-tune a base model to train on other labels)"
+        if label_mapping == "label2id"
+        else "the task's labels (those of its train split)"
+    )
     splits = {
-        split: _rows_to_split(rows, split, text_columns, label_column, label_to_id, source)
+        split: _rows_to_split(rows, split, text_columns, label_column, label_to_id, known_as)
         for split, rows in raw.items()
     }
+    inferred = False
     if label_to_id is not None:
-        label_names = list(label_to_id)
+        label_names = sorted(label_to_id, key=label_to_id.__getitem__)
     else:
+        inferred = num_labels is None
         count = num_labels or int(max(s.labels.max() for s in splits.values() if len(s))) + 1
         label_names = [str(i) for i in range(count)]
     for split in splits.values():
         _check_labels(split, len(label_names), source)
     name = folder.name if folder.is_dir() else task
-    return TaskData(name, len(label_names), label_names, text_columns, splits, source)
+    notes = []
+    if label_mapping == "alphabetical":
+        notes.append(f"string labels numbered alphabetically: {_numbering(label_names)}")
+    return TaskData(
+        name,
+        len(label_names),
+        label_names,
+        text_columns,
+        splits,
+        source,
+        notes=notes,
+        label_mapping=label_mapping,
+        num_labels_inferred=inferred,
+    )
 
 
 def load_task(
@@ -427,6 +679,7 @@ def load_task(
     text_columns: Sequence[str] | None = None,
     label_column: str = "label",
     num_labels: int | None = None,
+    label2id: Mapping[str, int] | None = None,
 ) -> TaskData:
     """Load a task's labelled splits.
 
@@ -438,11 +691,13 @@ def load_task(
         text_columns: one or two text columns (custom tasks).
         label_column: the label column (custom tasks).
         num_labels: label count for integer labels (custom tasks; default: largest label + 1).
+        label2id: how to number string labels (custom tasks), e.g. a fine-tuned model's ``config.label2id``
+            (see :func:`cahp.models.named_labels`); default: alphabetically. Ignored for integer labels.
 
     Raises:
-        DataError: not found (the message lists where it looked), missing column, labels out of range,
-            empty split.
+        DataError: not found (the message lists where it looked), unreadable file (naming file and line),
+            missing column (naming file and row), a label not in ``label2id``, labels out of range, empty split.
     """
     if task.lower() in TASKS:
         return _load_builtin(TASKS[task.lower()], data_dir, protocol)
-    return _load_custom(task, text_columns, label_column, num_labels)
+    return _load_custom(task, text_columns, label_column, num_labels, label2id)

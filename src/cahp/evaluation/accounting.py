@@ -4,9 +4,11 @@ FLOPs are forward FLOPs for ONE sequence of ``seq_len`` tokens, with every matri
 ``[m, k] @ [k, n]`` counted as ``2*m*n*k``. Counted:
 
 * attention, per layer: the q/k/v projections and the output projection (``2 * seq_len * in * out`` each,
-  from the current weight shapes), the scores ``Q K^T`` and the context ``P V``
-  (``2 * heads * seq_len^2 * head_dim`` each, kept heads only; causal models are counted with the full
-  ``seq_len x seq_len`` matrix because the implementations compute it);
+  from the current weight shapes; the adapter's :meth:`~cahp.adapters.ArchitectureAdapter.attention_projections`
+  lists a fused q/k/v projection once), the scores ``Q K^T`` and the context ``P V``
+  (``2 * heads * seq_len^2 * head_dim`` each, with the layer's current heads and head size from
+  :func:`cahp.surgery.layer_geometries`; causal models are counted with the full ``seq_len x seq_len``
+  matrix because the implementations compute it);
 * every other ``nn.Linear`` / ``Conv1D`` inside the transformer layers (feed-forward, gates) for every token;
 * ``nn.Linear`` / ``Conv1D`` outside the layers (pooler, classifier) ONCE, as a sequence-classification
   head reads one pooled vector; ``nn.Conv2d`` patch embeddings once per token (one kernel application each).
@@ -21,8 +23,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from cahp.adapters import ArchitectureAdapter, get_adapter
-from cahp.surgery.removal import kept_heads_by_layer
+from cahp.adapters import get_adapter
+from cahp.surgery.removal import layer_geometries
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -33,13 +35,11 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 def attention_flops(model: PreTrainedModel, seq_len: int) -> int:
     """Forward FLOPs of all attention blocks for one sequence of ``seq_len`` tokens (see module docs)."""
     adapter = get_adapter(model)
-    head_dim = adapter.head_size(model)
-    kept = kept_heads_by_layer(model)
     total = 0
-    for layer_index, layer in enumerate(adapter.layer_modules(model)):
-        for projection in _attention_projections(adapter, layer):
+    for layer, geometry in zip(adapter.layer_modules(model), layer_geometries(model), strict=True):
+        for projection in adapter.attention_projections(layer):
             total += 2 * seq_len * projection.weight.numel()
-        total += 2 * 2 * len(kept[layer_index]) * seq_len * seq_len * head_dim
+        total += 2 * 2 * geometry.query_heads * seq_len * seq_len * geometry.head_dim
     return total
 
 
@@ -49,7 +49,7 @@ def total_flops(model: PreTrainedModel, seq_len: int) -> int:
     attention_ids: set[int] = set()
     layer_ids: set[int] = set()
     for layer in adapter.layer_modules(model):
-        attention_ids |= {id(p) for p in _attention_projections(adapter, layer)}
+        attention_ids |= {id(p) for p in adapter.attention_projections(layer)}
         layer_ids |= {id(m) for m in layer.modules()}
     total = attention_flops(model, seq_len)
     for module in model.modules():
@@ -61,10 +61,3 @@ def total_flops(model: PreTrainedModel, seq_len: int) -> int:
         elif isinstance(module, nn.Conv2d):
             total += 2 * seq_len * module.weight.numel()
     return total
-
-
-def _attention_projections(adapter: ArchitectureAdapter, layer: nn.Module) -> list[nn.Module]:
-    """The distinct q/k/v/o projection modules of one layer (GPT-2's fused ``c_attn`` once)."""
-    paths = [adapter.query, adapter.key, adapter.value, adapter.output]
-    modules = {id(m): m for m in (layer.get_submodule(path) for path in paths)}
-    return list(modules.values())

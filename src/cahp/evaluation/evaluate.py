@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from cahp.data import encode_split
+from cahp.errors import ConfigError
 from cahp.evaluation.metrics import evaluate_split
-from cahp.models import load_classifier, resolve_model
+from cahp.models import check_max_length, load_classifier, load_model_config
 from cahp.train.finetune import TaskOptions
 
 #: What MNLI's canonical splits are called in results, by protocol.
@@ -31,9 +32,16 @@ def evaluate(
 
     ``splits`` may hold ``"all"`` (every labelled split except train). For MNLI both matched and
     mismatched are always reported (``validation`` and ``test``), with the protocol named.
+
+    String labels are numbered by the model's ``label2id`` (see :meth:`cahp.data.TaskData.aligned_to`).
+
+    Raises:
+        ConfigError: ``batch_size`` < 1 or ``max_length`` above the model's limit.
     """
-    resolve_model(model)  # a bad model path fails before any data is read
-    data = task.load()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    check_max_length(task.max_length, load_model_config(model))  # a bad model fails before any data is read
+    data = task.load(model=model)
     names = list(splits)
     if "all" in names:
         names = [s for s in data.splits if s != "train"]
@@ -41,6 +49,7 @@ def evaluate(
         names = list(dict.fromkeys([*names, "validation", "test"]))
     chosen = {name: data.split(name) for name in names}
     classifier, tokenizer = load_classifier(str(model), data.num_labels, data.label_names)
+    check_max_length(task.max_length, classifier, tokenizer)
     if torch.cuda.is_available():
         classifier.cuda()
     results = {}

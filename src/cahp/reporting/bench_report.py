@@ -1,7 +1,13 @@
 """The benchmark's summary table and plots, rebuilt from the files of a ``cahp bench`` folder.
 
-Reads ``bench_config.json``, ``dense.json``, ``cells/*.json`` and ``scores/*.json``; never recomputes a
-result. Writes ``summary.md``, ``summary.json`` and ``plots/{accuracy_vs_heads,layer_retention,kept_depth}.png``.
+Reads ``bench_config.json``, ``dense.json`` and ``cells/*.json`` (and ``scores/*.json`` in folders written by
+earlier versions); never recomputes a result. Writes ``summary.md``, ``summary.json`` and
+``plots/{accuracy_vs_heads,layer_retention,kept_depth}.png``.
+
+Nothing here depends on which methods a grid compares: the config names the ``focus`` method (the one the
+summary compares with the best other method, drawn highlighted) and the ``control`` (``random`` by default,
+drawn dashed black, the reference of the gain table); what a method is (deterministic, budget-aware, finds its
+own head count) comes from the method registry (:func:`cahp.methods.base.method_info`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cahp.errors import CahpError
+from cahp.methods.base import MethodInfo, method_info
 from cahp.models import cahp_home
 from cahp.outputs import write_json
-from cahp.scoring import scorer_class
 
 STAGES = {"after_pruning": "after pruning (no recovery)", "after_recovery": "after recovery"}
+DEFAULT_CONTROL = "random"
+
+# Records of earlier versions (configs without "focus" / "method_settings", folders with ``scores/``) name the
+# method they were built around; these two names only read such records.
+LEGACY_FOCUS = "cahp"
+LEGACY_SHARED_FIT = "cahp_shared.json"  # CAHP's signatures and salience, computed once for every seed
 
 
 def budget_label(budget: float | str) -> str:
@@ -31,42 +44,99 @@ def budget_label(budget: float | str) -> str:
     return "knee" if budget == "knee" else f"{float(budget):g}"
 
 
-def planned_cells(
-    methods: list[str], seeds: list[int], deterministic_seeds: int, budgets: list[float | str]
-) -> list[tuple[str, int, float | str]]:
+def focus_method(config: dict[str, Any]) -> str | None:
+    """The method the summary compares with the others: ``config["focus"]``; in records without that key,
+    ``cahp`` when it is one of the methods, else the first method (``None`` without methods)."""
+    if config.get("focus"):
+        return str(config["focus"])
+    methods = list(config.get("methods", []))
+    if LEGACY_FOCUS in methods:
+        return LEGACY_FOCUS
+    return methods[0] if methods else None
+
+
+def control_method(config: dict[str, Any]) -> str:
+    """The control of the gain table and the dashed line of the plots: ``config["control"]`` or ``random``."""
+    return str(config.get("control") or DEFAULT_CONTROL)
+
+
+def method_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{method: settings}`` of a config: its ``method_settings``, or in records of earlier versions its
+    ``scorer_settings`` plus the ``cahp`` key (the settings of the ``cahp`` method)."""
+    if "method_settings" in config:
+        return {method: dict(settings) for method, settings in config["method_settings"].items()}
+    settings = {method: dict(values) for method, values in config.get("scorer_settings", {}).items()}
+    if config.get(LEGACY_FOCUS):
+        settings[LEGACY_FOCUS] = dict(config[LEGACY_FOCUS])
+    return settings
+
+
+def planned_cells(config: dict[str, Any]) -> list[tuple[str, int, float | str]]:
     """The ``(method, seed, budget)`` cells of a grid, in the order the runner computes them.
 
-    Seed-major, so that an interrupted grid holds a complete comparison for its first seeds; CAHP first in
-    each seed, because its k* is the ``knee`` budget; a method without randomness of its own runs only the
-    first ``deterministic_seeds`` seeds.
+    Seed-major, so that an interrupted grid holds a complete comparison for its first seeds. Within a seed
+    the methods that find their own head count come first (the first of them sets the ``knee`` budget of the
+    others), then the rest in the config's order. :func:`method_seeds` says which seeds a method runs.
+
+    Raises:
+        CahpError: a method the registry does not know (the message lists the known ones).
     """
-    ordered = sorted(methods, key=lambda method: method != "cahp")
-    own_seeds = {method: method_seeds(method, seeds, deterministic_seeds) for method in ordered}
+    return _planned(config, method_info)
+
+
+def method_seeds(method: str, config: dict[str, Any]) -> list[int]:
+    """The seeds ``method`` runs in the grid of ``config``.
+
+    With ``resample_calibration`` (each seed draws its own calibration sample) every method runs every seed.
+    Without it (and in records of earlier versions, which lack the key) a method the registry marks
+    ``deterministic`` runs only the first ``deterministic_seeds`` seeds (at least one): its other seeds would
+    repeat the same result.
+
+    Raises:
+        CahpError: a method the registry does not know.
+    """
+    return _seeds(method_info(method), config)
+
+
+def _seeds(info: MethodInfo, config: dict[str, Any]) -> list[int]:
+    seeds = list(config.get("seeds", []))
+    if config.get("resample_calibration", False) or not info.deterministic:
+        return seeds
+    return seeds[: max(1, int(config.get("deterministic_seeds", 1)))]
+
+
+def _planned(config: dict[str, Any], info_of: Callable[[str], MethodInfo]) -> list[tuple[str, int, float | str]]:
+    methods = list(config.get("methods", []))
+    infos = {method: info_of(method) for method in methods}
+    ordered = sorted(methods, key=lambda method: not infos[method].finds_own_budget)
+    own_seeds = {method: _seeds(infos[method], config) for method in ordered}
     return [
         (method, seed, budget)
-        for seed in seeds
+        for seed in config.get("seeds", [])
         for method in ordered
         if seed in own_seeds[method]
-        for budget in budgets
+        for budget in config.get("budgets", [])
     ]
 
 
-def method_seeds(method: str, seeds: list[int], deterministic_seeds: int) -> list[int]:
-    """The seeds a method runs: all of them, or the first ``deterministic_seeds`` without randomness of its own."""
-    if method != "cahp" and scorer_class(method).deterministic:
-        return seeds[: max(1, deterministic_seeds)]
-    return list(seeds)
+def _known_info(method: str) -> MethodInfo:
+    """The registry's entry, or for a method no longer registered (a plugin not installed here) one that
+    runs every seed, needs no budget and does not find its own: a report must still render its cells."""
+    try:
+        return method_info(method)
+    except CahpError:
+        return MethodInfo(method, "not registered here", "unknown", False, False, False, ())
+
+
+def knee_method(config: dict[str, Any]) -> str | None:
+    """The method whose own head count is the ``knee`` budget of the others: the first that finds its own."""
+    return next((m for m in config.get("methods", []) if _known_info(m).finds_own_budget), None)
 
 
 def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple[int, list[str]]:
     """How many cells the config plans, and summary lines naming those not in the folder yet (none when complete)."""
-    budgets, seeds = config.get("budgets", []), config.get("seeds", [])
-    planned = [
-        (method, seed, budget_label(budget))
-        for method, seed, budget in planned_cells(
-            config.get("methods", []), seeds, config.get("deterministic_seeds", 1), budgets
-        )
-    ]
+    budgets, seeds = config.get("budgets", []), list(config.get("seeds", []))
+    planned = [(method, seed, budget_label(budget)) for method, seed, budget in _planned(config, _known_info)]
     done = {(cell["method"], cell["seed"], budget_label(cell["budget"])) for cell in cells}
     missing = [cell for cell in planned if cell not in done]
     if not missing:
@@ -79,11 +149,38 @@ def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple
     for method, absent in by_method.items():
         named = [f"seed {seed}" + ("" if at == every_budget else f" at {', '.join(at)}") for seed, at in absent.items()]
         parts.append(f"{method} ({'; '.join(named)})")
-    return len(planned), [
+    lines = [
         f"**Partial grid: {len(planned) - len(missing)} of the {len(planned)} cells this config plans.** "
-        f"Not run yet: {', '.join(parts)}. Rerunning `cahp bench` with this config resumes them.",
-        "",
+        f"Not run yet: {', '.join(parts)}. Rerunning `cahp bench` with this config resumes them."
     ]
+    # Under the fixed-calibration rule, a method that has cells of the first seeds only while other methods
+    # reached later seeds was planned for the first seeds only: the registry then called it deterministic.
+    first = seeds[: max(1, int(config.get("deterministic_seeds", 1)))]
+    seeds_done: dict[str, set[int]] = defaultdict(set)
+    for cell in cells:
+        seeds_done[cell["method"]].add(cell["seed"])
+    went_on = any(seeds_of - set(first) for seeds_of in seeds_done.values())
+    skipped = [
+        method
+        for method in by_method
+        if went_on
+        and not config.get("resample_calibration", False)
+        and not _known_info(method).deterministic
+        and seeds_done.get(method)
+        and seeds_done[method] <= set(first)
+    ]
+    if skipped:
+        which = f"seed {first[0]}" if len(first) == 1 else f"seeds {', '.join(map(str, first))}"
+        lines.append(
+            f"{_listed(skipped)} ran only {which} while the grid went on to later seeds: they were taken then for "
+            "methods without randomness of their own. The method registry now says their result depends on the "
+            f"seed, so their later seeds are planned too, and their rows come from {which} until those run."
+        )
+    return len(planned), [" ".join(lines), ""]
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _shown(path: str) -> str:
@@ -160,28 +257,62 @@ def aggregate(cells: list[dict[str, Any]], split: str) -> dict[str, dict[str, di
     return dict(table)
 
 
+def fit_seconds(cells: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """``{method: [seconds of each fit]}``: the fits the cells used, each counted once.
+
+    A cell records its method's fit seconds in ``seconds.scoring``, also when it reused a fit (``fit_cached``):
+    one fit serves every budget of a (method, seed), or of a (method, seed, head count) for a budget-aware
+    method (``budget_aware`` in the cell, else in the registry). Each such group counts the cells that fitted
+    (``fit_cached`` false), or one cell when all reused a fit made earlier (cells of earlier versions carry no
+    ``fit_cached``: they count as reusing).
+    """
+    groups: dict[tuple[str, int, int | None], list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        aware = cell.get("budget_aware", _known_info(cell["method"]).budget_aware)
+        groups[(cell["method"], cell["seed"], cell.get("keep") if aware else None)].append(cell)
+    fits: dict[str, list[float]] = defaultdict(list)
+    for (method, _, _), members in groups.items():
+        fitted = [cell for cell in members if cell.get("fit_cached") is False]
+        fits[method] += [float(cell["seconds"].get("scoring", 0.0)) for cell in fitted or members[:1]]
+    return dict(fits)
+
+
+def _legacy_scoring(out: Path, cells: list[dict[str, Any]]) -> dict[str, list[float]] | None:
+    """Folders of earlier versions keep each fit's seconds in ``scores/<method>__seed<s>[...].json``; ``None``
+    when the folder has none or its cells come from this version (they record ``fit_cached``)."""
+    paths = list((out / "scores").glob("*__seed*.json"))  # unsorted, as then: sums stay identical to the last bit
+    if not paths or any("fit_cached" in cell for cell in cells):
+        return None
+    fits: dict[str, list[float]] = defaultdict(list)
+    for path in paths:
+        fits[path.name.split("__", 1)[0]].append(float(json.loads(path.read_text())["seconds"]))
+    return dict(fits)
+
+
 def _timings(out: Path, cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    per_method: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """``{method: {scoring_runs, scoring_seconds_mean, cell_seconds_mean, total_seconds}}``: fits counted once
+    (:func:`fit_seconds`), a cell's own time = prune and evaluate (+ recover and evaluate)."""
+    cell_seconds: dict[str, list[float]] = defaultdict(list)
     for cell in cells:
         seconds = cell["seconds"]
-        # selection time is left out: it is scoring (counted from scores/) or reading its cache
-        per_method[cell["method"]]["cell"].append(seconds["prune_and_evaluate"] + seconds["recovery_and_evaluate"])
-    for path in (Path(out) / "scores").glob("*__seed*.json"):
-        record = json.loads(path.read_text())
-        per_method[path.name.split("__", 1)[0]]["scoring"].append(record["seconds"])
-    shared = Path(out) / "scores" / "cahp_shared.json"
+        # selection time is left out: it is the fit (counted once per fit) or reading its cache
+        cell_seconds[cell["method"]].append(seconds["prune_and_evaluate"] + seconds["recovery_and_evaluate"])
+    legacy = _legacy_scoring(out, cells)
+    scoring = legacy if legacy is not None else fit_seconds(cells)
     result: dict[str, dict[str, float]] = {}
-    for method, values in per_method.items():
+    for method in [*cell_seconds, *(m for m in scoring if m not in cell_seconds)]:
+        fits, own = scoring.get(method, []), cell_seconds.get(method, [])
         result[method] = {
-            "scoring_runs": len(values["scoring"]),
-            "scoring_seconds_mean": float(np.mean(values["scoring"])) if values["scoring"] else 0.0,
-            "cell_seconds_mean": float(np.mean(values["cell"])) if values["cell"] else 0.0,
-            "total_seconds": float(np.sum(values["scoring"]) + np.sum(values["cell"])),
+            "scoring_runs": len(fits),
+            "scoring_seconds_mean": float(np.mean(fits)) if fits else 0.0,
+            "cell_seconds_mean": float(np.mean(own)) if own else 0.0,
+            "total_seconds": float(np.sum(fits) + np.sum(own)),
         }
-    if "cahp" in result and shared.is_file():
+    shared = out / "scores" / LEGACY_SHARED_FIT
+    if legacy is not None and LEGACY_FOCUS in result and shared.is_file():
         prep = float(json.loads(shared.read_text())["seconds"])
-        result["cahp"]["shared_signatures_salience_seconds"] = prep
-        result["cahp"]["total_seconds"] += prep
+        result[LEGACY_FOCUS]["shared_signatures_salience_seconds"] = prep
+        result[LEGACY_FOCUS]["total_seconds"] += prep
     return result
 
 
@@ -206,6 +337,8 @@ def write_bench_report(out: str | Path) -> Path:
     budget_order = [budget_label(b) for b in config.get("budgets", [])]
     budgets = [b for b in budget_order if any(b in table[m] for m in methods)]
     timings = _timings(out, cells)
+    focus, control = focus_method(config), control_method(config)
+    resampled = bool(config.get("resample_calibration", False))
     dense_accuracy = dense["accuracy"].get(split, {}).get("accuracy", float("nan"))
 
     recovery = config.get("recovery", {})
@@ -220,18 +353,30 @@ def write_bench_report(out: str | Path) -> Path:
     )
     task = dense.get("task", {})
     protocol = f" ({task['protocol']} {task['task']} protocol)" if task.get("task") == "mnli" else ""
+    calibration_seed = config.get("calibration_seed", 0)
+    drawn = (
+        f"drawn anew for each seed s (sampling seed {calibration_seed} + s), the same for every method"
+        if resampled
+        else f"(seed {calibration_seed}) for every method"
+    )
+    knee = knee_method(config)
+    knee_text = f" (`knee` = {knee}'s k*, the head count it finds itself)" if knee and "knee" in budget_order else ""
+    seeds_text = (
+        "every method runs every seed, each seed on its own calibration sample. Same recovery recipe"
+        if resampled
+        else "methods without randomness of their own run one seed). Same calibration set, same recovery recipe"
+    )
     lines = [
         f"# Head-pruning benchmark: {Path(config['model']).name} on {config['task']['task']}",
         "",
         f"Model `{_shown(config['model'])}`. Calibration: {config.get('calibration_size') or 'all'} examples "
-        f"of the `{task.get('calibration_split', 'train')}` split (seed {config.get('calibration_seed', 0)}) for "
-        f"every method{protocol}. Recovery: {recovery_text}.",
+        f"of the `{task.get('calibration_split', 'train')}` split {drawn}{protocol}. Recovery: {recovery_text}.",
         "",
         f"Accuracy on `{split}`; dense model {dense_accuracy:.4f} with {dense['heads_total']} heads. "
-        "Budgets are fractions of heads kept (`knee` = CAHP's k*); the one-head-per-layer guardrail may keep "
+        f"Budgets are fractions of heads kept{knee_text}; the one-head-per-layer guardrail may keep "
         "a few more (see the heads-kept table). Cells show mean ± sample std over seeds; a value without ± "
-        "comes from one seed (methods without randomness of their own run one seed). Same calibration set, "
-        "same recovery recipe and recovery seed for every method. `random` is the control.",
+        f"comes from one seed ({seeds_text} and recovery seed for every method."
+        f" `{control}` is the control.",
         "",
     ]
     planned, missing = _missing_cells(config, cells)
@@ -249,10 +394,10 @@ def write_bench_report(out: str | Path) -> Path:
         return lambda method, budget: render(table[method][budget]) if budget in table[method] else "–"
 
     def gain(method: str, budget: str) -> str:
-        row, control = table[method].get(budget), table.get("random", {}).get(budget)
-        if row is None or control is None:
+        row, reference = table[method].get(budget), table.get(control, {}).get(budget)
+        if row is None or reference is None:
             return "–"
-        return " / ".join(f"{row[s]['mean'] - control[s]['mean']:+.4f}" for s in stages)
+        return " / ".join(f"{row[s]['mean'] - reference[s]['mean']:+.4f}" for s in stages)
 
     for stage, title in stages.items():
         lines += _markdown_table(f"Accuracy {title}", methods, budgets, show(lambda r, s=stage: _fmt(r[s])))
@@ -268,11 +413,11 @@ def write_bench_report(out: str | Path) -> Path:
         "model never predicts counts as 0 in the mean.",
         "",
     ]
-    if "random" in table:
-        title = f"Gain over the random control (mean accuracy, {stage_names})"
-        lines += _markdown_table(title, [m for m in methods if m != "random"], budgets, gain)
-    if "cahp" in table and len(methods) > 1:
-        lines += _cahp_vs_best(table, methods, budgets, stages)
+    if control in table:
+        title = f"Gain over the {control} control (mean accuracy, {stage_names})"
+        lines += _markdown_table(title, [m for m in methods if m != control], budgets, gain)
+    if focus in table and len(methods) > 1:
+        lines += _focus_vs_best(table, focus, methods, budgets, stages)
     lines += _markdown_table("Heads kept (mean)", methods, budgets, show(lambda r: f"{r['kept']['mean']:.1f}"))
     lines += _markdown_table(
         "Mean relative depth of the kept heads (0 = first layer, 1 = last)",
@@ -296,13 +441,14 @@ def write_bench_report(out: str | Path) -> Path:
             f"| {method} | {t.get('scoring_runs', 0)} | {t.get('scoring_seconds_mean', 0):.1f} | "
             f"{t.get('cell_seconds_mean', 0):.1f} | {t.get('total_seconds', 0):.1f} |"
         )
-    if "shared_signatures_salience_seconds" in timings.get("cahp", {}):
-        lines += [
-            "",
-            f"CAHP's signatures and salience ({timings['cahp']['shared_signatures_salience_seconds']:.1f} s) are "
-            "computed once for all seeds and counted in its total. A cell = prune, evaluate"
-            f"{'' if retraining_free else ', recover, evaluate'}.",
-        ]
+    cell_text = f"A cell = prune, evaluate{'' if retraining_free else ', recover, evaluate'}."
+    if "shared_signatures_salience_seconds" in timings.get(LEGACY_FOCUS, {}):  # scores/ of an earlier version
+        shared = timings[LEGACY_FOCUS]["shared_signatures_salience_seconds"]
+        cell_text = (
+            f"CAHP's signatures and salience ({shared:.1f} s) are computed once for all seeds and counted in its "
+            f"total. {cell_text}"
+        )
+    lines += ["", cell_text]
     lines += ["", "Plots: `plots/accuracy_vs_heads.png`, `plots/layer_retention.png`, `plots/kept_depth.png`.", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
@@ -320,30 +466,33 @@ def write_bench_report(out: str | Path) -> Path:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     if cells:
-        plot_accuracy_vs_heads(table, methods, dense_accuracy, split, plots / "accuracy_vs_heads.png", stages)
+        roles = {"focus": focus, "control": control}
+        plot_accuracy_vs_heads(table, methods, dense_accuracy, split, plots / "accuracy_vs_heads.png", stages, **roles)
         plot_layer_retention(table, methods, plots / "layer_retention.png")
-        plot_kept_depth(table, methods, plots / "kept_depth.png")
+        plot_kept_depth(table, methods, plots / "kept_depth.png", **roles)
     return summary
 
 
-def _cahp_vs_best(table: dict[str, Any], methods: list[str], budgets: list[str], stages: dict[str, str]) -> list[str]:
-    """Per budget and stage: CAHP's mean accuracy against the best other method's (by mean)."""
+def _focus_vs_best(
+    table: dict[str, Any], focus: str, methods: list[str], budgets: list[str], stages: dict[str, str]
+) -> list[str]:
+    """Per budget and stage: the focus method's mean accuracy against the best other method's (by mean)."""
     lines = [
-        "## CAHP vs the best other method (mean accuracy)",
+        f"## {focus} vs the best other method (mean accuracy)",
         "",
-        "| budget | stage | cahp | best other | difference | rank of cahp |",
+        f"| budget | stage | {focus} | best other | difference | rank of {focus} |",
         "|---|---|---|---|---|---|",
     ]
     for budget in budgets:
         for stage in stages:
             means = {m: table[m][budget][stage]["mean"] for m in methods if budget in table[m]}
-            if "cahp" not in means or len(means) < 2:
+            if focus not in means or len(means) < 2:
                 continue
-            best = max((m for m in means if m != "cahp"), key=lambda m: means[m])
-            rank = 1 + sum(value > means["cahp"] for m, value in means.items() if m != "cahp")
+            best = max((m for m in means if m != focus), key=lambda m: means[m])
+            rank = 1 + sum(value > means[focus] for m, value in means.items() if m != focus)
             lines.append(
-                f"| {budget} | {stage.replace('_', ' ')} | {means['cahp']:.4f} | {best} {means[best]:.4f} | "
-                f"{means['cahp'] - means[best]:+.4f} | {rank} of {len(means)} |"
+                f"| {budget} | {stage.replace('_', ' ')} | {means[focus]:.4f} | {best} {means[best]:.4f} | "
+                f"{means[focus] - means[best]:+.4f} | {rank} of {len(means)} |"
             )
     return [*lines, ""]
 
@@ -362,10 +511,11 @@ def _curve(table: dict[str, Any], method: str, key: str) -> tuple[np.ndarray, np
     return x, mean, std
 
 
-def _style(method: str, index: int) -> dict[str, Any]:
-    if method == "random":
+def _style(method: str, index: int, focus: str | None, control: str | None) -> dict[str, Any]:
+    """The control dashed black, the focus method thick red, the others from a palette without red and grey."""
+    if method == control:
         return {"color": "black", "ls": "--", "marker": "x"}
-    if method == "cahp":
+    if method == focus:
         return {"color": "#c44e52", "ls": "-", "marker": "o", "lw": 2.2}
     palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]  # no red, no grey
     return {"color": palette[index % len(palette)], "ls": "-", "marker": "."}
@@ -378,17 +528,20 @@ def plot_accuracy_vs_heads(
     split: str,
     path: Path,
     stages: dict[str, str] = STAGES,
+    *,
+    focus: str | None = None,
+    control: str | None = DEFAULT_CONTROL,
 ) -> Path:
     """Accuracy against the share of heads kept, per method (mean line, ±std band), one panel per stage.
 
-    A retraining-free grid passes only ``after_pruning``: a second panel would repeat the first under a title
-    that claims a recovery.
+    ``focus`` is drawn highlighted and ``control`` dashed black. A retraining-free grid passes only
+    ``after_pruning``: a second panel would repeat the first under a title that claims a recovery.
     """
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.6), sharey=True, squeeze=False)
     for ax, (stage, title) in zip(axes[0], stages.items(), strict=True):
         for index, method in enumerate(methods):
             x, mean, std = _curve(table, method, stage)
-            style = _style(method, index)
+            style = _style(method, index, focus, control)
             ax.plot(x, mean, label=method, **style)
             ax.fill_between(x, mean - std, mean + std, color=style["color"], alpha=0.15, lw=0)
         ax.axhline(dense_accuracy, color="grey", ls=":", label="dense")
@@ -428,12 +581,19 @@ def plot_layer_retention(table: dict[str, Any], methods: list[str], path: Path) 
     return path
 
 
-def plot_kept_depth(table: dict[str, Any], methods: list[str], path: Path) -> Path:
+def plot_kept_depth(
+    table: dict[str, Any],
+    methods: list[str],
+    path: Path,
+    *,
+    focus: str | None = None,
+    control: str | None = DEFAULT_CONTROL,
+) -> Path:
     """Mean relative depth of the kept heads against the share kept (proximity bias: above 0.5 = deep)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for index, method in enumerate(methods):
         x, mean, _ = _curve(table, method, "depth")
-        ax.plot(x, mean, label=method, **_style(method, index))
+        ax.plot(x, mean, label=method, **_style(method, index, focus, control))
     ax.axhline(0.5, color="grey", ls=":", label="uniform over layers")
     ax.set_xlabel("share of heads kept")
     ax.set_ylabel("mean relative depth of kept heads")

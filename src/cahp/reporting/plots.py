@@ -13,8 +13,9 @@ import numpy as np
 
 
 def plot_mss_curve(selection: dict[str, Any], path: Path) -> Path:
-    """MSS(k) with the fitted polynomial, the knee, and the k actually used (nothing for non-CAHP methods)."""
-    knee = selection["knee"]
+    """MSS(k) with the fitted polynomial, the knee, and the k actually used (nothing for a selection without an
+    MSS curve)."""
+    knee = selection.get("knee") or {}
     if not knee.get("ks"):
         return path  # a scorer + budget selection has no MSS curve
     ks, mss, fitted = np.array(knee["ks"]), np.array(knee["mss"]), np.array(knee["fitted"])
@@ -63,7 +64,7 @@ def plot_kept_heads(kept_heads_by_layer: dict[str, list[int]], heads: int, path:
 def plot_head_space(selection: dict[str, Any], heads: int, path: Path) -> Path:
     """The 2-D head space coloured by cluster, kept heads circled and labelled ``layer.head`` (CAHP only: a
     selection without a 2-D embedding draws nothing)."""
-    points = np.array(selection["embedding"])
+    points = np.array(selection.get("embedding", []))
     if points.ndim != 2 or points.shape[1] != 2:
         return path
     clusters = np.array(selection["clusters"])

@@ -1,8 +1,9 @@
 """Head scoring: interchangeable scorers behind one small interface, registered by a decorator.
 
-``get_scorer(name, **settings).score(model, tokenizer, data, num_labels)`` gives ``[layers, heads]`` scores
-(higher = keep). Built-in: ``random`` (control), ``magnitude``, ``entropy``, ``gradient`` (Michel et al.),
-``hies``, ``attattr`` (Hao et al.), ``l0`` (Voita et al.), ``dsp`` (Li et al.), ``fisher`` (Kwon et al.).
+``get_scorer(name, **settings).score(model, calibration)`` gives ``[layers, heads]`` scores (higher = keep);
+``calibration`` is a :class:`cahp.calibration.Calibration` (examples, batching, objective). Built-in:
+``random`` (control), ``magnitude``, ``entropy``, ``gradient`` (Michel et al.), ``hies``, ``attattr``
+(Hao et al.), ``l0`` (Voita et al.), ``dsp`` (Li et al.), ``fisher`` (Kwon et al.).
 Also here: the class-separability profiles used by CAHP.
 
 The scorer interface is imported on first use, so ``import cahp.scoring`` stays light (NumPy only).

@@ -1,8 +1,9 @@
 """Attention attribution of Hao et al. (2021), "Self-Attention Attribution: Interpreting Information
 Interactions Inside Transformer".
 
-For layer ``l`` and an example ``x`` with gold label ``y``, let ``F(A)`` be the probability of ``y`` when layer
-``l``'s attention maps are replaced by ``A`` (the other layers unchanged). The attribution of every map entry
+For layer ``l`` and an example ``x`` with target ``y`` (the gold label for classification), let ``F(A)`` be
+the probability of ``y`` (the calibration objective's ``target_probability``) when layer ``l``'s attention
+maps are replaced by ``A`` (the other layers unchanged). The attribution of every map entry
 is the integrated gradient from the zero map, by an ``m``-step Riemann sum::
 
     Attr_h(A) = A_h * (1/m) * sum_{k=1..m} dF/dX_h at X = (k/m) A
@@ -16,20 +17,27 @@ layer ``l`` (:func:`cahp.surgery.head_mask`, weights untouched). The gradient w.
 actually used (read by a forward hook, see :func:`cahp.scoring.base.captured_attention`) is then
 ``alpha * dF/dX``, which the sum divides by ``alpha``. Cost: ``layers * steps`` forward+backward passes per
 batch, so the defaults use few examples.
+
+Seed: batches are sorted by length (no shuffle), so the seed only draws the subset when the calibration set
+has more than ``max_examples`` examples; with ``max_examples=None`` (or a calibration set no larger) the
+scores do not depend on it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from cahp.data.batching import EncodedSplit, iter_batches
+from cahp.calibration import to_device
 from cahp.evaluation.metrics import model_device
-from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer, take_examples, to_device
+from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer
 from cahp.surgery import head_mask
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 
 @register_scorer("attattr")
@@ -40,10 +48,8 @@ class AttentionAttributionScorer(HeadScorer):
         steps: Riemann steps ``m`` of the integral (paper: 20).
         batch_size: examples per forward/backward.
         max_examples: at most this many examples (seeded subset); default 32 (cost: layers * steps passes per batch).
-        seed: picks the subset.
+        seed: picks the subset (only when the calibration set is larger than ``max_examples``).
     """
-
-    deterministic = True
 
     def __init__(self, *, steps: int = 20, batch_size: int = 16, max_examples: int | None = 32, seed: int = 0) -> None:
         super().__init__(seed=seed)
@@ -51,21 +57,19 @@ class AttentionAttributionScorer(HeadScorer):
         self.batch_size = batch_size
         self.max_examples = max_examples
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
         layers, heads = head_grid(model)
-        device = model_device(model)
-        examples = take_examples(data, self.max_examples, self.seed)
+        examples = calibration.subset(self.max_examples, self.seed)
         total = torch.zeros(layers, heads, dtype=torch.float64)
         embeddings = model.get_input_embeddings()
         # Frozen weights and integer inputs build no graph: let the embedding output require grad instead.
         handle = embeddings.register_forward_hook(lambda module, args, output: output.detach().requires_grad_())
         try:
             with captured_attention(model) as (probabilities, extra):
-                for _, batch in iter_batches(tokenizer, examples, self.batch_size, sort_by_length=True):
-                    labels = batch.pop("labels").to(device)
-                    batch = to_device(batch, device)
+                for cpu_batch in examples.batches(self.batch_size, sort_by_length=True):
+                    batch = to_device(cpu_batch, model_device(model))  # once, not at every step
                     for layer in range(layers):
-                        total[layer] += self._layer_attribution(model, batch, labels, layer, probabilities, extra)
+                        total[layer] += self._layer_attribution(model, examples, batch, layer, probabilities, extra)
         finally:
             handle.remove()
         return (total / max(1, len(examples))).numpy()
@@ -73,24 +77,24 @@ class AttentionAttributionScorer(HeadScorer):
     def _layer_attribution(
         self,
         model: PreTrainedModel,
+        calibration: Calibration,
         batch: dict[str, torch.Tensor],
-        labels: torch.Tensor,
         layer: int,
         probabilities: list[torch.Tensor | None],
         extra: dict[str, Any],
     ) -> torch.Tensor:
         """Sum over the batch of each head's max attribution in ``layer``: ``[heads]``."""
         layers, heads = head_grid(model)
+        device = model_device(model)
         integral: torch.Tensor | None = None
         attention: torch.Tensor | None = None
         for step in range(1, self.steps + 1):
             alpha = step / self.steps
-            gates = torch.ones(layers, heads, device=labels.device)
+            gates = torch.ones(layers, heads, device=device)
             gates[layer] = alpha
             with head_mask(model, gates):
-                logits = model(**batch, **extra).logits
+                target = calibration.target_probability(model, batch, **extra).sum()  # sum over the batch of F
                 attention = probabilities[layer]  # [b, h, q, k], the same at every alpha
-                target = logits.float().softmax(-1).gather(1, labels[:, None]).sum()
                 (gradient,) = torch.autograd.grad(target, attention)  # type: ignore[arg-type]
             gradient = gradient.double() / alpha
             integral = gradient if integral is None else integral + gradient

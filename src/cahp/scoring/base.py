@@ -1,22 +1,29 @@
 """The head-scorer interface, its registry, and the helpers every scorer shares.
 
 A scorer follows scikit-learn's shape: ``__init__`` only stores settings (``seed`` among them), and
-:meth:`HeadScorer.score` does the work, sets ``scores_`` ``[layers, heads]`` (higher = keep, finite, original
-head numbering) and returns it. Scoring never changes a model: weights are only read, and the
-``requires_grad`` flags, the train/eval mode of every module and the attention implementation are restored
-afterwards. :class:`~cahp.scoring.random.RandomScorer` is both the control baseline and the spec of this
-contract.
+:meth:`HeadScorer.score` does the work on ``(model, calibration)``, sets ``scores_`` ``[layers, heads]``
+(higher = keep, finite, original head numbering) and returns it. A scorer never knows what task it runs on:
+it asks the :class:`~cahp.calibration.Calibration` for batches, for the loss of a batch
+(``calibration.loss(model, batch)``) or for a forward without targets (``calibration.forward(model, batch)``).
+
+Scoring never changes a model: weights are only read, and the ``requires_grad`` flags, the train/eval mode of
+every module and the attention implementation are restored afterwards.
+:class:`~cahp.scoring.random.RandomScorer` is both the control baseline and the spec of this contract.
 
 Adding a method is one file::
 
     @register_scorer("mine")
     class MyScorer(HeadScorer):
-        def __init__(self, *, alpha: float = 1.0, seed: int = 0) -> None:
+        def __init__(self, *, max_examples: int | None = 256, seed: int = 0) -> None:
             super().__init__(seed=seed)
-            self.alpha = alpha
+            self.max_examples = max_examples
 
-        def _score(self, model, tokenizer, data, num_labels) -> np.ndarray:
-            ...  # [layers, heads]
+        def _score(self, model, calibration) -> np.ndarray:
+            examples = calibration.subset(self.max_examples, self.seed)
+            for batch in examples.batches(shuffle=True, seed=self.seed):
+                loss = examples.loss(model, batch)
+                ...
+            return scores  # [layers, heads]
 """
 
 from __future__ import annotations
@@ -25,17 +32,19 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
-from cahp.data.batching import EncodedSplit
 from cahp.errors import CahpError
 from cahp.signatures.collector import eager_attention
 from cahp.surgery import is_pruned
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 #: Modules of the built-in scorers, imported on the first registry look-up (keeps ``import cahp.scoring``
 #: light and free of import cycles).
@@ -43,12 +52,12 @@ BUILTIN_MODULES = ("attattr", "dsp", "entropy", "fisher", "gradient", "hies", "l
 
 
 class HeadScorer:
-    """Base class: scores every attention head of an unpruned classifier.
+    """Base class: scores every attention head of an unpruned model.
 
     Class attributes:
         name: the registry name (set by :func:`register_scorer`).
-        deterministic: the method has no randomness of its own (``seed`` at most picks which examples or
-            batches are used), so one seed is enough in a benchmark.
+        deterministic: for a given calibration set the scores do not depend on ``seed`` at all (not through
+            a subset, a batch order or a batch composition either), so one seed is enough in a benchmark.
         budget_aware: the scores depend on the number of heads to keep (setting ``keep``).
 
     Learned state: ``scores_`` ``[layers, heads]`` float64.
@@ -66,14 +75,12 @@ class HeadScorer:
         parameters = inspect.signature(type(self).__init__).parameters
         return {name: getattr(self, name) for name in parameters if name != "self"}
 
-    def score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
-        """Score every head of ``model`` on ``data``.
+    def score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
+        """Score every head of ``model`` on the calibration set.
 
         Args:
-            model: an unpruned classifier with a registered adapter (left exactly as it was given).
-            tokenizer: its tokenizer (pads the batches).
-            data: the calibration examples and their gold labels.
-            num_labels: number of classes.
+            model: an unpruned model with a registered adapter (left exactly as it was given).
+            calibration: the examples, their batching and the objective (the loss).
 
         Returns:
             ``scores_``: ``[layers, heads]`` float64, higher = keep.
@@ -86,7 +93,7 @@ class HeadScorer:
         if is_pruned(model):
             raise CahpError(f"scorer {self.name!r} needs an unpruned model; score the model before pruning it")
         with preserved_model(model):
-            scores = np.asarray(self._score(model, tokenizer, data, num_labels), dtype=np.float64)
+            scores = np.asarray(self._score(model, calibration), dtype=np.float64)
         if scores.shape != expected:
             raise CahpError(f"scorer {self.name!r} returned shape {list(scores.shape)}, expected {list(expected)}")
         if not np.all(np.isfinite(scores)):
@@ -94,7 +101,7 @@ class HeadScorer:
         self.scores_ = scores
         return scores
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
         """The method itself: ``[layers, heads]``. Runs with every parameter frozen and the model in eval mode."""
         raise NotImplementedError
 
@@ -177,27 +184,14 @@ def head_grid(model: PreTrainedModel) -> tuple[int, int]:
     return adapter.num_layers(model), adapter.num_heads(model)
 
 
-def take_examples(data: EncodedSplit, max_examples: int | None, seed: int) -> EncodedSplit:
-    """At most ``max_examples`` examples: a seeded random subset in original order (all when ``None``)."""
-    if max_examples is None or max_examples >= len(data):
-        return data
-    if max_examples <= 0:
-        raise CahpError(f"max_examples must be positive, got {max_examples}")
-    chosen = np.sort(np.random.default_rng(seed).permutation(len(data))[:max_examples])
-    return EncodedSplit([data.features[i] for i in chosen], data.labels[chosen])
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 @contextmanager
 def captured_attention(model: PreTrainedModel) -> Iterator[tuple[list[torch.Tensor | None], dict[str, Any]]]:
     """Record every layer's attention probabilities ``[batch, heads, query, key]`` during forwards.
 
     Yields ``(probabilities, forward_kwargs)``: ``probabilities[layer]`` holds the last forward's map of
     that layer (the very tensor the layer multiplied with its values, so gradients can be taken w.r.t. it);
-    pass ``forward_kwargs`` to the model call (MPNet needs ``output_attentions=True``).
+    pass ``forward_kwargs`` to the forward (``calibration.forward(model, batch, **forward_kwargs)``; MPNet
+    needs ``output_attentions=True``).
     """
     adapter = get_adapter(model)
     probabilities: list[torch.Tensor | None] = [None] * adapter.num_layers(model)

@@ -5,25 +5,29 @@ Every head gets a learned logit ``w_h``. Each step draws Gumbel noise ``g``, and
 of Xie and Ermon (2019) turns ``r = w + g`` into a mask with exactly ``K`` total mass: ``K`` successive
 softmaxes at temperature ``tau``, each after down-weighting what the previous ones picked
 (``r <- r + log(1 - p)``), summed. The mask gates the heads' contexts (:func:`cahp.surgery.head_mask`) of the
-FROZEN model, only the logits are trained (Adam) on the cross-entropy, and ``tau`` is annealed geometrically
-from ``tau_start`` to ``tau_end`` so the mask approaches a hard K-subset. Heads are ranked by their logits
-(global top-K over all heads). ``K`` is the pruning budget (``keep``; default half of the heads).
+FROZEN model, only the logits are trained (Adam) on the calibration objective's loss (the cross-entropy for
+classification), and ``tau`` is annealed geometrically from ``tau_start`` to ``tau_end`` so the mask approaches
+a hard K-subset. Heads are ranked by their logits (global top-K over all heads). ``K`` is the pruning budget
+(``keep``; default half of the heads). The seed draws the Gumbel noise, the batch order and
+(``max_examples``) the subset.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from cahp.data.batching import EncodedSplit
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import model_device
-from cahp.scoring.base import HeadScorer, head_grid, register_scorer, take_examples, to_device
+from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.scoring.l0 import endless_batches
 from cahp.surgery import head_mask
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 
 def soft_top_k(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -75,7 +79,7 @@ class DSPScorer(HeadScorer):
         self.batch_size = batch_size
         self.max_examples = max_examples
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
         layers, heads = head_grid(model)
         n_heads = layers * heads
         keep = (n_heads + 1) // 2 if self.keep is None else int(self.keep)
@@ -85,16 +89,15 @@ class DSPScorer(HeadScorer):
         generator = torch.Generator().manual_seed(self.seed)
         logits = torch.zeros(n_heads, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([logits], lr=self.learning_rate)
-        batches = endless_batches(
-            tokenizer, take_examples(data, self.max_examples, self.seed), self.batch_size, self.seed
-        )
+        examples = calibration.subset(self.max_examples, self.seed)
+        batches = endless_batches(examples, self.batch_size, self.seed)
         decay = (self.tau_end / self.tau_start) ** (1.0 / max(1, self.steps - 1))
         for step in range(self.steps):
             uniform = torch.rand(n_heads, generator=generator).clamp(1e-6, 1 - 1e-6).to(device)
             gumbel = -torch.log(-torch.log(uniform))
             mask = soft_top_k(logits + gumbel, keep, self.tau_start * decay**step)
             with head_mask(model, mask.view(layers, heads)):
-                loss = model(**to_device(next(batches), device)).loss
+                loss = examples.loss(model, next(batches))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -11,35 +11,43 @@ computes little more than a mean of the value vectors, which the residual stream
 largely duplicate, whereas focused heads implement specific token-to-token routing (positional, syntactic,
 rare-token heads: Voita et al. 2019, Clark et al. 2019). The known failure mode is a head that attends
 almost only to ``[CLS]``/``[SEP]`` (low entropy, near no-op); ``focused_is_important=False`` flips the sign.
+
+Seed: batches are sorted by length (no shuffle), so the seed only draws the subset when the calibration set
+has more than ``max_examples`` examples; with ``max_examples=None`` (or a calibration set no larger) the
+scores do not depend on it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from cahp.data.batching import EncodedSplit, iter_batches
 from cahp.evaluation.metrics import model_device
-from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer, take_examples, to_device
+from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 
 def mean_normalized_entropy(
-    model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, batch_size: int = 32
+    model: PreTrainedModel, calibration: Calibration, batch_size: int | None = None
 ) -> np.ndarray:
-    """``[layers, heads]`` mean over examples of the mean normalised attention entropy of the real rows."""
+    """``[layers, heads]`` mean over examples of the mean normalised attention entropy of the real rows.
+
+    Every example of ``calibration`` is used, in batches of ``batch_size`` (``None``: the calibration's)
+    sorted by length.
+    """
     layers, heads = head_grid(model)
     device = model_device(model)
     total = torch.zeros(layers, heads, dtype=torch.float64)
     examples = 0
     with captured_attention(model) as (probabilities, extra), torch.inference_mode():
-        for _, batch in iter_batches(tokenizer, data, batch_size, sort_by_length=True):
-            batch.pop("labels")
-            batch = to_device(batch, device)
-            model(**batch, **extra)
-            mask = batch["attention_mask"].to(torch.float64)  # [b, s]
+        for batch in calibration.batches(batch_size, sort_by_length=True):
+            calibration.forward(model, batch, **extra)
+            mask = batch["attention_mask"].to(device, torch.float64)  # [b, s]
             real = mask.sum(-1)  # [b]
             usable = real >= 2
             norm = torch.log(real.clamp(min=2.0))  # [b]
@@ -61,10 +69,8 @@ class EntropyScorer(HeadScorer):
         focused_is_important: the sign (see the module docs); default True.
         batch_size: examples per forward.
         max_examples: at most this many examples (seeded subset); default 512.
-        seed: picks the subset.
+        seed: picks the subset (only when the calibration set is larger than ``max_examples``).
     """
-
-    deterministic = True
 
     def __init__(
         self,
@@ -79,7 +85,6 @@ class EntropyScorer(HeadScorer):
         self.batch_size = batch_size
         self.max_examples = max_examples
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
-        examples = take_examples(data, self.max_examples, self.seed)
-        entropy = mean_normalized_entropy(model, tokenizer, examples, self.batch_size)
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
+        entropy = mean_normalized_entropy(model, calibration.subset(self.max_examples, self.seed), self.batch_size)
         return 1.0 - entropy if self.focused_is_important else entropy

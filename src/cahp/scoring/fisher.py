@@ -3,24 +3,30 @@
 Retraining-free: with a gate ``m_h = 1`` on every head's context and frozen weights, the diagonal of the
 empirical Fisher information of the mask on a calibration set,
 
-    I_h = sum_x (dL(x, y_x) / dm_h)^2
+    I_h = sum_x (dL(x) / dm_h)^2
 
-(gold labels, cross-entropy). ``batch_size=1`` (default) gives true per-example gradients; a larger value
-squares mini-batch gradients instead (faster, a coarser estimate).
+(``L``: the calibration objective's loss, the cross-entropy on the gold labels for classification).
+``batch_size=1`` (default) gives true per-example gradients; a larger value squares mini-batch gradients
+instead (faster, a coarser estimate). Batches follow the calibration order (no shuffle).
+
+Seed: it only draws the subset when the calibration set has more than ``max_examples`` examples; with
+``max_examples=None`` (or a calibration set no larger) the scores do not depend on it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from cahp.data.batching import EncodedSplit, iter_batches
 from cahp.evaluation.metrics import model_device
-from cahp.scoring.base import HeadScorer, head_grid, register_scorer, take_examples, to_device
+from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.surgery import head_mask
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 
 @register_scorer("fisher")
@@ -30,24 +36,20 @@ class FisherScorer(HeadScorer):
     Args:
         batch_size: examples per gradient (1 = per-example, Kwon et al.'s definition).
         max_examples: at most this many calibration examples (seeded subset); default 256.
-        seed: picks the subset.
+        seed: picks the subset (only when the calibration set is larger than ``max_examples``).
     """
-
-    deterministic = True
 
     def __init__(self, *, batch_size: int = 1, max_examples: int | None = 256, seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.batch_size = batch_size
         self.max_examples = max_examples
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
-        device = model_device(model)
-        examples = take_examples(data, self.max_examples, self.seed)
-        gates = torch.ones(*head_grid(model), device=device, requires_grad=True)
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
+        examples = calibration.subset(self.max_examples, self.seed)
+        gates = torch.ones(*head_grid(model), device=model_device(model), requires_grad=True)
         fisher = torch.zeros(gates.shape, dtype=torch.float64)
         with head_mask(model, gates):
-            for _, batch in iter_batches(tokenizer, examples, self.batch_size):
-                loss = model(**to_device(batch, device)).loss
-                (gradient,) = torch.autograd.grad(loss, gates)
+            for batch in examples.batches(self.batch_size):
+                (gradient,) = torch.autograd.grad(examples.loss(model, batch), gates)
                 fisher += gradient.double().pow(2).cpu()
         return fisher.numpy()

@@ -7,36 +7,39 @@ Every head gets a stochastic Hard Concrete gate (Louizos et al. 2018) with a lea
 multiply the heads' contexts (:func:`cahp.surgery.head_mask`) of the FROZEN model, and only ``log_alpha`` is
 trained (Adam) on
 
-    cross-entropy + penalty * sum_h P(z_h != 0),  P(z_h != 0) = sigmoid(log_alpha_h - beta log(-gamma / zeta))
+    L + penalty * sum_h P(z_h != 0),  P(z_h != 0) = sigmoid(log_alpha_h - beta log(-gamma / zeta))
 
-(the expected L0 norm, summed over heads as in the paper). Heads are ranked by that open probability.
-Voita et al. also update the weights; here the model stays frozen so every method scores the same network.
+(``L``: the calibration objective's loss, the cross-entropy for classification; the expected L0 norm,
+summed over heads as in the paper). Heads are ranked by that open probability. Voita et al. also update the
+weights; here the model stays frozen so every method scores the same network. The seed draws the gate noise,
+the batch order and (``max_examples``) the subset.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from cahp.data.batching import EncodedSplit, iter_batches
 from cahp.evaluation.metrics import model_device
-from cahp.scoring.base import HeadScorer, head_grid, register_scorer, take_examples, to_device
+from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.surgery import head_mask
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
-def endless_batches(tokenizer: Any, data: EncodedSplit, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Seeded shuffled batches, epoch after epoch."""
+def endless_batches(calibration: Calibration, batch_size: int | None, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Seeded shuffled batches of ``calibration``, epoch after epoch (each epoch its own permutation)."""
     epoch = 0
     while True:
-        for _, batch in iter_batches(tokenizer, data, batch_size, shuffle=True, seed=seed, epoch=epoch):
-            yield batch
+        yield from calibration.batches(batch_size, shuffle=True, seed=seed, epoch=epoch)
         epoch += 1
 
 
@@ -85,18 +88,17 @@ class L0GateScorer(HeadScorer):
         self.batch_size = batch_size
         self.max_examples = max_examples
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
         device = model_device(model)
         generator = torch.Generator().manual_seed(self.seed)
         log_alpha = torch.full(head_grid(model), float(self.init_log_alpha), device=device, requires_grad=True)
         optimizer = torch.optim.Adam([log_alpha], lr=self.learning_rate)
-        batches = endless_batches(
-            tokenizer, take_examples(data, self.max_examples, self.seed), self.batch_size, self.seed
-        )
+        examples = calibration.subset(self.max_examples, self.seed)
+        batches = endless_batches(examples, self.batch_size, self.seed)
         for _ in range(self.steps):
             gates = hard_concrete(log_alpha, generator)
             with head_mask(model, gates):
-                loss = model(**to_device(next(batches), device)).loss
+                loss = examples.loss(model, next(batches))
             loss = loss + self.penalty * open_probability(log_alpha).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

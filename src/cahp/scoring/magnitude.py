@@ -1,36 +1,40 @@
 """Weight magnitude: the L2 norm of every weight that belongs to a head.
 
-A head owns its query rows, its key and value rows, and its columns of the output projection (the projection's
-input slice ``h * head_dim : (h + 1) * head_dim``). With grouped-query attention a query head counts the whole
-key-value head it reads (shared rows are counted once for EACH query head of the group); GPT-2's fused,
-transposed ``Conv1D`` ``c_attn`` is read as ``[q | k | v]`` column blocks. Biases are ignored.
+A head owns its query rows, its key and value rows, and its input columns of the output projection, exactly as
+the adapter's :class:`~cahp.adapters.HeadGeometry` lays them out (separate projections, a fused
+``[q | k | v]`` projection whose k and v blocks are ``kv_heads * head_dim`` wide, GPT-NeoX's per-head
+interleaved ``[head, (q, k, v), head_dim]``, ``nn.Linear`` or transposed ``Conv1D`` weights). With
+grouped-query attention a query head counts the whole key-value head it reads (shared rows are counted once
+for EACH query head of the group). Biases are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
-from cahp.data.batching import EncodedSplit
 from cahp.scoring.base import HeadScorer, register_scorer
 
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
-def _as_out_in(module: nn.Module, transposed: bool) -> torch.Tensor:
-    """The projection weight as ``[out, in]`` (``nn.Linear``'s layout)."""
-    weight = module.weight.detach().float()
-    return weight.t() if transposed else weight
+
+def _squared_norms(weight: torch.Tensor, index: torch.Tensor, axis: int, heads: int, head_dim: int) -> torch.Tensor:
+    """Sum of squared entries of each head's slices ``index`` (``[heads * head_dim]``, head-major) along weight
+    axis ``axis`` -> ``[heads]`` (on the CPU)."""
+    per_head = weight.detach().float().index_select(axis, index.to(weight.device)).unflatten(axis, (heads, head_dim))
+    return per_head.pow(2).sum(dim=[d for d in range(per_head.ndim) if d != axis]).cpu()
 
 
 @register_scorer("magnitude")
 class MagnitudeScorer(HeadScorer):
     """``sqrt(|W_q[h]|^2 + |W_k[kv(h)]|^2 + |W_v[kv(h)]|^2 + |W_o[:, h]|^2)`` per head (Frobenius norms).
 
-    Data-free and deterministic (``seed`` is unused).
+    Data-free and deterministic (``seed`` is unused; the calibration is ignored).
     """
 
     deterministic = True
@@ -38,23 +42,21 @@ class MagnitudeScorer(HeadScorer):
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__(seed=seed)
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
         adapter = get_adapter(model)
-        heads, kv_heads, size = adapter.num_heads(model), adapter.num_kv_heads(model), adapter.head_size(model)
-        group = heads // kv_heads
-        scores = np.zeros((adapter.num_layers(model), heads))
+        geometry = adapter.geometry(model)  # an unpruned model: the original head counts
+        size = geometry.head_dim
+        reads = torch.tensor(geometry.kv_positions(), dtype=torch.long)  # the key-value head of each query head
+        scores = np.zeros((adapter.num_layers(model), geometry.query_heads))
         for layer, module in enumerate(adapter.layer_modules(model)):
-            query = _as_out_in(module.get_submodule(adapter.query), adapter.transposed)
-            key = _as_out_in(module.get_submodule(adapter.key), adapter.transposed)
-            value = _as_out_in(module.get_submodule(adapter.value), adapter.transposed)
-            output = _as_out_in(module.get_submodule(adapter.output), adapter.transposed)
-            if adapter.fused_qkv:  # one [3 * width, in] matrix: rows [q | k | v]
-                width = heads * size
-                query, key, value = query[:width], key[width : 2 * width], value[2 * width :]
-            q_norms = query.unflatten(0, (heads, size)).pow(2).sum(dim=(1, 2))  # [heads]
-            k_norms = key.unflatten(0, (kv_heads, size)).pow(2).sum(dim=(1, 2))  # [kv_heads]
-            v_norms = value.unflatten(0, (kv_heads, size)).pow(2).sum(dim=(1, 2))
-            o_norms = output.unflatten(1, (heads, size)).pow(2).sum(dim=(0, 2))  # [heads]
-            shared = (k_norms + v_norms).repeat_interleave(group)  # query head h reads kv head h // group
-            scores[layer] = (q_norms + shared + o_norms).sqrt().double().cpu().numpy()
+            norms = {}  # query: [heads]; key, value: [kv_heads]
+            for kind, path in (("query", adapter.query), ("key", adapter.key), ("value", adapter.value)):
+                weight = module.get_submodule(path).weight
+                norms[kind] = _squared_norms(
+                    weight, geometry.rows(kind), geometry.out_axis, geometry.heads_of(kind), size
+                )
+            output = module.get_submodule(adapter.output).weight
+            o_norms = _squared_norms(output, geometry.output_columns(), geometry.in_axis, geometry.query_heads, size)
+            shared = (norms["key"] + norms["value"])[reads]
+            scores[layer] = (norms["query"] + shared + o_norms).sqrt().double().numpy()
         return scores

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import PreTrainedModel
 
-from cahp.data.batching import EncodedSplit
 from cahp.scoring.base import HeadScorer, head_grid, register_scorer
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 
 @register_scorer("random")
@@ -16,11 +18,11 @@ class RandomScorer(HeadScorer):
     """Scores drawn uniformly from ``[0, 1)`` by ``numpy.random.default_rng(seed)``; data and weights unused.
 
     Args:
-        seed: the same seed gives the same scores.
+        seed: the same seed gives the same scores, another seed other scores.
     """
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__(seed=seed)
 
-    def _score(self, model: PreTrainedModel, tokenizer: Any, data: EncodedSplit, num_labels: int) -> np.ndarray:
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
         return np.random.default_rng(self.seed).random(head_grid(model))

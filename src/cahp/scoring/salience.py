@@ -1,4 +1,5 @@
-"""Gradient head salience (Michel et al., 2019): ``|dL/dm_h|`` for a gate ``m_h = 1`` on each head's output.
+"""Gradient head salience (Michel et al., 2019): ``|dL/dm_h|`` for a gate ``m_h = 1`` on each head's output,
+``L`` being the calibration objective's loss.
 
 Weights are frozen (no parameter gradients are computed) and never modified; the gates act through
 :func:`cahp.surgery.head_mask`, so this works on every architecture with an adapter.
@@ -7,7 +8,7 @@ Weights are frozen (no parameter gradients are computed) and never modified; the
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,10 +16,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
-from cahp.data.batching import EncodedSplit, iter_batches
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import model_device
+from cahp.scoring.base import available_scorers, preserved_model, scorer_class
 from cahp.surgery import head_mask
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 #: The salience of the reference: :func:`gradient_salience`.
 REFERENCE_SALIENCE = "gradient"
@@ -28,8 +32,6 @@ def check_salience_source(name: str) -> None:
     """Refuse a salience source that is neither the reference gradient nor a head scorer that needs no budget."""
     if name == REFERENCE_SALIENCE:
         return
-    from cahp.scoring.base import available_scorers, scorer_class
-
     if name not in available_scorers():
         raise CahpError(
             f"unknown salience {name!r}: use {REFERENCE_SALIENCE!r} (the reference) or a head scorer "
@@ -44,40 +46,43 @@ def check_salience_source(name: str) -> None:
 
 def gradient_salience(
     model: PreTrainedModel,
-    tokenizer: Any,
-    data: EncodedSplit,
+    calibration: Calibration,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     fraction: float = 0.25,
     seed: int = 42,
     progress: bool = True,
 ) -> np.ndarray:
-    """Mean over batches of ``|dL/dm|``, for the first ``fraction`` of (seeded, shuffled) training batches.
+    """Mean over batches of ``|dL/dm|`` (``L``: the calibration's loss), for the first ``fraction`` of the
+    batches in a seeded shuffled order.
+
+    The seed matters even with ``fraction=1``: it decides which examples share a batch, and the absolute
+    value is taken per batch. Frozen weights, eval mode; both restored afterwards.
+
+    Args:
+        model: an unpruned model with a registered adapter.
+        calibration: the examples and the objective.
+        batch_size: examples per gradient (``None``: the calibration's batch size).
+        fraction: share of the batches used, in ``(0, 1]`` (at least one batch).
+        seed: the shuffle.
 
     Returns:
         ``[layers, heads]`` float64 salience in original head numbering (not normalised).
+
+    Raises:
+        CahpError: ``fraction`` outside ``(0, 1]``.
     """
+    if not 0.0 < fraction <= 1.0:
+        raise CahpError(f"the salience fraction is the share of batches used, in (0, 1]; got {fraction}")
     adapter = get_adapter(model)
     device = model_device(model)
     gates = torch.ones(adapter.num_layers(model), adapter.num_heads(model), device=device, requires_grad=True)
-    total = math.ceil(len(data) / batch_size)
-    used = max(1, math.ceil(fraction * total))
+    used = max(1, math.ceil(fraction * calibration.num_batches(batch_size)))
     accumulated = torch.zeros_like(gates, dtype=torch.float64)
-    was_training = model.training
-    model.eval()  # deterministic: no dropout
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    try:
-        with head_mask(model, gates):
-            batches = iter_batches(tokenizer, data, batch_size, shuffle=True, seed=seed)
-            bar = tqdm(range(used), desc="salience", disable=not progress, leave=False)
-            for _, (_, batch) in zip(bar, batches, strict=False):  # the first `used` batches
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-                (gradient,) = torch.autograd.grad(loss, gates)
-                accumulated += gradient.abs().double()
-    finally:
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(requires_grad[name])
-        model.train(was_training)
+    with preserved_model(model), head_mask(model, gates):  # eval mode: no dropout
+        batches = calibration.batches(batch_size, shuffle=True, seed=seed)
+        bar = tqdm(range(used), desc="salience", disable=not progress, leave=False)
+        for _, batch in zip(bar, batches, strict=False):  # the first `used` batches
+            (gradient,) = torch.autograd.grad(calibration.loss(model, batch), gates)
+            accumulated += gradient.abs().double()
     return (accumulated / used).cpu().numpy()

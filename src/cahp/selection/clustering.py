@@ -52,25 +52,63 @@ def embed_heads(
     ``(d, 0)``, ``d`` being their profile distance. ``"none"`` returns the profiles themselves (float64), so
     that clustering works on Euclidean profile distances.
 
+    Degenerate head spaces (t-SNE's PCA start divides by a zero spread there and the process crashes):
+
+    * profiles that are all equal as float32 (every head separates the classes alike, e.g. all zero, or
+      no features at all) are not embedded: every head is placed at ``(0, 0)``, one point (a
+      ``UserWarning`` says so; :func:`distinct_points` of the result is 1);
+    * profiles whose float32 spread is below ``1e-12`` or above ``1e12`` (t-SNE's squared distances would
+      underflow or overflow float32) are centred and scaled to unit spread before t-SNE (a ``UserWarning``
+      says so); every other input goes to t-SNE unchanged, as in the reference.
+
     Args:
-        profiles: ``[N, F]`` one row per head.
+        profiles: ``[N, F]`` one row per head, finite.
 
     Returns:
         ``[N, 2]`` (t-SNE) or ``[N, F]`` (none).
+
+    Raises:
+        CahpError: ``profiles`` is not 2-D or has NaN/inf values, or an unknown ``method``.
     """
     profiles = np.asarray(profiles)
     if profiles.ndim != 2:
         raise CahpError(f"profiles must be [heads, features], got shape {profiles.shape}.")
+    if method not in ("tsne", "none"):
+        raise CahpError(f"unknown embedding {method!r}; use 'tsne' or 'none'.")
+    bad_rows = np.flatnonzero(~np.isfinite(profiles).all(axis=1)) if profiles.size else np.zeros(0, dtype=np.int64)
+    if bad_rows.size:
+        raise CahpError(
+            f"{bad_rows.size} of {profiles.shape[0]} head profiles have NaN/inf values (first head rows: "
+            f"{bad_rows[:5].tolist()}): the signature statistics are not finite, e.g. a model that overflows in "
+            "float16; collect the signatures again in float32."
+        )
     if method == "none":
         return profiles.astype(np.float64)
-    if method != "tsne":
-        raise CahpError(f"unknown embedding {method!r}; use 'tsne' or 'none'.")
     n_heads = profiles.shape[0]
     if n_heads < 2:
         return np.zeros((n_heads, 2), dtype=np.float64)
     if n_heads == 2:
         gap = float(np.linalg.norm(profiles[0].astype(np.float64) - profiles[1]))
         return np.array([[0.0, 0.0], [gap, 0.0]])
+    points = profiles.astype(np.float32)
+    if points.shape[1] == 0 or bool((points == points[0]).all()):
+        warnings.warn(
+            f"all {n_heads} head profiles are identical (every head separates the classes alike); t-SNE is "
+            "skipped and the head space is one point.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return np.zeros((n_heads, 2), dtype=np.float64)
+    centred = points.astype(np.float64) - points.astype(np.float64).mean(axis=0)
+    spread = float(np.abs(centred).max())
+    if not _TSNE_SAFE_SPREAD[0] <= spread <= _TSNE_SAFE_SPREAD[1]:
+        warnings.warn(
+            f"head profiles spread only {spread:.3g} around their mean (t-SNE needs 1e-12 .. 1e12 in float32); "
+            "they are centred and scaled to unit spread before t-SNE.",
+            UserWarning,
+            stacklevel=2,
+        )
+        points = (centred / spread).astype(np.float32)
     used = effective_perplexity(n_heads, perplexity)
     if used != perplexity:
         warnings.warn(
@@ -85,7 +123,38 @@ def embed_heads(
     # One thread: parallel BLAS (PCA init) and parallel Barnes-Hut sums change the embedding with the thread
     # count, and with it k*. A few hundred points take well under a second on one thread.
     with threadpool_limits(limits=1):
-        return tsne.fit_transform(profiles.astype(np.float32)).astype(np.float64)
+        embedding = tsne.fit_transform(points).astype(np.float64)
+    if not np.isfinite(embedding).all():
+        raise CahpError(
+            "t-SNE gave a non-finite head space for these profiles; cluster the profiles directly instead "
+            "(CAHP setting embedding='none')."
+        )
+    return embedding
+
+
+#: Spread (largest absolute deviation from the mean) that t-SNE handles in float32 without under/overflow.
+_TSNE_SAFE_SPREAD = (1e-12, 1e12)
+
+
+def duplicate_groups(distances: np.ndarray) -> np.ndarray:
+    """Group exactly coinciding points (distance 0, as :func:`head_distances` gives for identical rows).
+
+    Args:
+        distances: ``[N, N]`` pairwise distances.
+
+    Returns:
+        ``[N]`` int64: for each point the index of the first point it coincides with (itself when none
+        before it does); the number of distinct values is the number of distinct points.
+    """
+    distances = np.asarray(distances)
+    if distances.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.argmax(distances == 0, axis=1).astype(np.int64)
+
+
+def distinct_points(distances: np.ndarray) -> int:
+    """How many distinct points the ``[N, N]`` distance matrix describes (0 for N = 0)."""
+    return int(np.unique(duplicate_groups(distances)).size)
 
 
 def head_distances(points: np.ndarray) -> np.ndarray:
@@ -168,20 +237,26 @@ class Clustering:
 def cluster_heads(distances: np.ndarray, k: int, seed: int = DEFAULT_SEED) -> Clustering:
     """FasterPAM k-medoids on a precomputed distance matrix (reference: random init, seeded, 100 iters).
 
+    Exactly coinciding points cannot be told apart, so ``k`` is capped at the number ``d`` of distinct
+    points (:func:`distinct_points`): for ``k >= d`` the clustering is the ``d`` groups of coinciding
+    points, each medoid the group's first point (loss 0); check :attr:`Clustering.k` for the count used.
+    With distinct points (every t-SNE head space in practice) this is ``k == N``: every head its own medoid.
+
     Args:
         distances: ``[N, N]``.
         k: number of clusters, ``1 <= k <= N``.
 
     Returns:
-        The :class:`Clustering`; for ``k == N`` every head is its own medoid.
+        The :class:`Clustering` with ``min(k, d)`` clusters.
     """
     distances = np.ascontiguousarray(distances, dtype=np.float64)
     n_heads = distances.shape[0]
     if not 1 <= k <= n_heads:
         raise CahpError(f"cannot cluster {n_heads} heads into k={k} groups; need 1 <= k <= {n_heads}.")
-    if k == n_heads:
-        ids = np.arange(n_heads)
-        return Clustering(labels=ids, medoids=ids.copy(), loss=0.0)
+    groups = duplicate_groups(distances)
+    medoids, labels = np.unique(groups, return_inverse=True)
+    if k >= medoids.size:
+        return Clustering(labels=labels.astype(np.int64), medoids=medoids.astype(np.int64), loss=0.0)
     result = kmedoids.fasterpam(distances, k, max_iter=100, init="random", random_state=seed, n_cpu=1)
     return Clustering(
         labels=np.asarray(result.labels, dtype=np.int64),
@@ -210,8 +285,14 @@ class KSweep:
     distances: np.ndarray = field(repr=False)
     seed: int = DEFAULT_SEED
 
+    @property
+    def n_distinct_points(self) -> int:
+        """Distinct points of the head space; ``k`` above it is capped (see :func:`cluster_heads`)."""
+        return distinct_points(self.distances)
+
     def clustering(self, k: int) -> Clustering:
-        """The partition for ``k``: the stored one, or FasterPAM rerun with the same seed."""
+        """The partition for ``k``: the stored one, or FasterPAM rerun with the same seed (``k`` capped at
+        :attr:`n_distinct_points`)."""
         if k not in self.clusterings:
             self.clusterings[k] = cluster_heads(self.distances, k, self.seed)
         return self.clusterings[k]
@@ -231,7 +312,9 @@ def sweep_k(
         k_range: cluster counts to try; default ``2 .. N-1`` as in the reference (empty when N < 3).
         seed: FasterPAM seed, the same for every k.
         early_stop: reference behaviour — once MSS reaches 1 (every head coincides with its medoid) stop
-            and give the remaining ks MSS = 1.
+            and give the remaining ks MSS = 1. That happens at the latest at ``k = d``, the number of
+            distinct points: there the clustering is the groups of coinciding points (:func:`cluster_heads`);
+            when every head coincides (``d = 1``) no k >= 2 can be formed and MSS is 1 from ``k = 2`` on.
         exclude_zero_intra: see :func:`mean_simplified_silhouette`.
 
     Returns:
@@ -250,7 +333,12 @@ def sweep_k(
     for position, k in enumerate(ks.tolist()):
         clustering = cluster_heads(distances, k, seed)
         clusterings[k] = clustering
-        mss[position] = mean_simplified_silhouette(distances, clustering.labels, clustering.medoids, exclude_zero_intra)
+        if clustering.k < 2:  # every head coincides (one distinct point): each head sits on its medoid
+            mss[position] = 1.0
+        else:
+            mss[position] = mean_simplified_silhouette(
+                distances, clustering.labels, clustering.medoids, exclude_zero_intra
+            )
         if early_stop and mss[position] == 1.0:
             stopped_at = k
             break

@@ -6,15 +6,24 @@ Steps (the reference's choices: Kneedle on a degree-6 polynomial fit, ``curve="c
 1. Fit ``MSS(k)`` with a least-squares polynomial of degree ``min(degree, K - 1)`` in the normalised
    variable ``t = (k - k_min) / (k_max - k_min)`` (better conditioned than raw k; the fitted values are the
    same polynomial fit). Evaluate it at the sampled ks.
-2. Kneedle (Satopaa et al. 2011), as the ``kneed`` package does it for a concave increasing curve:
-   normalise k and the fitted values to ``[0, 1]``; difference curve ``d = y_n - x_n``; local maxima
-   (``>=`` both neighbours, the ends compared with themselves) and local minima (``<=``) of ``d``; for a
-   maximum at ``i`` the threshold is ``d[i] - S * mean(diff(x_n))``. Walk the curve from the first
-   maximum: at a maximum take its threshold, at a minimum reset the threshold to 0; the first time
-   ``d[i + 1] < threshold`` the knee is the k of the last maximum.
-3. Our acceptance rule (the reference has none and crashes when Kneedle finds nothing): the knee must be
-   an interior point (not the first or last k) where the fitted curve lies strictly above its chord
-   (``d > 0``). Kneedle's raw answer is kept in ``kneedle_k`` either way.
+2. Kneedle (Satopaa et al. 2011), exactly as ``kneed`` 0.9 does it for a concave increasing curve
+   (``tests/unit/test_cahp_math.py`` compares the two on many curves): normalise k and the fitted values to
+   ``[0, 1]``; difference curve ``d = y_n - x_n``; local maxima (``>=`` both neighbours, the ends compared
+   with themselves) and local minima (``<=``) of ``d``; for a maximum at ``i`` the threshold is
+   ``d[i] - S * mean(diff(x_n))``. Walk the curve from the first maximum: a maximum sets its threshold and
+   arms detection, a minimum sets the threshold to 0 and disarms detection until the next maximum (so a dip
+   of ``d`` below 0 after a minimum is not a knee: an S-shaped MSS curve gets its knee at the top of the
+   rise, not at ``k_min``); while armed, ``d[i + 1] < threshold`` makes the last maximum a knee. Kneedle's
+   offline answer (the reference's) is the first knee, kept in ``kneedle_k``; ``all_knees`` lists every
+   knee of the walk in order.
+3. Our acceptance rule, a deliberate difference from the reference (which takes ``kneedle_k`` as it is, even
+   the endpoint ``k_min``, and crashes when Kneedle finds nothing): ``k*`` is the first knee of the walk that
+   is an interior point (not the first or last k) where the fitted curve lies strictly above its chord
+   (``d > 0``). When ``kneedle_k`` is such a knee, ``k* = kneedle_k`` as in the reference. The common
+   other case is a fitted curve that falls right after ``k_min`` (``d[0]`` is then a maximum whose
+   threshold is crossed at once): the reference keeps ``k_min`` = 2 clusters, we take the next knee, but
+   only if it does not lie past the fallback's k (step 4; past it the fit overshoots a step, e.g. the MSS
+   curve of an early-stopped sweep padded with 1), else the fallback.
 4. Fallback when no knee is accepted (flat curve, convex or decreasing curve, a step, fewer than 3
    points, non-finite values): ``k*`` = the k of the largest raw MSS, the smallest such k on ties (so a
    curve that reaches 1 and was padded with 1 by the early stop gives the k where it first reached 1).
@@ -51,6 +60,8 @@ class KneeResult:
         degree: the degree actually fitted (``min(requested, K - 1)``).
         difference: ``[K]`` the Kneedle difference curve ``y_n - x_n`` (empty when not computed).
         sensitivity: Kneedle's ``S``.
+        all_knees: the ks of every knee Kneedle's walk finds, in walk order (``kneed``'s ``all_knees``;
+            the first is ``kneedle_k``).
     """
 
     k: int
@@ -64,6 +75,7 @@ class KneeResult:
     degree: int
     difference: np.ndarray
     sensitivity: float
+    all_knees: tuple[int, ...] = ()
 
     def fitted_at(self, k: np.ndarray | float) -> np.ndarray:
         """Evaluate the fitted polynomial at (possibly non-integer) ``k``."""
@@ -76,6 +88,7 @@ class KneeResult:
             "method": self.method,
             "fallback": self.fallback,
             "kneedle_k": self.kneedle_k,
+            "all_knees": list(self.all_knees),
             "degree": self.degree,
             "sensitivity": self.sensitivity,
             "ks": self.ks.tolist(),
@@ -125,6 +138,7 @@ def find_knee(
         "coefficients": coefficients,
         "degree": degree_used,
         "sensitivity": sensitivity,
+        "all_knees": (),
     }
 
     def fallback(reason: str, kneedle_k: int | None = None, difference: np.ndarray | None = None) -> KneeResult:
@@ -149,20 +163,29 @@ def find_knee(
 
     x_norm = _normalise(ks, ks)
     difference = (fitted - fitted.min()) / spread - x_norm
-    knee_index = _kneedle_offline(x_norm, difference, sensitivity)
-    if knee_index is None:
+    knee_indices = _kneedle_knees(x_norm, difference, sensitivity)
+    common["all_knees"] = tuple(int(int_ks[index]) for index in knee_indices)
+    if not knee_indices:
         return fallback("Kneedle found no knee", None, difference)
-    kneedle_k = int(int_ks[knee_index])
-    if knee_index in (0, ks.size - 1) or difference[knee_index] <= 0:
+    kneedle_k = int(int_ks[knee_indices[0]])
+    accepted = [index for index in knee_indices if 0 < index < ks.size - 1 and difference[index] > 0]
+    listed = ", ".join(map(str, common["all_knees"]))
+    if not accepted:
         return fallback(
-            f"Kneedle's knee k={kneedle_k} is an endpoint or lies on/below the chord (the curve is not "
+            f"every knee Kneedle found ({listed}) is an endpoint or lies on/below the chord (the curve is not "
             "concave increasing there)",
             kneedle_k,
             difference,
         )
-    return KneeResult(
-        k=kneedle_k, method="kneedle", fallback=None, kneedle_k=kneedle_k, difference=difference, **common
-    )
+    knee_k = int(int_ks[accepted[0]])
+    if knee_k != kneedle_k and knee_k > int(int_ks[_first_argmax(mss)]):
+        return fallback(
+            f"Kneedle's first knee k={kneedle_k} is an endpoint or lies on/below the chord and its next one, "
+            f"k={knee_k}, lies past the largest raw MSS",
+            kneedle_k,
+            difference,
+        )
+    return KneeResult(k=knee_k, method="kneedle", fallback=None, kneedle_k=kneedle_k, difference=difference, **common)
 
 
 _FALLBACK_RULE = "the k of the largest raw MSS (smallest such k)"
@@ -192,21 +215,28 @@ def _relative_extrema(values: np.ndarray, maxima: bool) -> np.ndarray:
     return np.flatnonzero((values <= left) & (values <= right))
 
 
-def _kneedle_offline(x_norm: np.ndarray, difference: np.ndarray, sensitivity: float) -> int | None:
-    """Index of the first knee of a normalised concave-increasing difference curve, or ``None``."""
+def _kneedle_knees(x_norm: np.ndarray, difference: np.ndarray, sensitivity: float) -> list[int]:
+    """Indices of the knees of a normalised concave-increasing difference curve, in the order the walk
+    finds them (``kneed``'s ``all_knees``); the first is Kneedle's offline answer. Empty when none.
+
+    The walk starts at the first local maximum of ``difference``. A maximum sets the threshold
+    ``d[i] - S * mean(diff(x_n))`` and arms detection; a minimum (checked after, so a flat point that is
+    both ends up disarmed) sets the threshold to 0 and disarms detection until the next maximum. While
+    armed, ``d[i + 1] < threshold`` makes the last maximum a knee.
+    """
     maxima = _relative_extrema(difference, maxima=True)
     if maxima.size == 0:
-        return None
+        return []
     minima = set(_relative_extrema(difference, maxima=False).tolist())
     thresholds = difference[maxima] - sensitivity * np.abs(np.diff(x_norm).mean())
     maxima_set = {int(index): position for position, index in enumerate(maxima)}
-    threshold, threshold_index = None, None
+    knees: list[int] = []
+    threshold, threshold_index, armed = 0.0, int(maxima[0]), True
     for i in range(int(maxima[0]), difference.size - 1):
         if i in maxima_set:
-            threshold = thresholds[maxima_set[i]]
-            threshold_index = i
+            threshold, threshold_index, armed = float(thresholds[maxima_set[i]]), i, True
         if i in minima:
-            threshold = 0.0
-        if threshold is not None and difference[i + 1] < threshold:
-            return threshold_index
-    return None
+            threshold, armed = 0.0, False
+        if armed and difference[i + 1] < threshold and threshold_index not in knees:
+            knees.append(threshold_index)
+    return knees

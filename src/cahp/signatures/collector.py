@@ -3,25 +3,29 @@
 For every batch, a hook on each layer's attention module reads the attention probabilities
 ``[batch, heads, L, L]``, crops each example to its real tokens (whichever side pads), resizes the crop to
 ``B x B`` and hands ``[batch, heads, B*B]`` on; the per-class streaming moments of all layers' heads are then
-updated and the maps dropped.
+updated and the maps dropped. The classes are the calibration's example groups
+(:meth:`cahp.calibration.Calibration.groups`), so the collector never reads a task's targets itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
-from cahp.data.batching import EncodedSplit, iter_batches, num_batches
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import model_device
 from cahp.signatures.resize import DEFAULT_SIZE, resize_attention_maps
 from cahp.signatures.stats import StreamingMoments
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
 
 
 @contextmanager
@@ -39,29 +43,34 @@ def eager_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
 
 def collect_signatures(
     model: PreTrainedModel,
-    tokenizer: Any,
-    data: EncodedSplit,
-    num_classes: int,
+    calibration: Calibration,
     *,
     size: int = DEFAULT_SIZE,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> StreamingMoments:
     """Per-(class, head) streaming mean and variance of the padding-aware attention signatures.
 
     Args:
-        model: an unpruned classifier with a registered adapter.
-        data: the calibration examples (tokenized) and their labels.
-        num_classes: number of classes ``C``.
+        model: an unpruned model with a registered adapter.
+        calibration: the examples; their classes are ``calibration.groups()`` (``calibration.num_groups`` of
+            them), and at least two must be present.
         size: side ``B`` of the resized maps (reference default 32).
+        batch_size: examples per forward (``None``: the calibration's batch size); batches are sorted by length.
+        progress: show a progress bar.
 
     Returns:
         Moments with groups = classes and features ``[layers * heads, B * B]`` (head index = layer * heads
         + head).
+
+    Raises:
+        CahpError: the calibration has fewer than two classes present (checked before any forward), or the
+            model is pruned or returns no attention maps.
     """
+    groups = check_two_classes(calibration)
     adapter = get_adapter(model)
     layers, heads = adapter.num_layers(model), adapter.num_heads(model)
-    moments = StreamingMoments(num_classes)
+    moments = StreamingMoments(calibration.num_groups)
     device = model_device(model)
     per_layer: list[torch.Tensor | None] = [None] * layers
     mask_holder: dict[str, torch.Tensor] = {}
@@ -85,15 +94,14 @@ def collect_signatures(
     extra = {"output_attentions": True} if adapter.probs_need_output_attentions else {}
     try:
         with eager_attention(model), torch.inference_mode():
-            bar = tqdm(total=num_batches(data, batch_size), desc="signatures", disable=not progress, leave=False)
-            for _, batch in iter_batches(tokenizer, data, batch_size, sort_by_length=True):
-                labels = batch.pop("labels")
+            bar = tqdm(total=calibration.num_batches(batch_size), desc="signatures", disable=not progress, leave=False)
+            for indices, batch in calibration.indexed_batches(batch_size, sort_by_length=True):
                 mask_holder["mask"] = batch["attention_mask"].to(device)
-                model(**{k: v.to(device) for k, v in batch.items()}, **extra)
+                calibration.forward(model, batch, **extra)
                 stacked = torch.stack([m for m in per_layer if m is not None], dim=1)  # [b, layers, heads, D]
                 if stacked.shape[1] != layers:
                     raise CahpError("not every layer reported its attention maps")
-                moments.add_batch(stacked.flatten(1, 2).cpu(), labels)
+                moments.add_batch(stacked.flatten(1, 2).cpu(), torch.as_tensor(groups[indices], dtype=torch.long))
                 per_layer[:] = [None] * layers
                 bar.update()
             bar.close()
@@ -102,3 +110,24 @@ def collect_signatures(
             handle.remove()
         model.train(was_training)
     return moments
+
+
+def check_two_classes(calibration: Calibration) -> np.ndarray:
+    """``[examples]`` class of every calibration example, after checking that CAHP can compare classes.
+
+    Raises:
+        CahpError: the objective defines fewer than two classes, or fewer than two are present.
+    """
+    if calibration.num_groups < 2:
+        raise CahpError(
+            f"CAHP compares classes: the calibration objective {calibration.objective.name!r} defines "
+            f"{calibration.num_groups} class(es); give a calibration whose objective has at least two classes"
+        )
+    groups = np.asarray(calibration.groups())
+    present = np.unique(groups)
+    if len(present) < 2:
+        raise CahpError(
+            f"CAHP compares classes: the calibration split has only class {present[0]}; "
+            "give a split with at least two classes"
+        )
+    return groups

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cahp.errors import CahpError
+from cahp.outputs import atomic_save_npz
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -204,9 +205,10 @@ class StreamingMoments:
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the state to an ``.npz`` file (uncompressed, float64)."""
+        """Write the state to an ``.npz`` file (uncompressed, float64), atomically (temporary file + rename):
+        a run killed while saving leaves the earlier file or none, never a truncated one."""
         state = self.state_dict()
-        np.savez(
+        atomic_save_npz(
             path,
             n_groups=np.int64(state["n_groups"]),
             count=state["count"].numpy(),

@@ -2,6 +2,7 @@
 
 * :func:`head_mask` / :func:`attach_head_gates`: multiply each head's context by a gate (no weight change);
 * :func:`prune_heads`: physically remove heads (original head numbers, GQA-aware) and record the structure;
+* :func:`layer_geometries`: which rows/columns of each layer's projections its current heads own;
 * :func:`load_pruned`: reload a pruned folder written by ``save_pretrained``;
 * :func:`export_onnx`: export a (pruned) classifier to ONNX.
 """
@@ -15,6 +16,7 @@ from cahp.surgery.removal import (
     is_pruned,
     kept_heads_by_layer,
     kept_kv_heads_by_layer,
+    layer_geometries,
     prune_heads,
 )
 
@@ -28,6 +30,7 @@ __all__ = [
     "is_pruned",
     "kept_heads_by_layer",
     "kept_kv_heads_by_layer",
+    "layer_geometries",
     "load_pruned",
     "prune_heads",
 ]

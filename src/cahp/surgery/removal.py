@@ -1,5 +1,9 @@
 """Physical removal of attention heads: slice the projection weights in place and fix the bookkeeping.
 
+Which rows of the q/k/v projections and which columns of the output projection go is read from the adapter's
+:class:`~cahp.adapters.HeadGeometry` (separate, fused ``[q | k | v]`` or fused per head; ``Conv1D`` or
+``nn.Linear``); :func:`layer_geometries` gives it for every layer of a (pruned) model.
+
 Head numbers always mean the ORIGINAL heads of the unpruned model, also on a model that was already pruned:
 ``prune_heads(model, {0: [1]})`` then ``prune_heads(model, {0: [1, 3]})`` leaves layer 0 without heads 1 and
 3. Removing a head that is already gone is a no-op (so cumulative plans can be re-applied); a head number
@@ -18,7 +22,10 @@ A layer may lose every head. Its attention module is then switched to a head-les
 runs no projection and no attention matmul: it returns the output projection's bias (zeros without bias),
 exactly what masking all its heads gives, and empty probabilities ``[batch, 0, query_len, key_len]``. The
 q/k/v/o weights stay as zero-sized tensors so the state dict keeps its keys. (GPT-2 only: in training mode
-the dropout after ``c_proj`` is skipped for such a layer.)
+the dropout after ``c_proj`` is skipped for such a layer.) In cached decoding it stores zero heads in the
+cache it is given (under the adapter's ``cache_arguments``). Known limit: transformers' ``DynamicCache``
+reports its length from layer 0 and counts an empty layer as length 0, so cached generation is wrong when
+layer 0 itself has no heads (a full forward, as in classification, is not affected).
 
 Grouped-query attention (Llama, Mistral, Qwen2), query head ``h`` reading key-value head
 ``h // (num_heads // num_kv_heads)``, has two modes:
@@ -45,7 +52,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from cahp.adapters import ArchitectureAdapter, get_adapter
+from cahp.adapters import ArchitectureAdapter, HeadGeometry, get_adapter
 from cahp.errors import PruningError
 
 GqaMode = Literal["groups", "uniform"]
@@ -75,6 +82,14 @@ def is_pruned(model_or_config: PreTrainedModel | Any) -> bool:
     """Whether a model (or config) carries a pruning record."""
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, KEPT_HEADS_KEY, None) is not None
+
+
+def layer_geometries(model: PreTrainedModel) -> list[HeadGeometry]:
+    """Per layer, which rows/columns of its projections belong to which of its CURRENT heads (the adapter's
+    geometry for the kept head counts; head ``p`` of layer ``i`` is ``kept_heads_by_layer(model)[i][p]``)."""
+    adapter = get_adapter(model)
+    kept_q, kept_kv = kept_heads_by_layer(model), kept_kv_heads_by_layer(model)
+    return [adapter.geometry(model, len(kept_q[layer]), len(kept_kv[layer])) for layer in sorted(kept_q)]
 
 
 def _read_record(model: PreTrainedModel, key: str, heads: int, layers: int) -> dict[int, list[int]]:
@@ -169,17 +184,16 @@ def apply_kept_heads(
         target_kv = {layer: list(q) for layer, q in target_q.items()}
     for layer in current_q:
         _check_structure(layer, target_q[layer], target_kv[layer], current_q[layer], current_kv[layer], heads, kv_heads)
-    head_dim = adapter.head_size(model)
     for layer, module in enumerate(adapter.layer_modules(model)):
         if target_q[layer] != current_q[layer] or target_kv[layer] != current_kv[layer]:
+            geometry = adapter.geometry(model, len(current_q[layer]), len(current_kv[layer]))
             _resize_layer(
                 adapter,
                 module,
-                current_q[layer],
-                current_kv[layer],
+                geometry,
+                [current_q[layer].index(h) for h in target_q[layer]],
+                [current_kv[layer].index(g) for g in target_kv[layer]],
                 target_q[layer],
-                target_kv[layer],
-                head_dim,
             )
     setattr(model.config, KEPT_HEADS_KEY, {str(layer): q for layer, q in target_q.items()})
     if gqa:
@@ -253,62 +267,49 @@ def _check_structure(
 # ---- weight slicing ----------------------------------------------------------------------------------------
 
 
-def _head_rows(positions: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
-    """Indices ``[len(positions) * head_dim]`` of the heads at ``positions`` on a ``[heads*head_dim]`` axis"""
-    starts = torch.tensor(positions, dtype=torch.long, device=device) * head_dim
-    return (starts[:, None] + torch.arange(head_dim, device=device)[None, :]).reshape(-1)
-
-
 def _resize_layer(
     adapter: ArchitectureAdapter,
     layer: nn.Module,
-    current_q: list[int],
-    current_kv: list[int],
+    geometry: HeadGeometry,
+    q_positions: list[int],
+    kv_positions: list[int],
     kept_q: list[int],
-    kept_kv: list[int],
-    head_dim: int,
 ) -> None:
+    """Keep the query / key-value heads at CURRENT ``q_positions`` / ``kv_positions`` of one layer, whose
+    rows and columns ``geometry`` (the layer as it is now) locates; ``kept_q`` are their original numbers."""
     output = layer.get_submodule(adapter.output)
     device = output.weight.device
-    q_rows = _head_rows([current_q.index(h) for h in kept_q], head_dim, device)
-    kv_rows = _head_rows([current_kv.index(g) for g in kept_kv], head_dim, device)
-    if adapter.fused_qkv:
-        q_width, kv_width = len(current_q) * head_dim, len(current_kv) * head_dim
-        fused_rows = torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])
-        _keep_outputs(layer.get_submodule(adapter.query), fused_rows, adapter.transposed)
-    else:
-        _keep_outputs(layer.get_submodule(adapter.query), q_rows, adapter.transposed)
-        _keep_outputs(layer.get_submodule(adapter.key), kv_rows, adapter.transposed)
-        _keep_outputs(layer.get_submodule(adapter.value), kv_rows, adapter.transposed)
-    _keep_inputs(output, q_rows, adapter.transposed)
+    for path, kinds in adapter.input_projections().items():
+        _keep_outputs(layer.get_submodule(path), geometry.kept_rows(kinds, q_positions, kv_positions, device), geometry)
+    _keep_inputs(output, geometry.output_columns(q_positions, device), geometry)
 
     attention = layer.get_submodule(adapter.attention)
     for name in adapter.head_count_attrs:
-        setattr(attention, name, len(kept_q))
+        setattr(attention, name, len(q_positions))
     for name in adapter.width_attrs:
-        setattr(attention, name, len(kept_q) * head_dim)
-    if adapter.kv_groups_attr is not None and kept_kv:
-        setattr(attention, adapter.kv_groups_attr, len(kept_q) // len(kept_kv))
+        setattr(attention, name, len(q_positions) * geometry.head_dim)
+    if adapter.kv_groups_attr is not None and kv_positions:
+        setattr(attention, adapter.kv_groups_attr, len(q_positions) // len(kv_positions))
     if adapter.per_head_argument is not None:
         _slice_shared_argument(attention, kept_q, adapter.per_head_argument)
-    if not kept_q:
-        _make_headless(attention, adapter, head_dim)
+    if not q_positions:
+        _make_headless(attention, adapter, geometry.head_dim)
 
 
 @torch.no_grad()
-def _keep_outputs(projection: nn.Module, index: torch.Tensor, transposed: bool) -> None:
-    """Keep output features ``index`` of ``nn.Linear`` (weight ``[out, in]``) or ``Conv1D`` (``[in, out]``)"""
-    _replace_parameter(projection, "weight", projection.weight.index_select(1 if transposed else 0, index))
+def _keep_outputs(projection: nn.Module, index: torch.Tensor, geometry: HeadGeometry) -> None:
+    """Keep output features ``index`` of a ``nn.Linear`` (weight ``[out, in]``) or ``Conv1D`` (``[in, out]``)."""
+    _replace_parameter(projection, "weight", projection.weight.index_select(geometry.out_axis, index))
     if getattr(projection, "bias", None) is not None:
         _replace_parameter(projection, "bias", projection.bias.index_select(0, index))
-    setattr(projection, "nf" if transposed else "out_features", int(index.numel()))
+    setattr(projection, "nf" if geometry.transposed else "out_features", int(index.numel()))
 
 
 @torch.no_grad()
-def _keep_inputs(projection: nn.Module, index: torch.Tensor, transposed: bool) -> None:
+def _keep_inputs(projection: nn.Module, index: torch.Tensor, geometry: HeadGeometry) -> None:
     """Keep input features ``index`` of a ``nn.Linear`` or ``Conv1D``; the bias is untouched."""
-    _replace_parameter(projection, "weight", projection.weight.index_select(0 if transposed else 1, index))
-    setattr(projection, "nx" if transposed else "in_features", int(index.numel()))
+    _replace_parameter(projection, "weight", projection.weight.index_select(geometry.in_axis, index))
+    setattr(projection, "nx" if geometry.transposed else "in_features", int(index.numel()))
 
 
 def _replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -347,7 +348,7 @@ def _select_kept_heads_of_argument(
 
 def _make_headless(attention: nn.Module, adapter: ArchitectureAdapter, head_dim: int) -> None:
     inner_output = adapter.output[len(adapter.attention) + 1 :] if adapter.output_inside_attention() else None
-    attention._cahp_headless = (inner_output, head_dim, adapter.probs_need_output_attentions)
+    attention._cahp_headless = (inner_output, head_dim, adapter.probs_need_output_attentions, adapter.cache_arguments)
     attention.__class__ = _headless_class(type(attention))
 
 
@@ -365,9 +366,10 @@ def _headless_forward(self: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch
     ``[batch, seq, hidden]`` (bias of the inner output projection), and probs ``[batch, 0, seq, key_len]``.
     """
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    inner_output, head_dim, probs_on_request = self._cahp_headless
+    inner_output, head_dim, probs_on_request, cache_arguments = self._cahp_headless
     batch, query_len = hidden_states.shape[0], hidden_states.shape[-2]
-    key_len = _append_nothing_to_cache(self, kwargs.get("past_key_values"), hidden_states, head_dim)
+    cache = next((kwargs[name] for name in cache_arguments if kwargs.get(name) is not None), None)
+    key_len = _append_nothing_to_cache(self, cache, hidden_states, head_dim)
     probs = hidden_states.new_zeros(batch, 0, query_len, key_len)
     if inner_output is None:
         output = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
@@ -382,15 +384,13 @@ def _headless_forward(self: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch
     return output, probs
 
 
-def _append_nothing_to_cache(
-    module: nn.Module, past_key_values: Any, hidden_states: torch.Tensor, head_dim: int
-) -> Any:
+def _append_nothing_to_cache(module: nn.Module, cache: Any, hidden_states: torch.Tensor, head_dim: int) -> Any:
     """Keep a generation cache consistent: store zero heads for this layer; returns the key length (an int,
     or a symbolic size while exporting: not converted, so the sequence length stays dynamic)."""
     query_len = hidden_states.shape[-2]
-    if past_key_values is None or getattr(module, "layer_idx", None) is None:
+    if cache is None or getattr(module, "layer_idx", None) is None:
         return query_len
-    past_key_values = getattr(past_key_values, "self_attention_cache", past_key_values)
+    cache = getattr(cache, "self_attention_cache", cache)
     empty = hidden_states.new_zeros(hidden_states.shape[0], 0, query_len, head_dim)
-    keys, _ = past_key_values.update(empty, empty, module.layer_idx)
+    keys, _ = cache.update(empty, empty, module.layer_idx)
     return keys.shape[-2]

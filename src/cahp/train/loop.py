@@ -1,5 +1,8 @@
 """The training loop shared by fine-tuning and post-pruning recovery: AdamW, linear schedule with warm-up,
-seeded shuffling, a progress bar, and checkpoints that let an interrupted run resume where it stopped."""
+seeded shuffling, a progress bar, and checkpoints that let an interrupted run resume where it stopped.
+
+A resumed run reports the same per-epoch training loss as an uninterrupted one (the running sums are
+checkpointed), and each history row says how many of its steps this run did (``steps_this_run``)."""
 
 from __future__ import annotations
 
@@ -15,12 +18,29 @@ import torch
 from tqdm.auto import tqdm
 
 from cahp.data.batching import EncodedSplit, iter_batches, num_batches
+from cahp.errors import ConfigError
 from cahp.evaluation.metrics import evaluate_split, model_device
+from cahp.outputs import atomic_write
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
 class TrainingConfig:
-    """Optimisation settings (defaults: the CAHP reference recipe for BERT-base)."""
+    """Optimisation settings (defaults: the CAHP reference recipe for BERT-base).
+
+    ``epochs`` may be fractional; ``0`` trains nothing (post-pruning recovery uses it for "no recovery";
+    fine-tuning refuses it). Every setting is checked on construction (:meth:`validate`).
+
+    Raises:
+        ConfigError: a setting outside its range, naming it.
+    """
 
     epochs: float = 3.0
     learning_rate: float = 2e-5
@@ -33,6 +53,37 @@ class TrainingConfig:
     checkpoint_every: int = 200
     #: sort each window of shuffled batches by length (less padding, same data per epoch; see iter_batches)
     group_by_length: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> TrainingConfig:
+        """Check every setting; returns self.
+
+        Raises:
+            ConfigError: listing each setting out of range (``epochs >= 0``, ``batch_size >= 1``,
+                ``learning_rate > 0``, ``0 <= warmup_ratio < 1``, ``checkpoint_every >= 1``, ...).
+        """
+        problems = []
+        if not _is_number(self.epochs) or self.epochs < 0:
+            problems.append(f"epochs must be a number >= 0 (0: no training), got {self.epochs!r}")
+        for name in ("batch_size", "eval_batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if not _is_whole(value) or value < 1:
+                problems.append(f"{name} must be a whole number >= 1, got {value!r}")
+        if not _is_number(self.learning_rate) or self.learning_rate <= 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0:
+            problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if not _is_whole(self.seed):
+            problems.append(f"seed must be a whole number, got {self.seed!r}")
+        if problems:
+            raise ConfigError("invalid training settings: " + "; ".join(problems))
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,9 +120,7 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) 
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
 
 
 def train_model(
@@ -87,18 +136,27 @@ def train_model(
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place and return the history (one row per epoch, with validation metrics).
 
-    ``epochs`` may be fractional (e.g. 0.5 trains on half an epoch's batches). When ``checkpoint_path`` is
-    given, the full training state is saved there every ``checkpoint_every`` steps and at every epoch end,
-    and a run that finds a checkpoint there continues from it.
+    ``epochs`` may be fractional (e.g. 0.5 trains on half an epoch's batches); ``0`` trains nothing and
+    returns an empty history. When ``checkpoint_path`` is given, the full training state is saved there every
+    ``checkpoint_every`` steps and at every epoch end, and a run that finds a checkpoint there continues
+    from it.
+
+    Each history row holds ``epoch``, ``step`` (total so far), ``train_loss`` (mean over all of the epoch's
+    steps, also those done before a resume), ``train_loss_steps`` (how many) and ``steps_this_run`` (how many
+    of them this call did: 0 for rows restored from the checkpoint), plus ``validation`` metrics.
     """
+    config.validate()
     if len(train_data) == 0:
-        raise ValueError("no training examples")
+        raise ConfigError("no training examples: the train split (or its subset) is empty")
+    if config.epochs == 0:
+        return []
     device = model_device(model)
     steps_per_epoch = num_batches(train_data, config.batch_size)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     optimizer = _optimizer(model, config)
     scheduler = _linear_schedule(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     step, history = 0, []
+    running_loss, running_count = 0.0, 0  # over the current epoch's steps, checkpointed
     checkpoint = Path(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -106,7 +164,9 @@ def train_model(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        step, history = state["step"], state["history"]
+        step, history = state["step"], [{**row, "steps_this_run": 0} for row in state["history"]]
+        running_loss, running_count = state.get("running_loss", 0.0), state.get("running_count", 0)
+    steps_this_epoch = 0
 
     def save() -> None:
         if checkpoint is not None:
@@ -119,12 +179,13 @@ def train_model(
                     "torch_rng": torch.get_rng_state(),
                     "step": step,
                     "history": history,
+                    "running_loss": running_loss,
+                    "running_count": running_count,
                 },
             )
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
-    running_loss, running_count = 0.0, 0
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         if skip == 0:
@@ -146,6 +207,7 @@ def train_model(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            steps_this_epoch += 1
             running_loss += loss.item()
             running_count += 1
             bar.update()
@@ -156,7 +218,9 @@ def train_model(
                 save()
         row: dict[str, Any] = {"epoch": round(step / steps_per_epoch, 3), "step": step}
         row["train_loss"] = round(running_loss / max(1, running_count), 5)
-        running_loss, running_count = 0.0, 0
+        row["train_loss_steps"] = running_count
+        row["steps_this_run"] = steps_this_epoch
+        running_loss, running_count, steps_this_epoch = 0.0, 0, 0
         if validation is not None and len(validation):
             row["validation"] = evaluate_split(
                 model, tokenizer, validation, config.eval_batch_size, progress, "validate"

@@ -1,0 +1,203 @@
+"""The run engine: the one place where a method is built, fitted (once, cached) and asked for a keep-plan.
+
+``cahp prune``, ``cahp bench`` and every benchmark script go through :class:`Engine`, so the flow
+``method -> fit(model, calibration) -> plan(budget, constraints)`` exists once. A fitted method is cached as one
+file per (method, settings, calibration, model weights), written atomically; an unreadable cache file is
+recomputed. Budget-aware methods (their fit depends on the head count: L0 gates, DSP) are fitted once per
+budget; every other method is fitted once and serves every budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cahp.calibration import Calibration
+from cahp.errors import CahpError
+from cahp.methods.base import PruningMethod, get_method, method_info
+from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
+
+#: Bumped when a cached fitted method of an earlier version must not be reused.
+CACHE_VERSION = 1
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every parameter and buffer (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def calibration_fingerprint(calibration: Calibration) -> str:
+    """A short hash of the calibration examples (token ids, labels), the objective and the batch size."""
+    digest = hashlib.sha256()
+    for features in calibration.examples.features:
+        digest.update(json.dumps(features, sort_keys=True).encode())
+    digest.update(np.asarray(calibration.examples.labels, dtype=np.int64).tobytes())
+    digest.update(f"{calibration.objective!r}|{calibration.batch_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def task_calibration(
+    task: Any,
+    tokenizer: Any,
+    size: int | None,
+    seed: int,
+    max_length: int,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Calibration:
+    """The calibration set of a classification task: its calibration split (the training split; offline MNLI:
+    the held-out share), a seeded class-stratified subset of ``size`` examples (``None``: all of it)."""
+    from cahp.calibration import SequenceClassification
+    from cahp.data import encode_split
+    from cahp.train.finetune import subsample
+
+    split = subsample(task.split(task.calibration_split), size, seed)
+    return Calibration(
+        encode_split(tokenizer, split, max_length),
+        tokenizer,
+        SequenceClassification(task.num_labels),
+        batch_size,
+        description={"split": task.calibration_split, "examples": len(split), "size": size, "seed": seed},
+        progress=progress,
+    )
+
+
+def method_budget_settings(
+    name: str, settings: dict[str, Any], budget: Budget | None, grid: HeadGrid
+) -> dict[str, Any]:
+    """``settings`` with ``keep`` set from the budget for a budget-aware method (its fit depends on it).
+
+    Raises:
+        CahpError: a budget-aware method without a head count.
+    """
+    if not method_info(name).budget_aware:
+        return dict(settings)
+    if budget is None or budget.is_auto:
+        raise CahpError(f"method {name!r} is fitted for a number of heads: give a budget with --keep K or --sparsity S")
+    return {**settings, "keep": budget.heads(grid.total)}
+
+
+def _infos() -> dict[str, Any]:
+    from cahp.methods.base import available_methods
+
+    return available_methods()
+
+
+class Engine:
+    """Fit methods on one model and one calibration set, and plan budgets.
+
+    Args:
+        model: an unpruned model with a registered adapter (never modified).
+        calibration: the examples and objective every method learns from.
+        cache_dir: where fitted methods are cached (``None``: no cache).
+        say: where one-line progress messages go (``None``: silent).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        calibration: Calibration,
+        cache_dir: str | Path | None = None,
+        say: Any = None,
+    ) -> None:
+        self.model = model
+        self.calibration = calibration
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.say = say or (lambda message: None)
+        self.grid = HeadGrid.of(model)
+        self._model_fingerprint: str | None = None
+        self._calibration_fingerprint: str | None = None
+        self._fitted: dict[str, PruningMethod] = {}
+        #: whether the last :meth:`fit` reused a fit (from memory or the cache) instead of computing it
+        self.last_fit_cached = False
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        """``{"model": ..., "calibration": ...}`` short hashes (computed once)."""
+        if self._model_fingerprint is None:
+            self._model_fingerprint = model_fingerprint(self.model)
+            self._calibration_fingerprint = calibration_fingerprint(self.calibration)
+        return {"model": self._model_fingerprint, "calibration": str(self._calibration_fingerprint)}
+
+    def build(self, name: str, settings: dict[str, Any], budget: Budget | None = None) -> PruningMethod:
+        """The unfitted method, with ``keep`` set from ``budget`` for budget-aware methods."""
+        return get_method(name, **method_budget_settings(name, settings, budget, self.grid))
+
+    def fit(self, name: str, settings: dict[str, Any], budget: Budget | None = None) -> PruningMethod:
+        """The fitted method (from the cache when it holds it).
+
+        Args:
+            name: a registered method.
+            settings: its settings (``seed`` among them).
+            budget: needed for budget-aware methods (their fit depends on it); ignored by the others.
+        """
+        method = self.build(name, settings, budget)
+        key = self._key(name, method.get_settings())
+        self.last_fit_cached = True
+        if key in self._fitted:
+            return self._fitted[key]
+        path = self.cache_dir / f"{name}__{key}.pkl" if self.cache_dir is not None else None
+        cached = _read_cached_method(path, self.say) if path is not None else None
+        if cached is not None:
+            self._fitted[key] = cached
+            return cached
+        self.last_fit_cached = False
+        self.say(f"fitting {name} on {len(self.calibration)} calibration examples")
+        method.fit(self.model, self.calibration)
+        if path is not None:
+            _write_cached_method(path, method)
+        self._fitted[key] = method
+        return method
+
+    def plan(
+        self, name: str, settings: dict[str, Any], budget: Budget, constraints: Constraints | None = None
+    ) -> KeepPlan:
+        """Fit ``name`` (or reuse it) and return its keep-plan for ``budget`` under ``constraints``."""
+        return self.fit(name, settings, budget).plan(budget, constraints or Constraints())
+
+    def _key(self, name: str, settings: dict[str, Any]) -> str:
+        payload = json.dumps(
+            {"version": CACHE_VERSION, "method": name, "settings": settings, **self.fingerprints},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _read_cached_method(path: Path, say: Any) -> PruningMethod | None:
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as handle:
+            method = pickle.load(handle)
+        if not isinstance(method, PruningMethod):
+            raise TypeError(f"not a fitted method: {type(method).__name__}")
+        return method
+    except Exception as error:  # a truncated or stale file: recompute, never fail the run on a cache
+        say(f"the cached fit {path.name} is unreadable ({type(error).__name__}); recomputing it")
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write_cached_method(path: Path, method: PruningMethod) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("wb") as handle:
+        pickle.dump(method, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    temporary.replace(path)
+
+
+def print_line(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)

@@ -1,0 +1,284 @@
+"""The bench summary built from hand-written cell folders: the planned cells (order, seeds under both
+calibration rules), a focus method other than cahp, a control other than random, fit timings counted once,
+and folders of earlier versions (config keys, ``scores/``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cahp.methods.base as method_registry
+import cahp.scoring.base as scorer_registry
+from cahp.methods.base import PruningMethod, available_methods, register_method
+from cahp.reporting.bench_report import (
+    _style,
+    control_method,
+    fit_seconds,
+    focus_method,
+    method_seeds,
+    method_settings,
+    planned_cells,
+    write_bench_report,
+)
+from cahp.scoring.base import HeadScorer, register_scorer
+
+LAYERS, HEADS = 2, 2  # a 4-head toy grid
+
+
+@pytest.fixture
+def toy_methods(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registers ``toy_fixed`` (a deterministic head scorer) and ``toy_auto`` (a method that finds its own
+    head count) for one test; the registry is restored afterwards."""
+    available_methods()  # load the built-ins first, so that the toys are the last registrations
+    monkeypatch.setitem(scorer_registry._SCORERS, "toy_fixed", HeadScorer)  # undone: the key is removed
+    monkeypatch.setitem(method_registry._METHODS, "toy_auto", PruningMethod)
+
+    @register_scorer("toy_fixed")
+    class ToyFixed(HeadScorer):
+        """A toy scorer whose scores do not depend on the seed."""
+
+        deterministic = True
+
+    @register_method("toy_auto")
+    class ToyAuto(PruningMethod):
+        """A toy method that finds its own head count."""
+
+        finds_own_budget = True
+
+
+def _config(methods: list[str], seeds: list[int], **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "/models/toy",
+        "task": {"task": "sst5"},
+        "methods": methods,
+        "budgets": [0.5, "knee"],
+        "seeds": seeds,
+        "deterministic_seeds": 1,
+        "calibration_size": 8,
+        "calibration_seed": 0,
+        "recovery": {"epochs": 1, "learning_rate": 1e-3},
+        **extra,
+    }
+
+
+def _cell(
+    method: str,
+    seed: int,
+    budget: str,
+    accuracy: float,
+    *,
+    keep: int = 2,
+    scoring: float = 0.0,
+    cell_seconds: float = 1.0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One cell as the runner writes it: ``keep`` heads kept from the first layers' heads."""
+    heads = [(layer, head) for layer in range(LAYERS) for head in range(HEADS)][:keep]
+    kept = {str(layer): [h for la, h in heads if la == layer] for layer in range(LAYERS)}
+
+    def scores(value: float) -> dict[str, Any]:
+        return {"test": {"accuracy": value, "macro_f1": value / 2, "examples": 100}}
+
+    return {
+        "method": method,
+        "seed": seed,
+        "budget": budget,
+        "keep": keep,
+        "heads_total": LAYERS * HEADS,
+        "layers": LAYERS,
+        "heads_per_layer": HEADS,
+        "kept": keep,
+        "kept_heads_by_layer": kept,
+        "selected_heads_by_layer": kept,
+        "guardrail_heads": [],
+        "accuracy": {"after_pruning": scores(accuracy), "after_recovery": scores(accuracy + 0.1)},
+        "seconds": {
+            "scoring": scoring,
+            "selection": 0.0,
+            "prune_and_evaluate": cell_seconds / 2,
+            "recovery_and_evaluate": cell_seconds / 2,
+        },
+        **extra,
+    }
+
+
+def _folder(root: Path, config: dict[str, Any], cells: list[dict[str, Any]]) -> Path:
+    (root / "cells").mkdir(parents=True)
+    (root / "bench_config.json").write_text(json.dumps(config))
+    dense = {"accuracy": {"test": {"accuracy": 0.6}}, "heads_total": LAYERS * HEADS, "task": {"task": "sst5"}}
+    (root / "dense.json").write_text(json.dumps(dense))
+    for cell in cells:
+        (root / "cells" / f"{cell['method']}__seed{cell['seed']}__{cell['budget']}.json").write_text(json.dumps(cell))
+    return root
+
+
+def _section(summary: str, title: str) -> list[str]:
+    """The table rows under the ``## title`` heading (header lines left out)."""
+    block = summary.split(f"## {title}\n\n", 1)[1].split("\n\n", 1)[0]
+    return block.splitlines()[2:]
+
+
+# ---- planned cells ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("toy_methods")
+def test_planned_cells_fixed_calibration_runs_deterministic_methods_on_the_first_seeds_only() -> None:
+    config = _config(["toy_fixed", "random", "toy_auto"], [0, 1, 2])
+    order = {0: ["toy_auto", "toy_fixed", "random"], 1: ["toy_auto", "random"], 2: ["toy_auto", "random"]}
+    expected = [
+        (method, seed, budget) for seed, methods in order.items() for method in methods for budget in (0.5, "knee")
+    ]
+    assert planned_cells(config) == expected, "seed-major, the method that finds its own budget first"
+    assert method_seeds("toy_fixed", config) == [0]
+    assert method_seeds("toy_fixed", {**config, "deterministic_seeds": 2}) == [0, 1]
+    assert method_seeds("random", config) == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("toy_methods")
+def test_planned_cells_resampled_calibration_runs_every_method_on_every_seed() -> None:
+    config = _config(["toy_fixed", "random", "toy_auto"], [0, 1], resample_calibration=True)
+    assert method_seeds("toy_fixed", config) == [0, 1]
+    assert planned_cells(config) == [
+        (method, seed, budget)
+        for seed in (0, 1)
+        for method in ("toy_auto", "toy_fixed", "random")
+        for budget in (0.5, "knee")
+    ]
+
+
+def test_config_roles_and_settings_of_current_and_earlier_records() -> None:
+    assert focus_method(_config(["gradient", "cahp"], [0], focus="gradient")) == "gradient"
+    assert focus_method(_config(["random", "cahp"], [0])) == "cahp", "earlier records compare cahp"
+    assert focus_method(_config(["random", "gradient"], [0])) == "random", "else the first method"
+    assert control_method(_config(["random"], [0])) == "random"
+    assert control_method(_config(["magnitude"], [0], control="magnitude")) == "magnitude"
+    earlier = _config(["cahp", "fisher"], [0], cahp={"salience": "fisher"}, scorer_settings={"fisher": {"a": 1}})
+    assert method_settings(earlier) == {"cahp": {"salience": "fisher"}, "fisher": {"a": 1}}
+    current = _config(["fisher"], [0], method_settings={"fisher": {"a": 2}}, scorer_settings={"fisher": {"a": 1}})
+    assert method_settings(current) == {"fisher": {"a": 2}}
+
+
+# ---- the summary ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("focus", ["gradient", "magnitude"])
+def test_summary_compares_the_configured_focus_with_the_best_other_method(tmp_path: Path, focus: str) -> None:
+    accuracy = {"random": 0.30, "gradient": 0.50, "magnitude": 0.40}
+    cells = [
+        _cell(method, 0, budget, value - (0.05 if budget == "knee" else 0.0))
+        for method, value in accuracy.items()
+        for budget in ("0.5", "knee")
+    ]
+    config = _config(list(accuracy), [0], focus=focus)
+    summary = write_bench_report(_folder(tmp_path / "bench", config, cells)).read_text()
+
+    rows = _section(summary, f"{focus} vs the best other method (mean accuracy)")
+    assert f"| budget | stage | {focus} | best other | difference | rank of {focus} |" in summary
+    first = rows[0].split(" | ")
+    best, best_value = max(((m, v) for m, v in accuracy.items() if m != focus), key=lambda item: item[1])
+    assert first[2] == f"{accuracy[focus]:.4f}" and first[3] == f"{best} {best_value:.4f}"
+    assert first[4] == f"{accuracy[focus] - best_value:+.4f}"
+    rank = 1 + sum(value > accuracy[focus] for value in accuracy.values())
+    assert first[5] == f"{rank} of 3 |"
+    assert "CAHP" not in summary and "cahp" not in summary
+    assert "(`knee` =" not in summary, "no method here finds its own head count"
+    assert json.loads((tmp_path / "bench" / "summary.json").read_text())["cells_planned"] == 6
+
+
+def test_summary_gain_table_is_over_the_configured_control(tmp_path: Path) -> None:
+    cells = [_cell(method, 0, "0.5", value) for method, value in (("gradient", 0.5), ("magnitude", 0.4))]
+    config = _config(["gradient", "magnitude"], [0], budgets=[0.5], control="magnitude")
+    summary = write_bench_report(_folder(tmp_path / "bench", config, cells)).read_text()
+    rows = _section(summary, "Gain over the magnitude control (mean accuracy, after pruning / after recovery)")
+    assert rows == ["| gradient | +0.1000 / +0.1000 |"]
+    assert "`magnitude` is the control." in summary
+
+
+def test_plot_style_highlights_the_focus_and_dashes_the_control() -> None:
+    assert _style("gradient", 0, "gradient", "random")["lw"] == 2.2
+    assert _style("random", 1, "gradient", "random")["ls"] == "--"
+    assert "lw" not in _style("cahp", 2, "gradient", "random"), "cahp is drawn like any other method"
+
+
+def test_missing_seeds_of_a_method_no_longer_deterministic_are_named(tmp_path: Path) -> None:
+    """A grid run when ``gradient`` was taken for deterministic holds its seed 0 only: the summary says which
+    cells are missing and why, and still renders gradient's row from seed 0."""
+    cells = [_cell("random", seed, budget, 0.3 + seed / 100) for seed in (0, 1) for budget in ("0.5", "knee")]
+    cells += [_cell("gradient", 0, budget, 0.5) for budget in ("0.5", "knee")]
+    config = _config(["gradient", "random"], [0, 1], focus="gradient")
+    summary = write_bench_report(_folder(tmp_path / "bench", config, cells)).read_text()
+    assert "**Partial grid: 6 of the 8 cells this config plans.** Not run yet: gradient (seed 1)." in summary
+    assert "gradient ran only seed 0 while the grid went on to later seeds" in summary
+    assert "| gradient | 0.5000 | 0.5000 |" in summary, "one seed: no ±"
+    assert "| random | 0.3050 ± 0.0071 | 0.3050 ± 0.0071 |" in summary
+
+
+def test_missing_cells_of_an_interrupted_grid_give_no_reason(tmp_path: Path) -> None:
+    cells = [_cell(method, 0, budget, 0.4) for method in ("gradient", "random") for budget in ("0.5", "knee")]
+    config = _config(["gradient", "random"], [0, 1])
+    summary = write_bench_report(_folder(tmp_path / "bench", config, cells)).read_text()
+    assert "Not run yet: gradient (seed 1), random (seed 1)." in summary
+    assert "ran only seed 0" not in summary, "no seed after 0 was reached: nothing says it was skipped"
+
+
+# ---- timings ---------------------------------------------------------------------------------------------------
+
+
+def test_a_fit_shared_by_several_budgets_is_counted_once(tmp_path: Path) -> None:
+    cells = [
+        _cell("gradient", 0, "0.5", 0.5, scoring=10.0, fit_cached=False, budget_aware=False),
+        _cell("gradient", 0, "0.25", 0.5, keep=1, scoring=10.0, fit_cached=True, budget_aware=False),
+        _cell("gradient", 0, "knee", 0.5, keep=1, scoring=10.0, fit_cached=True, budget_aware=False),
+        # a budget-aware method fits once per head count: knee reuses the fit of 0.25 (same keep)
+        _cell("dsp", 0, "0.5", 0.5, keep=2, scoring=4.0, fit_cached=False, budget_aware=True),
+        _cell("dsp", 0, "0.25", 0.5, keep=1, scoring=6.0, fit_cached=False, budget_aware=True),
+        _cell("dsp", 0, "knee", 0.5, keep=1, scoring=6.0, fit_cached=True, budget_aware=True),
+        # every cell reused a fit made before these cells: it counts once
+        _cell("random", 0, "0.5", 0.3, scoring=2.0, fit_cached=True, budget_aware=False),
+        _cell("random", 0, "0.25", 0.3, keep=1, scoring=2.0, fit_cached=True, budget_aware=False),
+    ]
+    assert fit_seconds(cells) == {"gradient": [10.0], "dsp": [4.0, 6.0], "random": [2.0]}
+    config = _config(["gradient", "dsp", "random"], [0], budgets=[0.5, 0.25, "knee"])
+    summary = write_bench_report(_folder(tmp_path / "bench", config, cells)).read_text()
+    assert "| gradient | 1 | 10.0 | 1.0 | 13.0 |" in summary
+    assert "A cell = prune, evaluate, recover, evaluate." in summary
+    timings = json.loads((tmp_path / "bench" / "summary.json").read_text())["timings"]
+    assert timings["gradient"] == {
+        "scoring_runs": 1,
+        "scoring_seconds_mean": 10.0,
+        "cell_seconds_mean": 1.0,
+        "total_seconds": 13.0,
+    }
+    assert (timings["dsp"]["scoring_runs"], timings["dsp"]["total_seconds"]) == (2, 13.0)
+    assert (timings["random"]["scoring_runs"], timings["random"]["total_seconds"]) == (1, 4.0)
+
+
+def test_a_refit_counts_again_and_cells_of_earlier_versions_count_once_per_fit() -> None:
+    refit = [_cell("gradient", 0, b, 0.5, scoring=s, fit_cached=False) for b, s in (("0.5", 3.0), ("knee", 5.0))]
+    assert fit_seconds(refit) == {"gradient": [3.0, 5.0]}, "the cache was lost between two runs: two fits"
+    # earlier cells carry neither fit_cached nor budget_aware: dsp is budget-aware in the registry
+    earlier = [_cell("dsp", 0, b, 0.5, keep=k, scoring=s) for b, k, s in (("0.5", 2, 4.0), ("knee", 1, 6.0))]
+    earlier += [_cell("fisher", seed, "0.5", 0.5, scoring=7.0 + seed) for seed in (0, 1)]
+    earlier += [_cell("fisher", 0, "knee", 0.5, keep=1, scoring=7.0)]
+    assert fit_seconds(earlier) == {"dsp": [4.0, 6.0], "fisher": [7.0, 8.0]}
+
+
+def test_folder_of_an_earlier_version_reads_its_scores(tmp_path: Path) -> None:
+    """Folders written before the cells said ``fit_cached`` keep each fit's time in ``scores/``, and CAHP's
+    signatures and salience, shared by every seed, in ``scores/cahp_shared.json``."""
+    cells = [_cell(method, 0, budget, 0.4, scoring=99.0) for method in ("cahp", "random") for budget in ("0.5", "knee")]
+    root = _folder(tmp_path / "bench", _config(["cahp", "random"], [0], cahp={}, scorer_settings={}), cells)
+    (root / "scores").mkdir()
+    for name, seconds in (("cahp__seed0", 1.5), ("random__seed0", 0.0), ("cahp_shared", 20.0)):
+        (root / "scores" / f"{name}.json").write_text(json.dumps({"seconds": seconds}))
+    summary = write_bench_report(root).read_text()
+    timings = json.loads((root / "summary.json").read_text())["timings"]
+    assert timings["cahp"]["shared_signatures_salience_seconds"] == 20.0
+    assert timings["cahp"]["total_seconds"] == 1.5 + 2.0 + 20.0
+    assert "| cahp | 1 | 1.5 | 1.0 | 23.5 |" in summary
+    assert "CAHP's signatures and salience (20.0 s) are computed once for all seeds" in summary
+    assert "## cahp vs the best other method (mean accuracy)" in summary, "cahp is the focus of earlier records"
+    assert "(`knee` = cahp's k*, the head count it finds itself)" in summary

@@ -1,0 +1,411 @@
+"""The command line: replaying runs with --config, flags over configs, help and defaults, light imports, exit
+statuses and one-line errors, and the lazy top-level package."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cahp
+from cahp import cli
+from cahp.cli import build_parser, finetune_config, main, prune_config
+from cahp.errors import CahpError
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY_MODULES = ("torch", "transformers", "numpy", "scipy", "sklearn", "datasets", "cahp.scoring")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _at(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    return result.stdout.strip()
+
+
+# ---- light imports ------------------------------------------------------------------------------------------------
+
+
+def test_building_the_parser_and_help_import_nothing_heavy() -> None:
+    code = (
+        "import sys, cahp.cli\n"
+        "parser = cahp.cli.build_parser()\n"
+        "parser.format_help()\n"
+        "for name in ('finetune', 'prune', 'evaluate', 'bench', 'methods'):\n"
+        "    try:\n"
+        "        parser.parse_args([name, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"print('heavy:' + ','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    heavy = _python(code).splitlines()[-1]
+    assert heavy == "heavy:", f"building the parser and its help imported {heavy.removeprefix('heavy:')}"
+
+
+def test_import_cahp_is_light_and_every_export_resolves() -> None:
+    heavy = _python(f"import sys, cahp; print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
+    assert heavy == "", f"`import cahp` imported {heavy}"
+    assert set(cahp._LAZY_EXPORTS) <= set(cahp.__all__)
+    for name in cahp.__all__:
+        assert getattr(cahp, name) is not None, name
+    assert cahp.load_pruned.__module__.startswith("cahp.surgery")
+    assert {"prune", "PruneConfig", "load_pruned", "prune_heads", "head_mask", "get_method", "Budget"} <= set(
+        cahp.__all__
+    )
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = cahp.no_such_name
+
+
+def test_version_matches_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert cahp.__version__ == version
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"cahp {version}"
+    result = subprocess.run([sys.executable, "-m", "cahp", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.strip() == f"cahp {version}"
+
+
+# ---- help and defaults --------------------------------------------------------------------------------------------
+
+
+def test_every_option_has_help_that_shows_its_default() -> None:
+    for name, parser in _subparsers(build_parser()).items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"cahp {name} {action.option_strings[0]} has no help"
+            shown = formatter._get_help_string(action) or ""
+            assert action.required or "(default:" in shown, f"cahp {name} {action.option_strings[0]}: {shown}"
+
+
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+def test_shown_defaults_are_the_config_defaults(command: str) -> None:
+    from cahp.pipeline import PruneConfig
+    from cahp.train.finetune import FinetuneConfig
+
+    parser = _subparsers(build_parser())[command]
+    fields = cli.PRUNE_FIELDS if command == "prune" else cli.FINETUNE_FIELDS
+    defaults = PruneConfig(model="m") if command == "prune" else FinetuneConfig()
+    documented = {a.dest: a.config_default for a in parser._actions if hasattr(a, "config_default")}
+    assert set(documented) == set(fields), "every config option is mapped to a config field, and only those"
+    for dest, paths in fields.items():
+        for path in paths:
+            expected = _at(defaults, path)
+            shown = documented[dest]
+            if dest == "model" and command == "prune":
+                continue  # required: no default
+            assert (tuple(shown) if isinstance(shown, list) else shown) == expected, f"--{dest} -> {path}"
+    for dest in fields:
+        assert getattr(parser.parse_args(["--out", "o"]), dest) is None, f"--{dest} must default to None for replays"
+
+
+def test_no_flags_give_the_config_defaults() -> None:
+    from cahp.pipeline import PruneConfig
+    from cahp.train.finetune import FinetuneConfig
+
+    parser = build_parser()
+    assert prune_config(parser.parse_args(["prune", "--model", "m", "--out", "o"])) == PruneConfig(model="m")
+    assert finetune_config(parser.parse_args(["finetune", "--out", "o"])) == FinetuneConfig()
+
+
+# ---- replays ------------------------------------------------------------------------------------------------------
+
+
+def _a_prune_config() -> Any:
+    from cahp.pipeline import PruneConfig
+    from cahp.train import TaskOptions, TrainingConfig
+
+    return PruneConfig(
+        model="some/model",
+        task=TaskOptions(task="mnli", protocol="offline", text_columns=["premise", "hypothesis"], max_length=64),
+        method="cahp",
+        method_settings={"metric": "bhattacharyya", "salience": "gradient", "salience_settings": {"fraction": 0.5}},
+        budget="keep=20",
+        allow_empty_layers=True,
+        uniform_layers=False,
+        gqa_mode="uniform",
+        seed=7,
+        calibration_size=300,
+        calibration_batch_size=16,
+        recovery=TrainingConfig(epochs=1.0, learning_rate=3e-5, batch_size=8, seed=7, group_by_length=True),
+        recovery_max_examples=200,
+        eval_splits=("test",),
+        eval_max_examples=50,
+        latency_batch_size=4,
+        latency_seq_len=32,
+        latency_repeats=2,
+    )
+
+
+def _write_run_config(folder: Path, command: str, config: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run_config.json"
+    path.write_text(json.dumps({"command": command, **config.to_dict(), "inputs": {"model_path": "/x"}}))
+    return path
+
+
+def test_prune_replays_a_run_config_and_flags_override_it(tmp_path: Path) -> None:
+    original = _a_prune_config()
+    record = _write_run_config(tmp_path / "run", "prune", original)
+    parser = build_parser()
+    for source in (record, record.parent):  # the file, or the run's folder
+        assert prune_config(parser.parse_args(["prune", "--config", str(source), "--out", "o"])) == original
+
+    args = parser.parse_args(
+        [
+            *["prune", "--config", str(record), "--out", "o", "--recovery-epochs", "0", "--sparsity", "0.5"],
+            *["--no-allow-empty-layers", "--metric", "jm", "--max-length", "32", "--seed", "3", "--eval-splits", "a,b"],
+        ]
+    )
+    replay = prune_config(args)
+    assert replay.recovery.epochs == 0 and replay.budget == "sparsity=0.5" and not replay.allow_empty_layers
+    assert replay.method_settings == {**original.method_settings, "metric": "jm"}
+    assert replay.task.max_length == 32 and replay.task.protocol == "offline"
+    assert replay.seed == 3 and replay.recovery.seed == 3 and replay.eval_splits == ("a", "b")
+    untouched = {"recovery", "budget", "allow_empty_layers", "method_settings", "task", "seed", "eval_splits"}
+    for field in dataclasses.fields(original):
+        if field.name not in untouched:
+            assert getattr(replay, field.name) == getattr(original, field.name), field.name
+    assert replay.recovery.learning_rate == 3e-5 and replay.recovery.group_by_length
+    assert (
+        prune_config(parser.parse_args(["prune", "--config", str(record), "--out", "o", "--budget", "auto"])).budget
+        == "auto"
+    )
+
+
+def test_replay_with_another_method_or_salience_drops_the_old_settings(tmp_path: Path) -> None:
+    record = _write_run_config(tmp_path / "run", "prune", _a_prune_config())
+    parser = build_parser()
+    common = ["prune", "--config", str(record), "--out", "o"]
+    other_method = prune_config(parser.parse_args([*common, "--method", "random", "--keep", "5"]))
+    assert other_method.method == "random" and other_method.method_settings == {}
+    other_salience = prune_config(parser.parse_args([*common, "--salience", "fisher"]))
+    assert other_salience.method_settings == {"metric": "bhattacharyya", "salience": "fisher"}
+    both = prune_config(
+        parser.parse_args([*common, "--salience", "fisher", "--method-setting", "salience_settings={}"])
+    )
+    assert both.method_settings["salience_settings"] == {}
+    fraction = prune_config(parser.parse_args([*common, "--salience-fraction", "0.75"]))
+    assert fraction.method_settings["salience_settings"] == {"fraction": 0.75}
+
+
+def test_prune_replays_a_record_of_the_earlier_format(tmp_path: Path) -> None:
+    record = tmp_path / "old.json"
+    old = {
+        "command": "prune",
+        "model": "some/model",
+        "method": "cahp",
+        "cahp": {"metric": "jm", "salience": "gradient", "keep": 12, "seed": 5, "allow_empty_layers": False},
+        "salience_fraction": 0.25,
+        "scorer_settings": {},
+    }
+    record.write_text(json.dumps(old))
+    config = prune_config(build_parser().parse_args(["prune", "--config", str(record), "--out", "o"]))
+    assert config.budget == "keep=12" and config.seed == 5 and config.method_settings["metric"] == "jm"
+
+
+def test_finetune_replays_a_run_config(tmp_path: Path) -> None:
+    from cahp.train import FinetuneConfig, TaskOptions, TrainingConfig
+
+    original = FinetuneConfig(
+        model="bert-tiny",
+        task=TaskOptions(task="sst2", max_length=48),
+        training=TrainingConfig(epochs=2.0, batch_size=4, seed=9),
+        max_train_examples=100,
+        eval_splits=("validation",),
+    )
+    record = _write_run_config(tmp_path / "ft", "finetune", original)
+    parser = build_parser()
+    assert finetune_config(parser.parse_args(["finetune", "--config", str(record), "--out", "o"])) == original
+    replay = finetune_config(parser.parse_args(["finetune", "--config", str(record), "--out", "o", "--epochs", "1"]))
+    assert replay == dataclasses.replace(original, training=dataclasses.replace(original.training, epochs=1.0))
+    with pytest.raises(CahpError, match="cahp prune --config"):
+        finetune_config(
+            parser.parse_args(
+                [
+                    "finetune",
+                    "--config",
+                    str(_write_run_config(tmp_path / "p", "prune", _a_prune_config())),
+                    "--out",
+                    "o",
+                ]
+            )
+        )
+
+
+def test_method_settings_and_shortcuts_merge_without_naming_a_method() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            *["prune", "--model", "m", "--out", "o", "--method", "l0", "--sparsity", "0.5"],
+            *[
+                "--scorer-setting",
+                "steps=400",
+                "--method-setting",
+                "anneal=false",
+                "--method-setting",
+                "name=fast mode",
+            ],
+        ]
+    )
+    assert prune_config(args).method_settings == {"steps": 400, "anneal": False, "name": "fast mode"}
+    shortcut = prune_config(
+        parser.parse_args(["prune", "--model", "m", "--out", "o", "--method", "random", "--metric", "jm"])
+    )
+    assert shortcut.method_settings == {"metric": "jm"}, "a shortcut goes to any method, which may refuse it"
+    from cahp.pipeline import check_config
+
+    with pytest.raises(CahpError, match="metric"):
+        check_config(dataclasses.replace(shortcut, budget="keep=2"))
+
+
+# ---- refusals before any work -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["finetune", "--batch-size", "0"],
+        ["finetune", "--max-length", "0"],
+        ["finetune", "--max-length", "-5"],
+        ["finetune", "--epochs", "0"],
+        ["finetune", "--epochs", "-1"],
+        ["finetune", "--epochs", "nan"],
+        ["finetune", "--text-columns", "premise,,hypothesis"],
+        ["prune", "--model", "m", "--keep", "0"],
+        ["prune", "--model", "m", "--sparsity", "1"],
+        ["prune", "--model", "m", "--sparsity", "0"],
+        ["prune", "--model", "m", "--keep", "3", "--sparsity", "0.5"],
+        ["prune", "--model", "m", "--budget", "keep=0"],
+        ["prune", "--model", "m", "--recovery-epochs", "-1"],
+        ["prune", "--model", "m", "--calibration-size", "0"],
+        ["prune"],  # neither --model nor --config
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors_and_write_nothing(
+    arguments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    try:
+        code = main([*arguments, "--out", str(out)])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(error_lines) == 1 and error_lines[0].startswith(f"cahp {arguments[0]}: error:"), err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_a_zero_batch_size(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", "m", "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "--batch-size: must be a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_finetune_config_file_values_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cahp.train import FinetuneConfig
+
+    record = _write_run_config(tmp_path / "ft", "finetune", FinetuneConfig())
+    raw = json.loads(record.read_text())
+    raw["training"]["epochs"] = 0
+    record.write_text(json.dumps(raw))
+    assert main(["finetune", "--config", str(record), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cahp: error: ConfigError:") and "epochs" in err and err.count("\n") == 1
+    bad_key = tmp_path / "bad.json"
+    bad_key.write_text(json.dumps({"model": "m", "trainingg": {}}))
+    assert main(["finetune", "--config", str(bad_key), "--out", str(tmp_path / "out")]) == 1
+    assert "trainingg" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["finetune"], ["prune", "--model", "m"]])
+def test_out_that_is_a_file_is_refused_in_one_line(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "below"):
+        assert main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(blocker) in err and "file" in err
+    assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+# ---- exit statuses ------------------------------------------------------------------------------------------------
+
+
+def _replace_command(monkeypatch: pytest.MonkeyPatch, name: str, run: Callable[[argparse.Namespace], int]) -> None:
+    monkeypatch.setitem(cli.COMMANDS, name, dataclasses.replace(cli.COMMANDS[name], run=run))
+
+
+def _raises(error: BaseException) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise error
+
+    return run
+
+
+def test_errors_exit_1_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _replace_command(monkeypatch, "models", _raises(CahpError("the reason; what to do")))
+    assert main(["models"]) == 1
+    assert capsys.readouterr().err == "cahp: error: CahpError: the reason; what to do\n"
+    _replace_command(
+        monkeypatch, "models", _raises(PermissionError(13, "Permission denied", "/read-only/.out.partial"))
+    )
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/read-only/.out.partial" in err and "Permission denied" in err
+    _replace_command(monkeypatch, "models", _raises(BrokenPipeError(32, "Broken pipe")))
+    assert main(["models"]) == 141 and capsys.readouterr().err == "", "a closed pipe (`| head`) is no error"
+
+
+def test_a_missing_model_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", str(tmp_path / "nothing-here"), "--task", "sst5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cahp: error: ModelNotFoundError") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "says_resume"), [("evaluate", False), ("finetune", True), ("prune", True), ("bench", True)]
+)
+def test_interrupt_says_resume_only_for_resumable_commands(
+    name: str, says_resume: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _replace_command(monkeypatch, name, _raises(KeyboardInterrupt()))
+    arguments = {"evaluate": ["--model", "m"], "bench": ["--config", "c.json"]}.get(
+        name, ["--model", "m", "--out", "o"]
+    )
+    assert main([name, *arguments]) == 130
+    assert ("resume" in capsys.readouterr().err) is says_resume
+
+
+def test_methods_lists_every_registered_method(capsys: pytest.CaptureFixture[str]) -> None:
+    from cahp.methods import available_methods
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, info in available_methods().items():
+        line = next((i for i, text in enumerate(lines) if text.split(" ", 1)[0] == name), None)
+        assert line is not None, f"{name} is not listed"
+        assert info.description.replace("``", "") in lines[line]
+        assert ("finds its own budget" in lines[line + 1]) is info.finds_own_budget
+    assert "cahp" in available_methods() and "random" in available_methods()
