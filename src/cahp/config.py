@@ -55,6 +55,22 @@ def config_from_dict(cls: type[T], raw: Any, where: str = "config") -> T:
         raise CahpError(f"{where}: {error}") from error
 
 
+def check_counts(owner: Any, names: tuple[str, ...], *, optional: bool, where: str = "") -> None:
+    """Refuse any of ``owner``'s attributes ``names`` that is not a positive whole number (``None`` passes when
+    ``optional``: the whole split)."""
+    for name in names:
+        value = getattr(owner, name)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            what = (
+                "a positive number of examples (or None / null for the whole split)"
+                if optional
+                else ("a positive whole number")
+            )
+            raise CahpError(f"{where}{name} must be {what}, got {value!r}")
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON object from ``path``, with errors that name the file."""
     file = Path(path).expanduser()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from cahp.calibration import Calibration
 from cahp.errors import CahpError
 from cahp.methods.base import PruningMethod, get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
+from cahp.outputs import atomic_write, read_cache
 
 #: Bumped when a cached fitted method of an earlier version must not be reused.
 CACHE_VERSION = 1
@@ -89,12 +89,6 @@ def method_budget_settings(
     return {**settings, "keep": budget.heads(grid.total)}
 
 
-def _infos() -> dict[str, Any]:
-    from cahp.methods.base import available_methods
-
-    return available_methods()
-
-
 class Engine:
     """Fit methods on one model and one calibration set, and plan budgets.
 
@@ -149,7 +143,7 @@ class Engine:
         if key in self._fitted:
             return self._fitted[key]
         path = self.cache_dir / f"{name}__{key}.pkl" if self.cache_dir is not None else None
-        cached = _read_cached_method(path, self.say) if path is not None else None
+        cached = read_cache(path, _load_method, f"fit of {name}") if path is not None else None
         if cached is not None:
             self._fitted[key] = cached
             return cached
@@ -157,7 +151,7 @@ class Engine:
         self.say(f"fitting {name} on {len(self.calibration)} calibration examples")
         method.fit(self.model, self.calibration)
         if path is not None:
-            _write_cached_method(path, method)
+            _save_method(path, method)
         self._fitted[key] = method
         return method
 
@@ -176,28 +170,18 @@ class Engine:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _read_cached_method(path: Path, say: Any) -> PruningMethod | None:
-    if not path.is_file():
-        return None
-    try:
-        with path.open("rb") as handle:
-            method = pickle.load(handle)
-        if not isinstance(method, PruningMethod):
-            raise TypeError(f"not a fitted method: {type(method).__name__}")
-        return method
-    except Exception as error:  # a truncated or stale file: recompute, never fail the run on a cache
-        say(f"the cached fit {path.name} is unreadable ({type(error).__name__}); recomputing it")
-        path.unlink(missing_ok=True)
-        return None
+def _load_method(path: Path) -> PruningMethod:
+    with path.open("rb") as handle:
+        method = pickle.load(handle)
+    if not isinstance(method, PruningMethod):
+        raise TypeError(f"not a fitted method: {type(method).__name__}")
+    return method
 
 
-def _write_cached_method(path: Path, method: PruningMethod) -> None:
+def _save_method(path: Path, method: PruningMethod) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        pickle.dump(method, handle, protocol=pickle.HIGHEST_PROTOCOL)
-    temporary.replace(path)
+    atomic_write(path, lambda temporary: temporary.write_bytes(pickle.dumps(method, protocol=pickle.HIGHEST_PROTOCOL)))
 
 
 def print_line(message: str) -> None:
-    print(message, file=sys.stdout, flush=True)
+    print(message, flush=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cahp.config import config_from_dict
+from cahp.config import check_counts, config_from_dict
 from cahp.data import EncodedSplit, encode_split
 from cahp.engine import Engine, print_line, task_calibration
 from cahp.errors import CahpError
@@ -29,8 +29,8 @@ from cahp.evaluation.latency import measure_latency, synthetic_batch
 from cahp.evaluation.metrics import evaluate_split
 from cahp.methods.base import get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
-from cahp.models import load_classifier
-from cahp.outputs import StagedOutput, write_json
+from cahp.models import load_classifier, resolve_model
+from cahp.outputs import StagedOutput, read_cache, write_json
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
@@ -147,24 +147,28 @@ class _Stages:
         self.cached: list[str] = []
 
     def json(self, name: str, compute: Any) -> Any:
-        path = self.folder / f"{name}.json"
-        if path.is_file():
-            try:
-                cached = json.loads(path.read_text())
-                self.seconds[name] = cached["seconds"]
-                self.cached.append(name)
-                return cached["value"]
-            except (ValueError, KeyError):
-                self.say(f"the cached stage {path.name} is unreadable; recomputing it")
+        cached = read_cache(self.folder / f"{name}.json", _read_stage, f"stage {name}")
+        if cached is not None:
+            self.seconds[name] = cached["seconds"]
+            self.cached.append(name)
+            return cached["value"]
         start = time.perf_counter()
         value = compute()
         self.seconds[name] = round(time.perf_counter() - start, 2)
-        write_json(path, {"seconds": self.seconds[name], "value": value})
+        write_json(self.folder / f"{name}.json", {"seconds": self.seconds[name], "value": value})
         return value
 
     def say(self, message: str) -> None:
         if self.progress:
             print(message, flush=True)
+
+
+def _read_stage(path: Path) -> dict[str, Any]:
+    """A cached stage: ``{"seconds": ..., "value": ...}`` (a file without both keys is unreadable)."""
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or not {"seconds", "value"} <= set(record):
+        raise ValueError("not a stage record")
+    return record
 
 
 def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progress: bool) -> dict[str, Any]:
@@ -176,20 +180,13 @@ def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progr
 def check_config(config: PruneConfig) -> tuple[Budget, Constraints]:
     """Refuse a bad setting before anything is loaded or written: subset sizes, the method, its settings, the
     budget and the constraints. Returns the parsed budget and constraints."""
-    for name in ("calibration_size", "recovery_max_examples", "eval_max_examples"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise CahpError(
-                f"{name} must be a positive number of examples (or None for the whole split), got {value!r}"
-            )
-    for name in ("calibration_batch_size", "latency_batch_size", "latency_seq_len", "latency_repeats"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise CahpError(f"{name} must be a positive whole number, got {value!r}")
+    check_counts(config, ("calibration_size", "recovery_max_examples", "eval_max_examples"), optional=True)
+    check_counts(
+        config, ("calibration_batch_size", "latency_batch_size", "latency_seq_len", "latency_repeats"), optional=False
+    )
     if not config.eval_splits:
         raise CahpError("eval_splits must name at least one split")
-    if config.recovery.epochs < 0:
-        raise CahpError(f"recovery epochs must be 0 (no recovery) or more, got {config.recovery.epochs}")
+    config.recovery.validate()
     budget, constraints = config.parsed_budget(), config.constraints()
     info = method_info(config.method)
     if budget.is_auto and not info.finds_own_budget:
@@ -246,7 +243,7 @@ def prune(
     )
     evaluation = encode_eval_splits(tokenizer, task, config.eval_splits, config.eval_max_examples, max_length)
     engine = Engine(model, calibration, say=print_line if progress else None)
-    inputs = {"model_path": _resolved(config.model), **engine.fingerprints}
+    inputs = {"model_path": resolve_model(config.model).location, **engine.fingerprints}
     staged = StagedOutput(out, {"command": "prune", **config.to_dict(), "inputs": inputs}, overwrite).prepare()
     (staged.path / "stages").mkdir(exist_ok=True)
     stages = _Stages(staged.path / "stages", progress)
@@ -370,12 +367,6 @@ def _selection_view(plan: KeepPlan) -> dict[str, Any]:
         "kept_heads_by_layer": {str(layer): heads for layer, heads in sorted(plan.kept_heads_by_layer.items())},
         "guardrail_heads": [list(head) for head in plan.guardrail_heads],
     }
-
-
-def _resolved(model: str) -> str:
-    """A local model folder as an absolute path; an alias or hub id as given."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -19,7 +19,6 @@ from cahp.reporting.bench_report import (
     fit_seconds,
     focus_method,
     method_seeds,
-    method_settings,
     planned_cells,
     write_bench_report,
 )
@@ -155,10 +154,18 @@ def test_config_roles_and_settings_of_current_and_earlier_records() -> None:
     assert focus_method(_config(["random", "gradient"], [0])) == "random", "else the first method"
     assert control_method(_config(["random"], [0])) == "random"
     assert control_method(_config(["magnitude"], [0], control="magnitude")) == "magnitude"
+    from cahp.bench.runner import upgrade_bench_record
+    from cahp.errors import CahpError
+
     earlier = _config(["cahp", "fisher"], [0], cahp={"salience": "fisher"}, scorer_settings={"fisher": {"a": 1}})
-    assert method_settings(earlier) == {"cahp": {"salience": "fisher"}, "fisher": {"a": 1}}
-    current = _config(["fisher"], [0], method_settings={"fisher": {"a": 2}}, scorer_settings={"fisher": {"a": 1}})
-    assert method_settings(current) == {"fisher": {"a": 2}}
+    assert upgrade_bench_record(earlier)["method_settings"] == {
+        "cahp": {"salience": "fisher", "salience_settings": {"a": 1}, "salience_seed": 0},
+        "fisher": {"a": 1},
+    }, "CAHP's salience took the settings of its scorer, and the first calibration seed"
+    current = _config(["fisher"], [0], method_settings={"fisher": {"a": 2}})
+    assert upgrade_bench_record(current)["method_settings"] == {"fisher": {"a": 2}}
+    with pytest.raises(CahpError, match="method_settings"):
+        upgrade_bench_record({**current, "scorer_settings": {"fisher": {"a": 1}}})
 
 
 # ---- the summary ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from cahp.config import config_from_dict
+from cahp.config import check_counts, config_from_dict
 from cahp.data import EncodedSplit, encode_split
 from cahp.engine import Engine, task_calibration
 from cahp.errors import CahpError
@@ -159,6 +159,11 @@ def upgrade_bench_record(raw: dict[str, Any]) -> dict[str, Any]:
     """
     if "cahp" not in raw and "scorer_settings" not in raw:
         return dict(raw)
+    if "method_settings" in raw:
+        raise CahpError(
+            'bench config: "method_settings" replaces the older "cahp" and "scorer_settings" keys; give only '
+            '"method_settings" ({method: {setting: value}})'
+        )
     record = {key: value for key, value in raw.items() if key not in ("cahp", "scorer_settings")}
     settings: dict[str, dict[str, Any]] = {m: dict(v) for m, v in (raw.get("scorer_settings") or {}).items()}
     if "cahp" in raw.get("methods", ["cahp"]) or raw.get("cahp"):
@@ -218,10 +223,12 @@ def _validate(config: BenchConfig) -> None:
             )
     if not isinstance(config.seeds, list) or not config.seeds or not all(isinstance(s, int) for s in config.seeds):
         raise CahpError('bench config: "seeds" must list at least one whole number')
-    for name in ("calibration_size", "recovery_max_examples", "eval_max_examples"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise CahpError(f'bench config: "{name}" must be a positive number of examples or null, got {value!r}')
+    check_counts(
+        config,
+        ("calibration_size", "recovery_max_examples", "eval_max_examples"),
+        optional=True,
+        where="bench config: ",
+    )
     if config.focus is not None and config.focus not in config.methods:
         raise CahpError(f'bench config: "focus" {config.focus!r} is not one of "methods" {config.methods}')
     if not isinstance(config.method_settings, dict):

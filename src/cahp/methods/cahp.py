@@ -151,9 +151,9 @@ class CAHP(PruningMethod):
 
     @property
     def k_star_(self) -> int:
-        """The knee's cluster count."""
+        """The knee's cluster count, capped at the number of distinct points of the head space."""
         self._check_fitted()
-        return int(self.selector_.knee_.k)
+        return int(self.selector_.k_)
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
         from cahp.selection.representatives import default_head_ids, select_representatives
@@ -198,5 +198,6 @@ class CAHP(PruningMethod):
             "salience": selector.salience_.tolist(),
             "embedding": selector.embedding_.tolist(),
             "profile_dimensions": int(selector.profiles_.shape[1]),
+            "head_space": selector.report()["head_space"],
         }
         return self._plan_from_priority(priority, k, budget, constraints, details)

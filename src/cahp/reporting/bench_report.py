@@ -60,17 +60,6 @@ def control_method(config: dict[str, Any]) -> str:
     return str(config.get("control") or DEFAULT_CONTROL)
 
 
-def method_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{method: settings}`` of a config: its ``method_settings``, or in records of earlier versions its
-    ``scorer_settings`` plus the ``cahp`` key (the settings of the ``cahp`` method)."""
-    if "method_settings" in config:
-        return {method: dict(settings) for method, settings in config["method_settings"].items()}
-    settings = {method: dict(values) for method, values in config.get("scorer_settings", {}).items()}
-    if config.get(LEGACY_FOCUS):
-        settings[LEGACY_FOCUS] = dict(config[LEGACY_FOCUS])
-    return settings
-
-
 def planned_cells(config: dict[str, Any]) -> list[tuple[str, int, float | str]]:
     """The ``(method, seed, budget)`` cells of a grid, in the order the runner computes them.
 
