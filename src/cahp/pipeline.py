@@ -29,7 +29,7 @@ from cahp.evaluation.latency import measure_latency, synthetic_batch
 from cahp.evaluation.metrics import evaluate_split
 from cahp.methods.base import get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
-from cahp.models import load_classifier, resolve_model
+from cahp.models import check_max_length, load_classifier, load_model_config, resolve_model
 from cahp.outputs import StagedOutput, read_cache, write_json
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
@@ -230,9 +230,11 @@ def prune(
         The report (also written to ``out/report.json``).
     """
     budget, constraints = check_config(config)
-    task = config.task.load()
+    check_max_length(config.task.max_length, load_model_config(config.model))  # a bad model fails before the data
+    task = config.task.load(model=config.model)  # labels numbered as the model numbers them
     set_seed(config.seed)
     model, tokenizer = load_classifier(config.model, task.num_labels, task.label_names)
+    check_max_length(config.task.max_length, model, tokenizer)
     grid = HeadGrid.of(model)
     check_fits_model(config, budget, grid, model)
     if torch.cuda.is_available():
@@ -244,117 +246,121 @@ def prune(
     evaluation = encode_eval_splits(tokenizer, task, config.eval_splits, config.eval_max_examples, max_length)
     engine = Engine(model, calibration, say=print_line if progress else None)
     inputs = {"model_path": resolve_model(config.model).location, **engine.fingerprints}
-    staged = StagedOutput(out, {"command": "prune", **config.to_dict(), "inputs": inputs}, overwrite).prepare()
-    (staged.path / "stages").mkdir(exist_ok=True)
-    stages = _Stages(staged.path / "stages", progress)
-    engine.cache_dir = stages.folder / "methods"
-    if staged.resumed:
-        stages.say(f"resuming the unfinished run in {staged.path}")
+    record = {"command": "prune", **config.to_dict(), "inputs": inputs}
+    with StagedOutput(out, record, overwrite, command=command) as staged:  # locked; released on exit
+        (staged.path / "stages").mkdir(exist_ok=True)
+        stages = _Stages(staged.path / "stages", progress)
+        engine.cache_dir = stages.folder / "methods"
+        if staged.resumed:
+            stages.say(f"resuming the unfinished run in {staged.path}")
 
-    stages.say(f"{config.model}: {grid.layers} layers x {grid.heads} heads; evaluating the dense model")
-    before = stages.json("accuracy_before", lambda: _accuracy(model, tokenizer, evaluation, progress))
-    plan = KeepPlan.from_dict(
-        stages.json("plan", lambda: engine.plan(config.method, config.settings(), budget, constraints).to_dict())
-    )
-    dense = copy.deepcopy(model)
-    dense_params = count_parameters(dense)
-    prune_heads(model, heads_to_remove(model, plan.kept_heads_by_layer, config.gqa_mode), gqa_mode=config.gqa_mode)
-    kept = kept_heads_by_layer(model)
-    kept_total = sum(len(hs) for hs in kept.values())
-    stages.say(f"removed {grid.total - kept_total} of {grid.total} heads; evaluating before recovery")
-    pruned_accuracy = stages.json("accuracy_pruned", lambda: _accuracy(model, tokenizer, evaluation, progress))
+        stages.say(f"{config.model}: {grid.layers} layers x {grid.heads} heads; evaluating the dense model")
+        before = stages.json("accuracy_before", lambda: _accuracy(model, tokenizer, evaluation, progress))
+        plan = KeepPlan.from_dict(
+            stages.json("plan", lambda: engine.plan(config.method, config.settings(), budget, constraints).to_dict())
+        )
+        dense = copy.deepcopy(model)
+        dense_params = count_parameters(dense)
+        prune_heads(model, heads_to_remove(model, plan.kept_heads_by_layer, config.gqa_mode), gqa_mode=config.gqa_mode)
+        kept = kept_heads_by_layer(model)
+        kept_total = sum(len(hs) for hs in kept.values())
+        stages.say(f"removed {grid.total - kept_total} of {grid.total} heads; evaluating before recovery")
+        pruned_accuracy = stages.json("accuracy_pruned", lambda: _accuracy(model, tokenizer, evaluation, progress))
 
-    if config.recovery.epochs > 0:
-        recovery_split = subsample(task.split("train"), config.recovery_max_examples, config.recovery.seed)
-        recovery_data = encode_split(tokenizer, recovery_split, max_length)
+        if config.recovery.epochs > 0:
+            recovery_split = subsample(task.split("train"), config.recovery_max_examples, config.recovery.seed)
+            recovery_data = encode_split(tokenizer, recovery_split, max_length)
 
-        def recover() -> list[dict[str, Any]]:
-            if torch.cuda.is_available():
-                model.cuda()
-            return train_model(
-                model,
-                tokenizer,
-                recovery_data,
-                config.recovery,
-                validation=evaluation.get("validation"),
-                checkpoint_path=stages.folder / "recovery_checkpoint.pt",
-                desc="recovery",
-                progress=progress,
-            )
+            def recover() -> list[dict[str, Any]]:
+                if torch.cuda.is_available():
+                    model.cuda()
+                return train_model(
+                    model,
+                    tokenizer,
+                    recovery_data,
+                    config.recovery,
+                    validation=evaluation.get("validation"),
+                    checkpoint_path=stages.folder / "recovery_checkpoint.pt",
+                    desc="recovery",
+                    progress=progress,
+                )
 
-        recovery_history = stages.json("recovery", recover)
-        if (stages.folder / "recovery_checkpoint.pt").is_file():
-            state = torch.load(stages.folder / "recovery_checkpoint.pt", weights_only=False)
-            model.load_state_dict(state["model"])
-        recovered = stages.json("accuracy_recovered", lambda: _accuracy(model, tokenizer, evaluation, progress))
-    else:
-        recovery_history, recovered = [], pruned_accuracy
+            recovery_history = stages.json("recovery", recover)
+            if (stages.folder / "recovery_checkpoint.pt").is_file():
+                state = torch.load(stages.folder / "recovery_checkpoint.pt", weights_only=False)
+                model.load_state_dict(state["model"])
+            recovered = stages.json("accuracy_recovered", lambda: _accuracy(model, tokenizer, evaluation, progress))
+        else:
+            recovery_history, recovered = [], pruned_accuracy
 
-    seq = config.latency_seq_len
-    dense.cpu()
-    model.cpu()
-    torch_threads = torch.get_num_threads()
-    latency = measure_latency(
-        {"dense": dense, "pruned": model},
-        synthetic_batch(model, config.latency_batch_size, seq),
-        repeats=config.latency_repeats,
-    )
-    speedup = latency["dense"]["median_seconds"] / latency["pruned"]["median_seconds"]
-    ideal = total_flops(dense, seq) / total_flops(model, seq)
-    report = {
-        "model": config.model,
-        "method": config.method,
-        "task": task.describe(),
-        "calibration": {**calibration.description, "fingerprint": engine.fingerprints["calibration"]},
-        "heads": {
-            "layers": grid.layers,
-            "heads_per_layer": grid.heads,
-            "kv_heads_per_layer": grid.kv_heads,
-            "total": grid.total,
-            "requested": plan.heads_requested,
-            "kept": kept_total,
-        },
-        "kept_heads_by_layer": {str(k): v for k, v in sorted(kept.items())},
-        "plan": plan.to_dict(),
-        "selection": _selection_view(plan),
-        "accuracy": {"before_pruning": before, "after_pruning": pruned_accuracy, "after_recovery": recovered},
-        "recovery_history": recovery_history,
-        "parameters": {"dense": dense_params, "pruned": count_parameters(model)},
-        "flops_per_sequence": {
-            "seq_len": seq,
-            "dense_total": total_flops(dense, seq),
-            "pruned_total": total_flops(model, seq),
-            "dense_attention": attention_flops(dense, seq),
-            "pruned_attention": attention_flops(model, seq),
-        },
-        "latency": {
-            "device": "cpu",
-            "torch_threads": torch_threads,
-            "batch_size": config.latency_batch_size,
-            "seq_len": seq,
-            **latency,
-            "measured_speedup": round(speedup, 3),
-            "flops_ideal_speedup": round(ideal, 3),
-        },
-        "stage_seconds": stages.seconds,
-        "stages_cached": stages.cached,
-        "config": config.to_dict(),
-        "inputs": inputs,
-        "command": command,
-    }
-    model.save_pretrained(staged.path / "model")
-    tokenizer.save_pretrained(staged.path / "model")
-    plots = staged.path / "plots"
-    plots.mkdir(exist_ok=True)
-    plot_mss_curve(report["selection"], plots / "mss_curve.png")
-    plot_kept_heads(
-        report["kept_heads_by_layer"], grid.heads, plots / "kept_heads.png", f"{Path(config.model).name} ({task.name})"
-    )
-    plot_head_space(report["selection"], grid.heads, plots / "head_space.png")
-    write_json(staged.path / "report.json", report)
-    (stages.folder / "recovery_checkpoint.pt").unlink(missing_ok=True)
-    staged.commit()
-    return report
+        seq = config.latency_seq_len
+        dense.cpu()
+        model.cpu()
+        torch_threads = torch.get_num_threads()
+        latency = measure_latency(
+            {"dense": dense, "pruned": model},
+            synthetic_batch(model, config.latency_batch_size, seq),
+            repeats=config.latency_repeats,
+        )
+        speedup = latency["dense"]["median_seconds"] / latency["pruned"]["median_seconds"]
+        ideal = total_flops(dense, seq) / total_flops(model, seq)
+        report = {
+            "model": config.model,
+            "method": config.method,
+            "task": task.describe(),
+            "calibration": {**calibration.description, "fingerprint": engine.fingerprints["calibration"]},
+            "heads": {
+                "layers": grid.layers,
+                "heads_per_layer": grid.heads,
+                "kv_heads_per_layer": grid.kv_heads,
+                "total": grid.total,
+                "requested": plan.heads_requested,
+                "kept": kept_total,
+            },
+            "kept_heads_by_layer": {str(k): v for k, v in sorted(kept.items())},
+            "plan": plan.to_dict(),
+            "selection": _selection_view(plan),
+            "accuracy": {"before_pruning": before, "after_pruning": pruned_accuracy, "after_recovery": recovered},
+            "recovery_history": recovery_history,
+            "parameters": {"dense": dense_params, "pruned": count_parameters(model)},
+            "flops_per_sequence": {
+                "seq_len": seq,
+                "dense_total": total_flops(dense, seq),
+                "pruned_total": total_flops(model, seq),
+                "dense_attention": attention_flops(dense, seq),
+                "pruned_attention": attention_flops(model, seq),
+            },
+            "latency": {
+                "device": "cpu",
+                "torch_threads": torch_threads,
+                "batch_size": config.latency_batch_size,
+                "seq_len": seq,
+                **latency,
+                "measured_speedup": round(speedup, 3),
+                "flops_ideal_speedup": round(ideal, 3),
+            },
+            "stage_seconds": stages.seconds,
+            "stages_cached": stages.cached,
+            "config": config.to_dict(),
+            "inputs": inputs,
+            "command": command,
+        }
+        model.save_pretrained(staged.path / "model")
+        tokenizer.save_pretrained(staged.path / "model")
+        plots = staged.path / "plots"
+        plots.mkdir(exist_ok=True)
+        plot_mss_curve(report["selection"], plots / "mss_curve.png")
+        plot_kept_heads(
+            report["kept_heads_by_layer"],
+            grid.heads,
+            plots / "kept_heads.png",
+            f"{Path(config.model).name} ({task.name})",
+        )
+        plot_head_space(report["selection"], grid.heads, plots / "head_space.png")
+        write_json(staged.path / "report.json", report)
+        (stages.folder / "recovery_checkpoint.pt").unlink(missing_ok=True)
+        staged.commit()
+        return report
 
 
 def _selection_view(plan: KeepPlan) -> dict[str, Any]:

@@ -96,6 +96,7 @@ def test_interrupted_prune_resumes_from_cached_stages(
     monkeypatch.setattr(pipeline, "train_model", crash)
     with pytest.raises(KeyboardInterrupt):
         prune(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / ".out.lock").exists(), "an interrupted run releases its lock"
     stages = tmp_path / ".out.partial" / "stages"
     assert {"plan.json", "accuracy_pruned.json"} <= {p.name for p in stages.iterdir()}
     assert len(list((stages / "methods").glob("cahp__*.pkl"))) == 1, "the fitted method is cached"
@@ -207,3 +208,40 @@ def test_uniform_layers_constraint_keeps_the_same_count_everywhere(
     counts = {len(heads) for heads in report["kept_heads_by_layer"].values()}
     assert counts == {2}, "7 heads over 3 layers under uniform_layers: 2 per layer (round(7 / 3))"
     assert report["heads"]["requested"] == report["heads"]["kept"] == 6
+
+
+def test_string_labels_follow_the_models_label2id(finetuned: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    """A copy of the task with string labels is numbered by the model's label2id, not alphabetically."""
+    import shutil
+
+    model, task = finetuned
+    named = tmp_path / "named-model"
+    shutil.copytree(model, named)
+    names = ["zeta", "alpha", "mid"]  # alphabetical order would number them 1, 2, 0
+    config_file = named / "config.json"
+    record = json.loads(config_file.read_text())
+    record["id2label"] = {str(i): name for i, name in enumerate(names)}
+    record["label2id"] = {name: i for i, name in enumerate(names)}
+    config_file.write_text(json.dumps(record))
+    strings = tmp_path / "named-task"
+    strings.mkdir()
+    for split in Path(task.task).iterdir():
+        rows = [json.loads(line) for line in split.read_text().splitlines()]
+        split_copy = strings / split.name
+        split_copy.write_text("".join(json.dumps({**row, "label": names[row["label"]]}) + "\n" for row in rows))
+    runs = {}
+    for name, task_folder in (("integers", task.task), ("strings", str(strings))):
+        config = _config(named, TaskOptions(task_folder, max_length=16), method="magnitude", budget="keep=6")
+        config.recovery.epochs = 0
+        runs[name] = prune(config, tmp_path / name, progress=False)
+
+    def scores(report: dict) -> dict:
+        return {
+            (stage, split): (result["accuracy"], result["macro_f1"])
+            for stage, splits in report["accuracy"].items()
+            for split, result in splits.items()
+        }
+
+    assert scores(runs["strings"]) == scores(runs["integers"])
+    assert runs["strings"]["task"]["label_mapping"] == "label2id"
+    assert runs["strings"]["task"]["label_names"] == names

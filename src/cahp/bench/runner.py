@@ -41,7 +41,7 @@ from cahp.errors import CahpError
 from cahp.evaluation.metrics import evaluate_split
 from cahp.methods.base import PruningMethod, available_methods, get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
-from cahp.models import cahp_home, load_classifier
+from cahp.models import cahp_home, check_max_length, load_classifier, load_model_config
 from cahp.outputs import write_json
 from cahp.reporting.bench_report import budget_label, method_seeds, planned_cells, write_bench_report
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
@@ -276,9 +276,11 @@ class _Bench:
         self.record = record
         self.progress = progress
         self.out = Path(config.out)
-        self.task = config.task.load()
+        check_max_length(config.task.max_length, load_model_config(config.model))
+        self.task = config.task.load(model=config.model)  # labels numbered as the model numbers them
         set_seed(config.calibration_seed)
         self.model, self.tokenizer = load_classifier(config.model, self.task.num_labels, self.task.label_names)
+        check_max_length(config.task.max_length, self.model, self.tokenizer)
         if torch.cuda.is_available():
             self.model.cuda()
         self.grid = HeadGrid.of(self.model)
