@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cahp import __version__
 from cahp.errors import CahpError
@@ -101,7 +101,8 @@ def _number(kind: type, what: str, accept: Callable[[float], bool]) -> Callable[
 
 
 positive_int = _number(int, "a whole number of at least 1", lambda value: value >= 1)
-non_negative_int = _number(int, "a whole number of at least 0", lambda value: value >= 0)
+class_count = _number(int, "a whole number of at least 2 (classes)", lambda value: value >= 2)
+seed_value = _number(int, "a whole number in 0..4294967295", lambda value: 0 <= value < 2**32)  # loop.SEEDS
 positive_float = _number(float, "a number above 0", lambda value: 0 < value < float("inf"))
 non_negative_float = _number(float, "a number of at least 0", lambda value: 0 <= value < float("inf"))
 open_fraction = _number(float, "a number strictly between 0 and 1", lambda value: 0 < value < 1)
@@ -120,7 +121,8 @@ def comma_list(text: str) -> list[str]:
 #: Short placeholders in the usage line, by argument type.
 _METAVARS: dict[Callable[[str], Any], str] = {
     positive_int: "N",
-    non_negative_int: "N",
+    class_count: "N",
+    seed_value: "N",
     positive_float: "X",
     non_negative_float: "X",
     open_fraction: "F",
@@ -290,7 +292,7 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
         group,
         "--num-labels",
         default=None,
-        type=positive_int,
+        type=class_count,
         shown="the largest label + 1",
         help="number of classes, for integer labels",
     )
@@ -340,7 +342,7 @@ def _add_finetune_parser(sub: Any) -> None:
         group,
         "--seed",
         default=42,
-        type=non_negative_int,
+        type=seed_value,
         help="seeds the subset, the shuffling and the initialisation",
     )
     _add_training_arguments(group)
@@ -381,7 +383,7 @@ def _add_prune_parser(sub: Any) -> None:
         method,
         "--seed",
         default=42,
-        type=non_negative_int,
+        type=seed_value,
         help="seeds the method, the calibration subset and the recovery fine-tune",
     )
     _option(
@@ -509,9 +511,16 @@ def _add_prune_parser(sub: Any) -> None:
     _add_task_arguments(parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line (with where to read more), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cahp`` parser (standard library only: building it imports nothing heavy)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cahp",
         description="Make Transformer classifiers smaller and faster by removing attention heads.",
         formatter_class=_HelpFormatter,
@@ -608,17 +617,13 @@ def _read_config(path: str, command_name: str) -> dict[str, Any]:
 
 
 def _check_output_folder(out: str) -> None:
-    """Refuse an ``--out`` that cannot become a folder, before any work."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out} is a file: name a folder (a new one, or one to replace with --overwrite)")
-    ancestor = path.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"--out {out} cannot be created: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out} cannot be created: no permission to write in {ancestor}")
+    """Refuse an ``--out`` that cannot become a folder, before any work (a usage error)."""
+    from cahp.outputs import check_output_target
+
+    try:
+        check_output_target(out, overwrite=True)  # whether it holds results: the run checks, knowing --overwrite
+    except CahpError as error:
+        raise UsageError(str(error)) from None
 
 
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:

@@ -12,14 +12,13 @@ Any other name is passed to ``from_pretrained`` (a hub id, or a local folder). W
 ``HF_HUB_OFFLINE=1``) a name that is neither an alias, a folder nor a model in the local hub cache is refused
 at once, with the aliases listed, instead of after the hub client's retries.
 
-Local folders resolve to absolute paths, and :func:`fingerprint_model_folder` gives a cheap fingerprint of
-a folder's files, so that cached results can be tied to the weights they came from.
+Local folders resolve to absolute paths (what a run records; :mod:`cahp.engine` fingerprints the weights
+themselves).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -501,39 +500,3 @@ def check_max_length(max_length: int, model_or_config: Any, tokenizer: Any | Non
             f"--max-length {max_length} is above what this model accepts ({limit} tokens): pass --max-length {limit} "
             "or less"
         )
-
-
-# ---------------------------------------------------------------------------------------------------- fingerprints
-
-
-def fingerprint_model_folder(path: str | os.PathLike[str]) -> str:
-    """A cheap fingerprint of a model folder: SHA-256 over the names, sizes and modification times of its
-    (non-hidden, top-level) files plus the contents of ``config.json``. Replacing, retraining or re-pruning
-    the model changes it; copying the folder changes it too (new modification times), which is only safe.
-
-    Returns:
-        ``"sha256:<hex>"``.
-    """
-    folder = Path(path).expanduser().resolve()
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"cannot fingerprint {folder}: not a folder")
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.name.startswith(".") or not file.is_file():
-            continue
-        stat = file.stat()
-        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    config_file = folder / "config.json"
-    if config_file.is_file():
-        digest.update(config_file.read_bytes())
-    return f"sha256:{digest.hexdigest()}"
-
-
-def fingerprint_model(name_or_path: str | os.PathLike[str] | ModelSource) -> str:
-    """:func:`fingerprint_model_folder` of an alias or folder (plus the GGUF file's name); for a hub id,
-    ``"hub:<id>"`` (its files are not local)."""
-    source = name_or_path if isinstance(name_or_path, ModelSource) else resolve_model(name_or_path)
-    if not source.is_local:
-        return f"hub:{source.location}"
-    fingerprint = fingerprint_model_folder(source.location)
-    return fingerprint if source.gguf_file is None else f"{fingerprint}:{source.gguf_file}"

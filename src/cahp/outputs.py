@@ -210,6 +210,32 @@ class OutputLock:
 # ---------------------------------------------------------------------------------------------------- staging
 
 
+def check_output_target(out: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse, without writing anything, an output folder a run could not (or must not) write: a path that is a
+    file or lies under one, a parent without write permission, or a folder holding results (without
+    ``overwrite``). Runs call it before any work; :meth:`StagedOutput.prepare` again under the lock.
+
+    Raises:
+        OutputError: the path cannot become a folder.
+        OutputExistsError: the folder holds results and ``overwrite`` is false.
+    """
+    path = Path(out).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output path {path} is a file: choose a folder for --out (a new one, or one to replace)")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"output folder {path} cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {path} cannot be created: no permission to write in {ancestor}")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output folder {path} already holds results: pass --overwrite to replace them "
+            "(only once the new run has finished) or choose another --out"
+        )
+
+
 class StagedOutput:
     """The staging folder of one run, its lock, its resume check, and the final atomic swap.
 
@@ -269,13 +295,7 @@ class StagedOutput:
         return self
 
     def _prepare_locked(self) -> None:
-        if self.out.exists() and not self.out.is_dir():
-            raise OutputError(f"output path {self.out} is a file: choose a folder for --out")
-        if self.out.exists() and any(self.out.iterdir()) and not self.overwrite:
-            raise OutputExistsError(
-                f"output folder {self.out} already holds results: pass --overwrite to replace them "
-                "(only once the new run has finished) or choose another --out"
-            )
+        check_output_target(self.out, self.overwrite)
         config_file = self.staging / RUN_CONFIG_FILE
         if self.staging.exists():
             earlier = read_cache(config_file, lambda p: json.loads(p.read_text()), "run settings")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cahp.config import check_counts, config_from_dict
-from cahp.data import EncodedSplit, encode_split
+from cahp.data import EncodedSplit, encode_split, fingerprint_split
 from cahp.engine import Engine, print_line, task_calibration
 from cahp.errors import CahpError
 from cahp.evaluation.accounting import attention_flops, count_parameters, total_flops
@@ -30,11 +30,11 @@ from cahp.evaluation.metrics import evaluate_split
 from cahp.methods.base import get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import check_max_length, load_classifier, load_model_config, resolve_model
-from cahp.outputs import StagedOutput, read_cache, write_json
+from cahp.outputs import StagedOutput, check_output_target, read_cache, write_json
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
-from cahp.train.loop import TrainingConfig, set_seed, train_model
+from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
 
 #: The reference's recovery recipe: 3 epochs, lr 2e-5, linear schedule, 10% warm-up, weight decay 0.01.
 RECOVERY_DEFAULT = TrainingConfig(epochs=3.0, learning_rate=2e-5, warmup_ratio=0.1, weight_decay=0.01)
@@ -88,6 +88,45 @@ class PruneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> PruneConfig:
+        """Check every setting's type and range (not the method's own settings: :func:`check_config` builds the
+        method for that); returns self.
+
+        Raises:
+            CahpError: the first bad setting, named.
+        """
+        if not isinstance(self.model, str) or not self.model:
+            raise CahpError(f"model must name a model (an alias, a folder or a hub id), got {self.model!r}")
+        if not isinstance(self.task, TaskOptions):
+            raise CahpError(f"task must be the task options (an object with at least 'task'), got {self.task!r}")
+        self.task.validate()
+        if not isinstance(self.recovery, TrainingConfig):
+            raise CahpError(f"recovery must be the recovery's training settings (an object), got {self.recovery!r}")
+        self.recovery.validate()
+        if not isinstance(self.method, str) or not isinstance(self.method_settings, dict):
+            raise CahpError("method must be a method's name and method_settings an object {setting: value}")
+        if not is_seed(self.seed):
+            raise CahpError(f"seed must be a whole number in 0..{SEEDS - 1}, got {self.seed!r}")
+        if (
+            isinstance(self.eval_splits, str)
+            or not self.eval_splits
+            or not all(isinstance(s, str) for s in self.eval_splits)
+        ):
+            raise CahpError(f"eval_splits must list at least one split name, got {self.eval_splits!r}")
+        for name in ("allow_empty_layers", "uniform_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise CahpError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.budget, str):
+            raise CahpError(f"budget must be 'auto', 'keep=K' or 'sparsity=S', got {self.budget!r}")
+        check_counts(self, ("calibration_size", "recovery_max_examples", "eval_max_examples"), optional=True)
+        check_counts(
+            self, ("calibration_batch_size", "latency_batch_size", "latency_seq_len", "latency_repeats"), optional=False
+        )
+        return self
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PruneConfig:
@@ -178,15 +217,9 @@ def _accuracy(model: Any, tokenizer: Any, splits: dict[str, EncodedSplit], progr
 
 
 def check_config(config: PruneConfig) -> tuple[Budget, Constraints]:
-    """Refuse a bad setting before anything is loaded or written: subset sizes, the method, its settings, the
-    budget and the constraints. Returns the parsed budget and constraints."""
-    check_counts(config, ("calibration_size", "recovery_max_examples", "eval_max_examples"), optional=True)
-    check_counts(
-        config, ("calibration_batch_size", "latency_batch_size", "latency_seq_len", "latency_repeats"), optional=False
-    )
-    if not config.eval_splits:
-        raise CahpError("eval_splits must name at least one split")
-    config.recovery.validate()
+    """Refuse a bad setting before anything is loaded or written: every field (:meth:`PruneConfig.validate`), the
+    method, its settings, the budget and the constraints. Returns the parsed budget and constraints."""
+    config.validate()
     budget, constraints = config.parsed_budget(), config.constraints()
     info = method_info(config.method)
     if budget.is_auto and not info.finds_own_budget:
@@ -230,6 +263,7 @@ def prune(
         The report (also written to ``out/report.json``).
     """
     budget, constraints = check_config(config)
+    check_output_target(out, overwrite)
     check_max_length(config.task.max_length, load_model_config(config.model))  # a bad model fails before the data
     task = config.task.load(model=config.model)  # labels numbered as the model numbers them
     set_seed(config.seed)
@@ -245,7 +279,12 @@ def prune(
     )
     evaluation = encode_eval_splits(tokenizer, task, config.eval_splits, config.eval_max_examples, max_length)
     engine = Engine(model, calibration, say=print_line if progress else None)
-    inputs = {"model_path": resolve_model(config.model).location, **engine.fingerprints}
+    data_splits = [*evaluation, *(["train"] if config.recovery.epochs > 0 else [])]  # what the stages read
+    inputs = {
+        "model_path": resolve_model(config.model).location,
+        **engine.fingerprints,
+        "data": {split: fingerprint_split(task.split(split)) for split in data_splits},
+    }
     record = {"command": "prune", **config.to_dict(), "inputs": inputs}
     with StagedOutput(out, record, overwrite, command=command) as staged:  # locked; released on exit
         (staged.path / "stages").mkdir(exist_ok=True)

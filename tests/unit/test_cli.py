@@ -312,6 +312,7 @@ def test_bad_arguments_are_one_line_usage_errors_and_write_nothing(
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and len(error_lines) == 1 and error_lines[0].startswith(f"cahp {arguments[0]}: error:"), err
+    assert err.count("\n") == 1, f"one line, no usage block: {err}"
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 

@@ -245,3 +245,84 @@ def test_string_labels_follow_the_models_label2id(finetuned: tuple[Path, TaskOpt
     assert scores(runs["strings"]) == scores(runs["integers"])
     assert runs["strings"]["task"]["label_mapping"] == "label2id"
     assert runs["strings"]["task"]["label_names"] == names
+
+
+def test_resume_refuses_a_changed_model_or_changed_data(
+    finetuned: tuple[Path, TaskOptions], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached stages belong to the model weights and data they came from: a rerun with either changed is refused."""
+    import shutil
+
+    import cahp.pipeline as pipeline
+    from cahp.errors import OutputExistsError
+
+    model, task = finetuned
+    model_copy, task_copy = tmp_path / "model", tmp_path / "task"
+    shutil.copytree(model, model_copy)
+    shutil.copytree(task.task, task_copy)
+    config = _config(model_copy, TaskOptions(str(task_copy), max_length=16), method="magnitude", budget="keep=6")
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prune(config, tmp_path / "out", progress=False)
+    monkeypatch.undo()  # a rerun that is not refused would now finish
+    test_file = task_copy / "test.jsonl"
+    original = test_file.read_text()
+    rows = [json.loads(line) for line in original.splitlines()]
+    test_file.write_text("".join(json.dumps({**row, "label": (row["label"] + 1) % 3}) + "\n" for row in rows))
+    with pytest.raises(OutputExistsError, match="other settings"):
+        prune(config, tmp_path / "out", progress=False)
+    test_file.write_text(original)
+    from cahp.models import load_classifier
+
+    classifier, _ = load_classifier(model_copy)
+    with torch.no_grad():
+        classifier.classifier.bias.add_(1.0)
+    classifier.save_pretrained(model_copy)
+    with pytest.raises(OutputExistsError, match="other settings"):
+        prune(config, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"task": None}, "task must be the task options"),
+        ({"seed": "x"}, "seed must be a whole number"),
+        ({"seed": -1}, "seed must be a whole number in 0"),
+        ({"method_settings": [1]}, "method_settings an object"),
+        ({"eval_splits": "test"}, "eval_splits must list"),
+        ({"uniform_layers": "yes"}, "uniform_layers must be true or false"),
+        ({"calibration_size": 0}, "calibration_size must be a positive number"),
+        ({"recovery": {"epochs": -1}}, "epochs must be a number >= 0"),
+    ],
+)
+def test_a_replayed_config_with_a_bad_value_is_one_clear_error(fields: dict, message: str) -> None:
+    """Values read from a run_config.json are checked by type and range when the config is built."""
+    from cahp.errors import CahpError
+
+    with pytest.raises(CahpError, match=message):
+        PruneConfig.from_dict({"model": "m", **fields})
+
+
+def test_an_output_folder_with_results_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cahp.pipeline as pipeline
+    from cahp.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(pipeline, "load_classifier", must_not_load)
+    monkeypatch.setattr(pipeline, "load_model_config", must_not_load)
+    config = PruneConfig(model=str(tmp_path / "model"), method="magnitude", budget="keep=2")
+    with pytest.raises(OutputExistsError, match="already holds results"):
+        prune(config, out, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "nothing written beside it"

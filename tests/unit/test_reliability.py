@@ -274,17 +274,10 @@ def test_output_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- 7. fingerprints
 
 
-def test_model_fingerprint_changes_with_the_weights_and_paths_resolve(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from cahp.models import fingerprint_model_folder, resolve_model
+def test_model_folders_resolve_to_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cahp.models import resolve_model
 
     model = tiny_classifier_folder(tmp_path / "model", MODEL_LABELS)
-    first = fingerprint_model_folder(model)
-    assert fingerprint_model_folder(model) == first
-    weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes() + b" ")
-    assert fingerprint_model_folder(model) != first
     monkeypatch.chdir(tmp_path)
     source = resolve_model("model")
     assert source.location == str(model.resolve()) and Path(source.location).is_absolute()
@@ -322,6 +315,31 @@ def test_row_without_label_names_file_and_line(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "u" / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": None}])
     with pytest.raises(DataError, match=r"line 2 .*empty label"):
         load_task(str(tmp_path / "u"))
+
+
+def test_labels_must_be_all_whole_numbers_or_all_strings(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "mixed" / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": "pos"}])
+    with pytest.raises(DataError, match=r"labels mix whole numbers and strings \(0 at .*line 1, 'pos' at .*line 2\)"):
+        load_task(str(tmp_path / "mixed"))
+    write_jsonl(tmp_path / "float" / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1.5}])
+    with pytest.raises(DataError, match=r"label 1\.5 at .*line 2 is neither a whole number nor a string"):
+        load_task(str(tmp_path / "float"))
+    write_jsonl(
+        tmp_path / "arabic" / "train.jsonl", [{"text": "a", "label": "\u0661"}, {"text": "b", "label": "\u0663"}]
+    )
+    task = load_task(str(tmp_path / "arabic"))
+    assert task.label_mapping == "alphabetical", "only ASCII digits are whole numbers; other text is a label name"
+    write_jsonl(tmp_path / "huge" / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 2**70}])
+    with pytest.raises(DataError, match="is not an integer"):
+        load_task(str(tmp_path / "huge"))
+
+
+def test_a_single_inferred_class_is_refused(tmp_path: Path) -> None:
+    """All labels 0 would infer one label: a regression head, trained without a word. Refused."""
+    write_jsonl(tmp_path / "t" / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 0}])
+    with pytest.raises(DataError, match=r"every label in .* is 0: a classifier needs at least two classes"):
+        load_task(str(tmp_path / "t"))
+    assert load_task(str(tmp_path / "t"), num_labels=2).num_labels == 2, "--num-labels says how many there are"
 
 
 def test_csv_byte_order_mark_is_stripped(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -403,7 +404,7 @@ def _rows_to_split(
         else:
             try:
                 labels[index] = _as_int_label(label)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise DataError(
                     f"label {label!r} at {raw.where(index)} (split {name!r}) is not an integer; labels must be all "
                     "integers or all strings"
@@ -416,17 +417,31 @@ def _as_int_label(label: Any) -> int:
         return int(label)
     if isinstance(label, float) and label.is_integer():
         return int(label)
-    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+    if isinstance(label, str) and re.fullmatch(r"-?[0-9]+", label.strip()):  # ASCII digits only
         return int(label.strip())
     raise ValueError(label)
 
 
-def _is_int_label(label: Any) -> bool:
+def _label_kind(label: Any) -> str:
+    """``"integer"`` (a whole number, also as text), ``"string"`` (other text) or ``"other"``."""
     try:
         _as_int_label(label)
-    except ValueError:
-        return False
-    return True
+        return "integer"
+    except (TypeError, ValueError):
+        return "string" if isinstance(label, str) else "other"
+
+
+def _refuse_label_kinds(train: RawRows, label_column: str, kinds: list[str]) -> None:
+    """A train split whose labels are not all whole numbers or all strings: name the first of each kind."""
+    first = {kind: index for index, kind in reversed(list(enumerate(kinds)))}
+    if "other" in first:
+        index = first["other"]
+        raise DataError(
+            f"label {train.rows[index][label_column]!r} at {train.where(index)} is neither a whole number nor a "
+            "string; labels must be all integers or all strings"
+        )
+    examples = ", ".join(f"{train.rows[i][label_column]!r} at {train.where(i)}" for i in sorted(first.values()))
+    raise DataError(f"labels mix whole numbers and strings ({examples}); labels must be all integers or all strings")
 
 
 def _check_labels(split: TextSplit, num_labels: int, where: str) -> None:
@@ -628,7 +643,10 @@ def _load_custom(
     train = raw.get("train") or first
     label_to_id: Mapping[str, int] | None = None
     label_mapping = "ids"
-    if not all(_is_int_label(row[label_column]) for row in train.rows):
+    kinds = [_label_kind(row[label_column]) for row in train.rows]
+    if "other" in kinds or len(set(kinds)) > 1:
+        _refuse_label_kinds(train, label_column, kinds)
+    if kinds and kinds[0] == "string":
         if label2id:
             label_to_id, label_mapping = {str(k): int(v) for k, v in label2id.items()}, "label2id"
             if sorted(label_to_id.values()) != list(range(len(label_to_id))):
@@ -651,6 +669,11 @@ def _load_custom(
     else:
         inferred = num_labels is None
         count = num_labels or int(max(s.labels.max() for s in splits.values() if len(s))) + 1
+        if count < 2:
+            raise DataError(
+                f"every label in {source} is 0: a classifier needs at least two classes; fix the data, or set "
+                "--num-labels to the number of classes"
+            )
         label_names = [str(i) for i in range(count)]
     for split in splits.values():
         _check_labels(split, len(label_names), source)

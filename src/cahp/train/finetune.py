@@ -22,7 +22,7 @@ from cahp.models import (
     named_labels,
     record_label_names,
 )
-from cahp.outputs import StagedOutput, write_json
+from cahp.outputs import StagedOutput, check_output_target, write_json
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
 PROTOCOLS = ("auto", "standard", "offline")
@@ -191,6 +191,7 @@ def finetune(
         The metrics written to ``metrics.json``.
     """
     config.validate()
+    check_output_target(out, overwrite)
     check_max_length(config.task.max_length, load_model_config(config.model))
     task = config.task.load(model=config.model)
     train_split = subsample(task.split("train"), config.max_train_examples, config.training.seed, task.label_names)

@@ -79,14 +79,23 @@ class TrainingConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0:
             problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
-        if not _is_whole(self.seed):
-            problems.append(f"seed must be a whole number, got {self.seed!r}")
+        if not is_seed(self.seed):
+            problems.append(f"seed must be a whole number in 0..{SEEDS - 1}, got {self.seed!r}")
         if problems:
             raise ConfigError("invalid training settings: " + "; ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: Seeds are whole numbers below this (NumPy's legacy seeding takes 32 bits).
+SEEDS = 2**32
+
+
+def is_seed(value: Any) -> bool:
+    """Whether ``value`` can seed Python, NumPy and torch: a whole number in ``0 .. SEEDS - 1``."""
+    return _is_whole(value) and 0 <= value < SEEDS
 
 
 def set_seed(seed: int) -> None:
