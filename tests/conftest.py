@@ -47,10 +47,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor", "scene", "music"]
 
 
-def tiny_bert_folder(folder: Path, layers: int = 2, heads: int = 4) -> Path:
-    """A tiny random BERT base model (no task head) saved with MiniLM's tokenizer."""
+def tiny_bert_folder(
+    folder: Path,
+    layers: int = 2,
+    heads: int = 4,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    intermediate_size: int = 64,
+) -> Path:
+    """A tiny random BERT (8 dimensions per head) saved with MiniLM's tokenizer: a base model (no task head),
+    or with ``num_labels`` / ``label_names`` (index = id, recorded as its label2id) a classifier."""
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     from cahp.models import load_tokenizer, resolve_model
 
@@ -61,10 +70,16 @@ def tiny_bert_folder(folder: Path, layers: int = 2, heads: int = 4) -> Path:
         hidden_size=8 * heads,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=64,
+        intermediate_size=intermediate_size,
         max_position_embeddings=64,
     )
-    BertModel(config).save_pretrained(folder)
+    if label_names is not None:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    elif num_labels is not None:
+        config.num_labels = num_labels
+    model_class = BertModel if label_names is None and num_labels is None else BertForSequenceClassification
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -170,31 +170,21 @@ def _option(
     return action
 
 
+def _subset_option(group: Any, flag: str, help: str) -> argparse.Action:
+    """A number of examples to subsample to (a config field whose default ``None`` is the whole split)."""
+    return _option(group, flag, default=None, type=positive_int, shown="the whole split", help=help)
+
+
 def _flag(group: Any, *flags: str, default: bool, help: str) -> argparse.Action:
     """A yes/no config field: ``--name`` / ``--no-name`` (the second overrides a replayed ``true``)."""
     return _option(group, *flags, default=default, help=help, action=argparse.BooleanOptionalAction)
 
 
-#: Option dest -> field of TaskOptions (shared by finetune, prune and evaluate).
-TASK_FIELDS: dict[str, str] = {
-    "task": "task",
-    "data_dir": "data_dir",
-    "protocol": "protocol",
-    "text_columns": "text_columns",
-    "label_column": "label_column",
-    "num_labels": "num_labels",
-    "max_length": "max_length",
-}
+#: Options named as the TaskOptions field they set (shared by finetune, prune and evaluate).
+TASK_FIELDS = ("task", "data_dir", "protocol", "text_columns", "label_column", "num_labels", "max_length")
 
-#: Option dest -> field of TrainingConfig (finetune: ``training``; prune: ``recovery``), besides the epochs and
-#: learning rate, whose options differ.
-TRAINING_FIELDS: dict[str, str] = {
-    "batch_size": "batch_size",
-    "warmup_ratio": "warmup_ratio",
-    "weight_decay": "weight_decay",
-    "checkpoint_every": "checkpoint_every",
-    "group_by_length": "group_by_length",
-}
+#: Options named as the TrainingConfig field they set (finetune's training, prune's recovery).
+TRAINING_FIELDS = ("batch_size", "warmup_ratio", "weight_decay", "checkpoint_every", "group_by_length")
 
 #: ``cahp finetune``: option dest -> dotted path(s) in FinetuneConfig.
 FINETUNE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -204,8 +194,8 @@ FINETUNE_FIELDS: dict[str, tuple[str, ...]] = {
     "epochs": ("training.epochs",),
     "learning_rate": ("training.learning_rate",),
     "seed": ("training.seed",),
-    **{dest: (f"task.{name}",) for dest, name in TASK_FIELDS.items()},
-    **{dest: (f"training.{name}",) for dest, name in TRAINING_FIELDS.items()},
+    **{name: (f"task.{name}",) for name in TASK_FIELDS},
+    **{name: (f"training.{name}",) for name in TRAINING_FIELDS},
 }
 
 #: ``cahp prune``: option dest -> dotted path(s) in PruneConfig. The budget, ``--method-setting`` and the
@@ -227,8 +217,8 @@ PRUNE_FIELDS: dict[str, tuple[str, ...]] = {
     "latency_batch_size": ("latency_batch_size",),
     "latency_seq_len": ("latency_seq_len",),
     "latency_repeats": ("latency_repeats",),
-    **{dest: (f"task.{name}",) for dest, name in TASK_FIELDS.items()},
-    **{dest: (f"recovery.{name}",) for dest, name in TRAINING_FIELDS.items()},
+    **{name: (f"task.{name}",) for name in TASK_FIELDS},
+    **{name: (f"recovery.{name}",) for name in TRAINING_FIELDS},
 }
 
 #: Shortcut options for method settings (CAHP's): option dest -> key path in ``method_settings``. They enter
@@ -319,14 +309,7 @@ def _add_finetune_parser(sub: Any) -> None:
     _add_config_file_argument(parser, "finetune")
     _option(parser, "--model", default="minilm-l6", help="alias (`cahp models`), local folder or hub id")
     _add_output_arguments(parser)
-    _option(
-        parser,
-        "--max-train-examples",
-        default=None,
-        type=positive_int,
-        shown="the whole split",
-        help="train on a seeded stratified subset of the training split",
-    )
+    _subset_option(parser, "--max-train-examples", "train on a seeded stratified subset of the training split")
     _option(
         parser,
         "--eval-splits",
@@ -386,14 +369,7 @@ def _add_prune_parser(sub: Any) -> None:
         type=seed_value,
         help="seeds the method, the calibration subset and the recovery fine-tune",
     )
-    _option(
-        method,
-        "--calibration-size",
-        default=None,
-        type=positive_int,
-        shown="the whole split",
-        help="examples of the calibration split (a seeded class-stratified subset)",
-    )
+    _subset_option(method, "--calibration-size", "examples of the calibration split (a seeded class-stratified subset)")
     _option(
         method,
         "--calibration-batch-size",
@@ -479,14 +455,7 @@ def _add_prune_parser(sub: Any) -> None:
     recovery = parser.add_argument_group("recovery fine-tune (--recovery-epochs 0: retraining-free)")
     _option(recovery, "--recovery-epochs", default=3.0, type=non_negative_float, help="passes over the training split")
     _option(recovery, "--recovery-learning-rate", default=2e-5, type=positive_float, help="peak learning rate")
-    _option(
-        recovery,
-        "--recovery-max-examples",
-        default=None,
-        type=positive_int,
-        shown="the whole split",
-        help="recover on a seeded stratified subset of the training split",
-    )
+    _subset_option(recovery, "--recovery-max-examples", "recover on a seeded stratified subset of the training split")
     _add_training_arguments(recovery)
 
     report = parser.add_argument_group("evaluation and latency")
@@ -497,14 +466,7 @@ def _add_prune_parser(sub: Any) -> None:
         type=comma_list,
         help="splits evaluated before pruning, after pruning and after recovery, comma-separated",
     )
-    _option(
-        report,
-        "--eval-max-examples",
-        default=None,
-        type=positive_int,
-        shown="the whole split",
-        help="evaluate on a seeded stratified subset of each split",
-    )
+    _subset_option(report, "--eval-max-examples", "evaluate on a seeded stratified subset of each split")
     _option(report, "--latency-batch-size", default=32, type=positive_int, help="batch of the latency measurement")
     _option(report, "--latency-seq-len", default=128, type=positive_int, help="tokens per sequence, latency")
     _option(report, "--latency-repeats", default=10, type=positive_int, help="timed repeats, latency")
@@ -644,15 +606,15 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     ``--method-setting``. A ``--method`` other than the replayed run's starts from no settings; a setting that
     changes ``NAME`` drops the replayed ``NAME_settings`` (they belonged to the old ``NAME``).
     """
+    if args.config is None and args.model is None:  # before importing torch: a usage error is instant
+        raise UsageError("the following arguments are required: --model (or --config FILE to replay a run)")
     from cahp.methods.plan import Budget
     from cahp.pipeline import PruneConfig
 
     if args.config is not None:
         config = PruneConfig.from_dict(_read_config(args.config, "prune"))
-    elif args.model is not None:
-        config = PruneConfig(model=args.model)
     else:
-        raise UsageError("the following arguments are required: --model (or --config FILE to replay a run)")
+        config = PruneConfig(model=args.model)
     settings = copy.deepcopy(config.method_settings) if args.method in (None, config.method) else {}
     config = apply_options(config, args, PRUNE_FIELDS)
 
@@ -692,7 +654,7 @@ def _set_setting(settings: dict[str, Any], keys: tuple[str, ...], value: Any) ->
 def _task_options(args: argparse.Namespace) -> Any:
     from cahp.train.finetune import TaskOptions
 
-    return apply_options(TaskOptions(), args, {dest: (name,) for dest, name in TASK_FIELDS.items()})
+    return apply_options(TaskOptions(), args, {name: (name,) for name in TASK_FIELDS})
 
 
 # ---- the commands -----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import socket
 import tempfile
 import urllib.parse
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,12 +331,9 @@ def load_tokenizer(source: ModelSource) -> Any:
 
 
 def _supported_hint() -> str:
-    try:
-        from cahp.adapters import supported_model_types
+    from cahp.adapters import supported_model_types
 
-        return f"supported for pruning: {', '.join(supported_model_types())}"
-    except Exception:  # the adapters package is optional here; the message stays useful without it
-        return "see the README for the supported architectures"
+    return f"supported for pruning: {', '.join(supported_model_types())}"
 
 
 def load_model_config(name_or_path: str | os.PathLike[str] | ModelSource) -> Any:
@@ -397,11 +394,16 @@ def named_labels(config: Any) -> list[str] | None:
     return names
 
 
+def label_ids(label_names: Sequence[str]) -> dict[str, int]:
+    """``{name: id}`` of label names listed by id (``label2id``)."""
+    return {name: index for index, name in enumerate(label_names)}
+
+
 def record_label_names(config: Any, label_names: list[str]) -> None:
     """Store ``id2label`` / ``label2id`` from ``label_names`` (index = id) in a model config, so that every
     later command on the saved model maps the task's labels the same way."""
     config.id2label = dict(enumerate(label_names))
-    config.label2id = {name: i for i, name in enumerate(label_names)}
+    config.label2id = label_ids(label_names)
 
 
 def load_classifier(
@@ -451,7 +453,7 @@ def load_classifier(
             kwargs["num_labels"] = num_labels
             if label_names is not None:
                 kwargs["id2label"] = dict(enumerate(label_names))
-                kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+                kwargs["label2id"] = label_ids(label_names)
         try:
             with _hub_guard(source):
                 model = AutoModelForSequenceClassification.from_pretrained(source.location, **kwargs)

@@ -13,7 +13,7 @@ from cahp.bench import BenchConfig, expand_path, run_bench
 from cahp.errors import CahpError
 from cahp.reporting.bench_report import write_bench_report
 from cahp.train import TaskOptions, TrainingConfig
-from tests.conftest import tiny_task_folder
+from tests.conftest import tiny_bert_folder, tiny_task_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,25 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TaskOptions]:
     """A tiny random 3-label BERT classifier (3 layers x 4 heads) and a toy task."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from cahp.models import load_tokenizer, resolve_model
-
     root = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    BertForSequenceClassification(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    tiny_bert_folder(root / "model", layers=3, heads=4, num_labels=3, intermediate_size=48)
     return root / "model", TaskOptions(str(tiny_task_folder(root / "task", examples=48)), max_length=16)
 
 

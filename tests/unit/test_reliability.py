@@ -31,29 +31,10 @@ from tests.conftest import tiny_bert_folder, write_jsonl
 
 
 def tiny_classifier_folder(folder: Path, label_names: list[str] | None, num_labels: int = 3) -> Path:
-    """A tiny random BERT classifier; ``label_names`` (index = id) become its label2id, or the defaults."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from cahp.models import load_tokenizer, resolve_model
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
-    labels = {} if label_names is None else {"id2label": dict(enumerate(label_names))}
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=len(label_names) if label_names else num_labels,
-        **labels,
+    """A tiny random 1-layer BERT classifier; ``label_names`` (index = id) become its label2id, or the defaults."""
+    return tiny_bert_folder(
+        folder, layers=1, heads=2, num_labels=num_labels, label_names=label_names, intermediate_size=32
     )
-    if label_names is not None:
-        config.label2id = {name: i for i, name in enumerate(label_names)}
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def string_label_rows(labels: list[str]) -> list[dict[str, str]]:

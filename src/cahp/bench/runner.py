@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from cahp.config import check_counts, config_from_dict
+from cahp.config import check_counts, config_from_dict, read_config_file
 from cahp.data import EncodedSplit, encode_split
 from cahp.engine import Engine, task_calibration
 from cahp.errors import CahpError
@@ -138,16 +138,7 @@ class BenchConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> BenchConfig:
         """Read a JSON config; see the attributes for the keys."""
-        path = Path(expand_path(str(path)))
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError as error:
-            raise CahpError(f"bench config {path} does not exist") from error
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CahpError(f"bench config {path} is not valid JSON: {error}") from error
-        if not isinstance(raw, dict):
-            raise CahpError(f"bench config {path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_file(expand_path(str(path))))
 
 
 def upgrade_bench_record(raw: dict[str, Any]) -> dict[str, Any]:

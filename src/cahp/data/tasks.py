@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cahp.errors import DataError
+from cahp.models import label_ids
 
 CANONICAL_SPLITS = ("train", "validation", "test")
 MNLI_HELDOUT_FRACTION = 0.1
@@ -200,7 +201,7 @@ class TaskData:
                 name: TextSplit(split.name, split.texts, new_ids[split.labels], split.source)
                 for name, split in self.splits.items()
             }
-            note = f"string labels numbered by the model's label2id: {_numbering(model_names)}"
+            note = f"string labels numbered by the model's label2id: {label_ids(model_names)}"
             return replace(
                 self,
                 num_labels=model_count,
@@ -231,10 +232,6 @@ class TaskData:
         )
 
 
-def _numbering(label_names: Sequence[str]) -> dict[str, int]:
-    return {name: index for index, name in enumerate(label_names)}
-
-
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (kept, held_out) with ``fraction`` of each label held out, seeded."""
     rng = np.random.default_rng(seed)
@@ -260,10 +257,14 @@ class RawRows:
 
     rows: list[dict[str, Any]]
     source: str
-    lines: list[int | None]
+    lines: list[int | None] | None = None  # None: no line numbers (a JSON list, the hub)
+
+    def __post_init__(self) -> None:
+        if self.lines is None:
+            self.lines = [None] * len(self.rows)
 
     def where(self, index: int) -> str:
-        line = self.lines[index]
+        line = self.lines[index]  # type: ignore[index]
         return f"{self.source}, line {line}" if line is not None else f"{self.source}, record {index + 1}"
 
 
@@ -309,7 +310,7 @@ def _read_rows(path: Path) -> RawRows:
     for index, row in enumerate(content):
         if not isinstance(row, dict):
             raise DataError(f"{path}, record {index + 1}: expected an object with named columns, got {row!r:.60}")
-    return RawRows(content, str(path), [None] * len(content))
+    return RawRows(content, str(path))
 
 
 def _read_json_lines(handle: io.TextIOBase, path: Path) -> RawRows:
@@ -504,7 +505,7 @@ def _load_hub(
     for split, hub_split in split_names.items():
         if hub_split in dataset:
             rows = dataset[hub_split].to_list()
-            raw = RawRows(rows, f"hub {path}", [None] * len(rows))
+            raw = RawRows(rows, f"hub {path}")
             splits[split] = _rows_to_split(raw, split, text_columns, label_column, None)
     return splits
 
@@ -625,7 +626,7 @@ def _load_custom(
         raw = {}
         for split in dataset:
             rows = dataset[split].to_list()
-            raw[split] = RawRows(rows, f"hub {task} ({split})", [None] * len(rows))
+            raw[split] = RawRows(rows, f"hub {task} ({split})")
         source = f"hub {task}"
     first = next((rows for rows in raw.values() if rows.rows), None)
     if first is None:
@@ -653,7 +654,7 @@ def _load_custom(
                 raise DataError(f"label2id {dict(label2id)} does not number its labels 0..{len(label2id) - 1}")
         else:
             names = sorted({str(row[label_column]) for row in train.rows})
-            label_to_id, label_mapping = {name: i for i, name in enumerate(names)}, "alphabetical"
+            label_to_id, label_mapping = label_ids(names), "alphabetical"
     known_as = (
         "the model's labels (its config.label2id; fine-tune a base model to train on other labels)"
         if label_mapping == "label2id"
@@ -680,7 +681,7 @@ def _load_custom(
     name = folder.name if folder.is_dir() else task
     notes = []
     if label_mapping == "alphabetical":
-        notes.append(f"string labels numbered alphabetically: {_numbering(label_names)}")
+        notes.append(f"string labels numbered alphabetically: {label_ids(label_names)}")
     return TaskData(
         name,
         len(label_names),

@@ -17,6 +17,7 @@ from cahp.errors import ConfigError, DataError, notice
 from cahp.evaluation.metrics import evaluate_split
 from cahp.models import (
     check_max_length,
+    label_ids,
     load_classifier,
     load_model_config,
     named_labels,
@@ -95,7 +96,7 @@ class TaskOptions:
             text_columns=self.text_columns,
             label_column=self.label_column,
             num_labels=self.num_labels,
-            label2id={name: index for index, name in enumerate(names)} if names else None,
+            label2id=label_ids(names) if names else None,
         )
         return task.aligned_to(model_config) if model_config is not None else task
 

@@ -223,7 +223,7 @@ def train_model(
             bar.set_postfix(epoch=epoch + 1, loss=f"{running_loss / running_count:.4f}")
             if step >= total_steps or step % steps_per_epoch == 0:
                 break
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if step % config.checkpoint_every == 0:
                 save()
         row: dict[str, Any] = {"epoch": round(step / steps_per_epoch, 3), "step": step}
         row["train_loss"] = round(running_loss / max(1, running_count), 5)
