@@ -4,6 +4,7 @@ scorer; the config files."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,24 @@ def test_summaries_show_cache_paths_as_cahp_home(monkeypatch: pytest.MonkeyPatch
     assert _shown(str(tmp_path / "cache" / "finetuned" / "m")) == "$CAHP_HOME/finetuned/m"
     assert _shown(str(tmp_path / "cache-other" / "m")) == str(tmp_path / "cache-other" / "m")
     assert _shown("/data/model") == "/data/model"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("uniform_layers", "x", '"uniform_layers" must be true or false'),
+        ("resample_calibration", 1, '"resample_calibration" must be true or false'),
+        ("seeds", [0, -1], '"seeds" must be whole numbers'),
+        ("deterministic_seeds", 0, "deterministic_seeds must be a positive whole number"),
+        ("method_settings", {"random": {"seed": 3}}, "the bench sets them"),
+        ("budgets", [0.3, 1.5], "fractions of heads kept"),
+    ],
+)
+def test_bad_bench_config_values_are_named(
+    classifier: tuple[Path, TaskOptions], tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    config = _config(classifier, tmp_path / "bench")
+    setattr(config, key, value)
+    with pytest.raises(CahpError, match=re.escape(message)):
+        run_bench(config, progress=False)
+    assert not (tmp_path / "bench").exists(), "refused before anything is written"

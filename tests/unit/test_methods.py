@@ -144,10 +144,13 @@ def test_entry_point_methods_are_registered(tmp_path: Path, monkeypatch: pytest.
     info = tmp_path / "cahp_plugin_example-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cahp-plugin-example\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[cahp.methods]\nplugged = cahp_plugin_example:Plugged\n")
+    (info / "entry_points.txt").write_text(
+        "[cahp.methods]\nplugged = cahp_plugin_example:Plugged\nbroken = cahp_plugin_missing:Nothing\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(base, "_loaded", False)
     methods = available_methods()
     assert "plugged" in methods and methods["plugged"].description == "A scorer that a third-party package ships."
     assert methods["plugged"].kind == "scorer" and not methods["plugged"].finds_own_budget
+    assert "broken" not in methods and "cahp" in methods, "a package that fails to load is skipped, not fatal"
     sys.modules.pop("cahp_plugin_example", None)

@@ -46,7 +46,7 @@ from cahp.outputs import write_json
 from cahp.reporting.bench_report import budget_label, method_seeds, planned_cells, write_bench_report
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
-from cahp.train.loop import TrainingConfig, set_seed, train_model
+from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
 
 Budget_ = float | str
 KNEE = "knee"
@@ -220,6 +220,14 @@ def _validate(config: BenchConfig) -> None:
         optional=True,
         where="bench config: ",
     )
+    for name in ("resample_calibration", "allow_empty_layers", "uniform_layers"):
+        if not isinstance(getattr(config, name), bool):
+            raise CahpError(f'bench config: "{name}" must be true or false, got {getattr(config, name)!r}')
+    if not is_seed(config.calibration_seed):
+        raise CahpError(f'bench config: "calibration_seed" must be a whole number in 0..{SEEDS - 1}')
+    if not all(is_seed(seed) for seed in config.seeds):
+        raise CahpError(f'bench config: "seeds" must be whole numbers in 0..{SEEDS - 1}, got {config.seeds}')
+    check_counts(config, ("deterministic_seeds",), optional=False, where="bench config: ")
     if config.focus is not None and config.focus not in config.methods:
         raise CahpError(f'bench config: "focus" {config.focus!r} is not one of "methods" {config.methods}')
     if not isinstance(config.method_settings, dict):

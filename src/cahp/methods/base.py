@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from cahp.errors import CahpError
+from cahp.errors import CahpError, notice
 
 if TYPE_CHECKING:
     import numpy as np
@@ -168,18 +168,17 @@ def _register_entry_point(entry: importlib.metadata.EntryPoint) -> None:
 
     try:
         target = entry.load()
-    except Exception as error:  # a broken third-party package must not break cahp
-        raise CahpError(
-            f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} ({entry.value}) fails to load: {error}"
-        ) from error
+    except Exception as error:  # a broken third-party package must not break cahp: skip it, and say so
+        notice(f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} ({entry.value}) fails to load ({error}); skipped")
+        return
     if isinstance(target, type) and issubclass(target, PruningMethod):
         register_method(entry.name)(target)
     elif isinstance(target, type) and issubclass(target, HeadScorer):
         register_scorer(entry.name)(target)
     else:
-        raise CahpError(
-            f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} names {target!r}: it must be a PruningMethod or a "
-            "HeadScorer subclass"
+        notice(
+            f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} names {target!r}, not a PruningMethod or HeadScorer "
+            "subclass; skipped"
         )
 
 

@@ -55,10 +55,10 @@ def _units(priority: np.ndarray, grid: HeadGrid, constraints: Constraints) -> li
                 (float(np.mean([row[members[j]] for members in ranked])), sorted(m[j] for m in ranked))
                 for j in range(size)
             ]
-        order = sorted(range(len(units)), key=lambda i: (-units[i][0], units[i][1][0]))
         if unit_size != 1 and constraints.gqa == "uniform":
-            order = list(range(len(units)))  # j-th best heads: already best first, and unit j needs unit j - 1
-        layers.append([units[i] for i in order])
+            layers.append(units)  # the j-th best heads: already best first, and unit j needs unit j - 1
+        else:
+            layers.append(sorted(units, key=lambda unit: (-unit[0], unit[1][0])))
     return layers
 
 
