@@ -330,3 +330,11 @@ def test_bad_bench_config_values_are_named(
     with pytest.raises(CahpError, match=re.escape(message)):
         run_bench(config, progress=False)
     assert not (tmp_path / "bench").exists(), "refused before anything is written"
+
+
+def test_a_short_bench_config_gets_defaults_and_a_task_name() -> None:
+    """No "recovery" key: the default recovery; "task": "sst5" is the task's name (both were TypeErrors)."""
+    config = BenchConfig.from_dict({"model": "m", "out": "o", "task": "sst5"})
+    assert config.recovery == BenchConfig(model="m", out="o").recovery and config.task.task == "sst5"
+    with pytest.raises(CahpError, match=r"bench config\.task must be a JSON object, got int"):
+        BenchConfig.from_dict({"model": "m", "out": "o", "task": 5})

@@ -391,6 +391,38 @@ def test_impossible_record_is_refused(tmp_path: Path) -> None:
         load_pruned(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("no weights", "weights of this pruned model cannot be read"),
+        ("truncated weights", "weights of this pruned model cannot be read"),
+        ("entry not a list", "must be a list of head numbers"),
+        ("fractional head", r"must hold whole head numbers, got 1\.7"),
+    ],
+)
+def test_a_damaged_pruned_folder_is_one_clear_error(tmp_path: Path, edit: str, message: str) -> None:
+    prune_heads(build_model("bert"), plan_for("bert")).save_pretrained(tmp_path)
+    weights, config_file = tmp_path / "model.safetensors", tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    if edit == "no weights":
+        weights.unlink()
+    elif edit == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        config["cahp_kept_heads"]["0"] = 5 if edit == "entry not a list" else [0, 1.7]
+        config_file.write_text(json.dumps(config))
+    with pytest.raises(PrunedModelError, match=message):
+        load_pruned(tmp_path)
+
+
+def test_head_numbers_are_never_rounded() -> None:
+    """A head number 1.7 is refused, not read as head 1."""
+    with pytest.raises(PruningError, match=r"whole head numbers, got 1\.7"):
+        prune_heads(build_model("bert"), {0: [1.7]})
+    with pytest.raises(PruningError, match="whole head numbers, got True"):
+        prune_heads(build_model("bert"), {0: [True]})
+
+
 # ---- ONNX --------------------------------------------------------------------------------------------------
 
 needs_onnxruntime = pytest.mark.skipif(

@@ -25,6 +25,7 @@ from os import PathLike
 from typing import Any
 
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from cahp.errors import ModelNotFoundError, PrunedModelError, PruningError
@@ -57,6 +58,11 @@ def load_pruned(path: str | PathLike[str], **from_pretrained_kwargs: Any) -> Pre
         )
     except PruningError as error:
         raise PrunedModelError(f"{path}: config.json records a structure the model cannot have: {error}") from error
+    except (OSError, SafetensorError) as error:  # no weight file, or one cut short
+        raise PrunedModelError(
+            f"{path}: the weights of this pruned model cannot be read ({type(error).__name__}: {error}); the folder "
+            "is incomplete: copy it again, or save the pruned model again with model.save_pretrained(folder)"
+        ) from error
     model.__class__ = model_class
     problems = [
         f"{key}: shape in file {list(found)} vs recorded structure {list(wanted)}"

@@ -44,6 +44,7 @@ A request the chosen mode cannot express raises :class:`~cahp.errors.PruningErro
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any, Literal
@@ -93,8 +94,34 @@ def layer_geometries(model: PreTrainedModel) -> list[HeadGeometry]:
 
 
 def _read_record(model: PreTrainedModel, key: str, heads: int, layers: int) -> dict[int, list[int]]:
+    """``config.<key>`` as ``{layer: sorted heads}`` (every head of a layer it does not name)."""
     record = getattr(model.config, key, None) or {}
-    return {layer: sorted(int(h) for h in record.get(str(layer), range(heads))) for layer in range(layers)}
+    if not isinstance(record, dict):
+        raise PruningError(f"config.{key} must map layers to lists of head numbers, got {record!r:.80}")
+    return {
+        layer: sorted(head_numbers(record.get(str(layer), range(heads)), f"config.{key}[{str(layer)!r}]"))
+        for layer in range(layers)
+    }
+
+
+def head_numbers(entry: Any, where: str) -> set[int]:
+    """The head numbers of ``entry`` (a list of whole numbers; NumPy integers too).
+
+    Raises:
+        PruningError: ``entry`` is not a list, or holds something that is not a whole number (``1.7``,
+            ``"2"``, ``True``): never rounded to a head.
+    """
+    if isinstance(entry, str | bytes | dict) or not isinstance(entry, Iterable):
+        raise PruningError(f"{where} must be a list of head numbers, got {entry!r:.80}")
+    numbers = set()
+    for head in entry:
+        try:
+            if isinstance(head, bool):
+                raise TypeError
+            numbers.add(operator.index(head))
+        except TypeError:
+            raise PruningError(f"{where} must hold whole head numbers, got {head!r} in {entry!r:.80}") from None
+    return numbers
 
 
 # ---- public entry points -----------------------------------------------------------------------------------
@@ -146,7 +173,7 @@ def prune_heads(
         layer = int(raw_layer)
         if not 0 <= layer < layers:
             raise PruningError(f"layer {layer} does not exist: the model has layers 0..{layers - 1}")
-        removed = {int(h) for h in raw_heads}
+        removed = head_numbers(raw_heads, f"layer {layer}'s heads to remove")
         outside = sorted(h for h in removed if not 0 <= h < heads)
         if outside:
             raise PruningError(
@@ -176,10 +203,18 @@ def apply_kept_heads(
     gqa = adapter.uses_gqa(model)
     heads, kv_heads = adapter.num_heads(model), adapter.num_kv_heads(model)
     current_q, current_kv = kept_heads_by_layer(model), kept_kv_heads_by_layer(model)
-    target_q = {layer: sorted({int(h) for h in kept_heads.get(layer, current_q[layer])}) for layer in current_q}
+    target_q = {
+        layer: sorted(head_numbers(kept_heads.get(layer, current_q[layer]), f"layer {layer}'s kept heads"))
+        for layer in current_q
+    }
     if gqa:
         kv_source = kept_kv_heads or {}
-        target_kv = {layer: sorted({int(g) for g in kv_source.get(layer, current_kv[layer])}) for layer in current_kv}
+        target_kv = {
+            layer: sorted(
+                head_numbers(kv_source.get(layer, current_kv[layer]), f"layer {layer}'s kept key-value heads")
+            )
+            for layer in current_kv
+        }
     else:
         target_kv = {layer: list(q) for layer, q in target_q.items()}
     for layer in current_q:
