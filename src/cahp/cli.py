@@ -108,6 +108,7 @@ non_negative_float = _number(float, "a number of at least 0", lambda value: 0 <=
 open_fraction = _number(float, "a number strictly between 0 and 1", lambda value: 0 < value < 1)
 fraction_up_to_one = _number(float, "a number above 0 and at most 1", lambda value: 0 < value <= 1)
 fraction_below_one = _number(float, "a number of at least 0 and below 1", lambda value: 0 <= value < 1)
+unit_interval = _number(float, "a number from 0 to 1", lambda value: 0 <= value <= 1)
 
 
 def comma_list(text: str) -> list[str]:
@@ -128,6 +129,7 @@ _METAVARS: dict[Callable[[str], Any], str] = {
     open_fraction: "F",
     fraction_up_to_one: "F",
     fraction_below_one: "F",
+    unit_interval: "F",
     comma_list: "A,B",
 }
 
@@ -212,6 +214,13 @@ PRUNE_FIELDS: dict[str, tuple[str, ...]] = {
     "recovery_epochs": ("recovery.epochs",),
     "recovery_learning_rate": ("recovery.learning_rate",),
     "recovery_max_examples": ("recovery_max_examples",),
+    "recovery_loss": ("recovery_objective.loss",),
+    "kd_temperature": ("recovery_objective.temperature",),
+    "kd_alpha": ("recovery_objective.alpha",),
+    "relation_heads": ("recovery_objective.relation_heads",),
+    "relation_layers": ("recovery_objective.relation_layers",),
+    "relation_weight": ("recovery_objective.relation_weight",),
+    "hidden_weight": ("recovery_objective.hidden_weight",),
     "eval_splits": ("eval_splits",),
     "eval_max_examples": ("eval_max_examples",),
     "latency_batch_size": ("latency_batch_size",),
@@ -289,8 +298,9 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     _option(group, "--max-length", default=128, type=positive_int, help="tokens per example")
 
 
-def _add_training_arguments(group: Any) -> None:
-    """The training options finetune and prune's recovery share (each adds its own epochs and learning rate)."""
+def _add_training_arguments(group: Any, *, group_by_length: bool = False) -> None:
+    """The training options finetune and prune's recovery share (each adds its own epochs and learning rate;
+    ``group_by_length``: the config's default)."""
     _option(group, "--batch-size", default=32, type=positive_int, help="examples per training step")
     _option(group, "--warmup-ratio", default=0.1, type=fraction_below_one, help="share of steps of linear warm-up")
     _option(group, "--weight-decay", default=0.01, type=non_negative_float, help="AdamW weight decay")
@@ -298,7 +308,7 @@ def _add_training_arguments(group: Any) -> None:
     _flag(
         group,
         "--group-by-length",
-        default=False,
+        default=group_by_length,
         help="train on batches of similar length (shuffled): less padding, faster on CPU",
     )
 
@@ -456,7 +466,27 @@ def _add_prune_parser(sub: Any) -> None:
     _option(recovery, "--recovery-epochs", default=3.0, type=non_negative_float, help="passes over the training split")
     _option(recovery, "--recovery-learning-rate", default=2e-5, type=positive_float, help="peak learning rate")
     _subset_option(recovery, "--recovery-max-examples", "recover on a seeded stratified subset of the training split")
-    _add_training_arguments(recovery)
+    _add_training_arguments(recovery, group_by_length=True)
+    _option(
+        recovery,
+        "--recovery-loss",
+        default="ce",
+        choices=["ce", "kd", "kd-relations"],
+        help="ce: cross-entropy on the labels; kd: plus distillation of the unpruned model's logits; kd-relations: "
+        "plus its q/k/v self-attention relations (docs/recovery.md)",
+    )
+    _option(recovery, "--kd-temperature", default=2.0, type=positive_float, help="kd: softening temperature")
+    _option(recovery, "--kd-alpha", default=0.5, type=unit_interval, help="kd: weight of the label loss")
+    _option(recovery, "--relation-heads", default=8, type=positive_int, help="kd-relations: relation heads per layer")
+    _option(recovery, "--relation-layers", default="all", help="kd-relations: all, last, or layer numbers like 4,5")
+    _option(recovery, "--relation-weight", default=1.0, type=non_negative_float, help="kd-relations: its weight")
+    _option(
+        recovery,
+        "--hidden-weight",
+        default=0.0,
+        type=non_negative_float,
+        help="kd-relations: weight of hidden-state matching (0: off)",
+    )
 
     report = parser.add_argument_group("evaluation and latency")
     _option(

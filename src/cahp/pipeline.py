@@ -33,11 +33,15 @@ from cahp.models import check_max_length, load_classifier, load_model_config, re
 from cahp.outputs import StagedOutput, check_output_target, read_cache, write_json
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
+from cahp.train.distill import RecoveryObjective, build_recovery_loss
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
 
-#: The reference's recovery recipe: 3 epochs, lr 2e-5, linear schedule, 10% warm-up, weight decay 0.01.
-RECOVERY_DEFAULT = TrainingConfig(epochs=3.0, learning_rate=2e-5, warmup_ratio=0.1, weight_decay=0.01)
+#: The reference's recovery recipe (3 epochs, lr 2e-5, linear schedule, 10% warm-up, weight decay 0.01) on
+#: length-grouped batches (same examples per epoch, far less padding; records of earlier runs keep their own).
+RECOVERY_DEFAULT = TrainingConfig(
+    epochs=3.0, learning_rate=2e-5, warmup_ratio=0.1, weight_decay=0.01, group_by_length=True
+)
 
 
 @dataclass
@@ -61,6 +65,8 @@ class PruneConfig:
             offline MNLI: its held-out share), a seeded class-stratified subset; ``None`` = the whole split.
         calibration_batch_size: examples per batch for methods that do not set their own.
         recovery: the recovery fine-tune; ``epochs=0`` gives the retraining-free result.
+        recovery_objective: what the recovery optimises: ``ce``, or distillation from the unpruned model
+            (``kd``, ``kd-relations``; :mod:`cahp.train.distill`).
         recovery_max_examples: train the recovery on a stratified subset (demo settings).
         eval_splits: splits evaluated before pruning, after pruning and after recovery.
         eval_max_examples: evaluate on a seeded, stratified subset of each split (``None`` = the whole split).
@@ -79,6 +85,7 @@ class PruneConfig:
     calibration_size: int | None = None
     calibration_batch_size: int = 32
     recovery: TrainingConfig = field(default_factory=lambda: copy.deepcopy(RECOVERY_DEFAULT))
+    recovery_objective: RecoveryObjective = field(default_factory=RecoveryObjective)
     recovery_max_examples: int | None = None
     eval_splits: tuple[str, ...] = ("validation", "test")
     eval_max_examples: int | None = None
@@ -107,6 +114,11 @@ class PruneConfig:
         if not isinstance(self.recovery, TrainingConfig):
             raise CahpError(f"recovery must be the recovery's training settings (an object), got {self.recovery!r}")
         self.recovery.validate()
+        if not isinstance(self.recovery_objective, RecoveryObjective):
+            raise CahpError(
+                f'recovery_objective must be an object like {{"loss": "kd"}}, got {self.recovery_objective!r}'
+            )
+        self.recovery_objective.validate()
         if not isinstance(self.method, str) or not isinstance(self.method_settings, dict):
             raise CahpError("method must be a method's name and method_settings an object {setting: value}")
         if not is_seed(self.seed):
@@ -306,14 +318,19 @@ def prune(
         stages.say(f"removed {grid.total - kept_total} of {grid.total} heads; evaluating before recovery")
         pruned_accuracy = stages.json("accuracy_pruned", lambda: _accuracy(model, tokenizer, evaluation, progress))
 
+        recovery_examples = 0
         if config.recovery.epochs > 0:
             recovery_split = subsample(task.split("train"), config.recovery_max_examples, config.recovery.seed)
             recovery_data = encode_split(tokenizer, recovery_split, max_length)
+            recovery_examples = len(recovery_data)
 
-            def recover() -> list[dict[str, Any]]:
+            def recover() -> dict[str, Any]:
                 if torch.cuda.is_available():
                     model.cuda()
-                return train_model(
+                start = time.perf_counter()
+                objective, batch_size = config.recovery_objective, config.recovery.eval_batch_size
+                loss = build_recovery_loss(objective, dense, tokenizer, recovery_data, batch_size, progress)
+                history = train_model(
                     model,
                     tokenizer,
                     recovery_data,
@@ -322,15 +339,20 @@ def prune(
                     checkpoint_path=stages.folder / "recovery_checkpoint.pt",
                     desc="recovery",
                     progress=progress,
+                    loss_fn=loss,
                 )
+                seconds = time.perf_counter() - start
+                costs = loss.costs() if loss is not None else {"teacher_seconds": 0.0, "teacher_forwards": 0}
+                return {"history": history, "seconds": round(seconds, 2), **costs}
 
-            recovery_history = stages.json("recovery", recover)
+            recovery_run = stages.json("recovery_run", recover)
+            recovery_history = recovery_run["history"]
             if (stages.folder / "recovery_checkpoint.pt").is_file():
                 state = torch.load(stages.folder / "recovery_checkpoint.pt", weights_only=False)
                 model.load_state_dict(state["model"])
             recovered = stages.json("accuracy_recovered", lambda: _accuracy(model, tokenizer, evaluation, progress))
         else:
-            recovery_history, recovered = [], pruned_accuracy
+            recovery_history, recovered, recovery_run = [], pruned_accuracy, {}
 
         seq = config.latency_seq_len
         dense.cpu()
@@ -361,6 +383,11 @@ def prune(
             "selection": _selection_view(plan),
             "accuracy": {"before_pruning": before, "after_pruning": pruned_accuracy, "after_recovery": recovered},
             "recovery_history": recovery_history,
+            "recovery": {
+                "objective": config.recovery_objective.to_dict(),
+                "examples": recovery_examples,
+                **{key: value for key, value in recovery_run.items() if key != "history"},
+            },
             "parameters": {"dense": dense_params, "pruned": count_parameters(model)},
             "flops_per_sequence": {
                 "seq_len": seq,
@@ -430,10 +457,20 @@ def summary(report: dict[str, Any]) -> str:
         f"{split} accuracy ({accuracy['before_pruning'][split]['examples']} examples): "
         f"before {accuracy['before_pruning'][split]['accuracy']:.4f}, "
         f"after pruning {accuracy['after_pruning'][split]['accuracy']:.4f}, "
-        f"after recovery {accuracy['after_recovery'][split]['accuracy']:.4f}",
+        f"after recovery {accuracy['after_recovery'][split]['accuracy']:.4f}{_recovery_label(report)}",
         f"parameters: {report['parameters']['dense'] / 1e6:.1f}M -> {report['parameters']['pruned'] / 1e6:.1f}M; "
         f"speedup {report['latency']['measured_speedup']:.2f}x measured on CPU "
         f"(FLOPs-ideal {report['latency']['flops_ideal_speedup']:.2f}x, batch {report['latency']['batch_size']}"
         f" x {report['latency']['seq_len']} tokens)",
     ]
     return "\n".join(lines)
+
+
+def _recovery_label(report: dict[str, Any]) -> str:
+    """`` (recovery: kd (T=2, alpha=0.5), 2000 examples x 1 epochs)`` for the summary; empty without recovery."""
+    recovery, config = report.get("recovery"), report.get("config", {})
+    epochs = config.get("recovery", {}).get("epochs", 0)
+    if not recovery or not epochs:
+        return " (no recovery)" if recovery is not None else ""
+    objective = RecoveryObjective(**recovery["objective"]).label()
+    return f" (recovery: {objective}, {recovery['examples']} examples x {epochs:g} epochs)"

@@ -326,3 +326,19 @@ def test_an_output_folder_with_results_is_refused_before_the_model_loads(
     with pytest.raises(OutputExistsError, match="already holds results"):
         prune(config, out, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "nothing written beside it"
+
+
+def test_prune_recovers_by_distillation_and_says_so(finetuned: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    from cahp.train.distill import RecoveryObjective
+
+    model, task = finetuned
+    config = _config(model, task, method="gradient", budget="keep=5")
+    config.recovery_objective = RecoveryObjective(loss="kd-relations", relation_layers="last")
+    report = prune(config, tmp_path / "kd", progress=False)
+    assert report["recovery"]["objective"]["loss"] == "kd-relations"
+    examples = report["recovery"]["examples"]
+    assert examples > 0 and report["recovery"]["teacher_forwards"] == -(-examples // 8)  # one per step, one epoch
+    assert set(report["recovery_history"][0]["loss_parts"]) == {"ce", "kd", "relations"}
+    assert "recovery: kd-relations (T=2, alpha=0.5" in summary(report)
+    replayed = json.loads((tmp_path / "kd" / "run_config.json").read_text())
+    assert PruneConfig.from_dict(replayed).recovery_objective == config.recovery_objective

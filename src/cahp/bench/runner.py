@@ -45,6 +45,7 @@ from cahp.models import cahp_home, check_max_length, load_classifier, load_model
 from cahp.outputs import write_json
 from cahp.reporting.bench_report import budget_label, method_seeds, planned_cells, write_bench_report
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
+from cahp.train.distill import Distillation, RecoveryObjective, build_recovery_loss
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
 
@@ -60,6 +61,7 @@ RESULT_KEYS = (
     "resample_calibration",
     "method_settings",
     "recovery",
+    "recovery_objective",
     "recovery_max_examples",
     "eval_splits",
     "eval_max_examples",
@@ -88,7 +90,11 @@ class BenchConfig:
         method_settings: ``{method: {setting: value}}`` (not ``seed`` and not ``keep``: the bench sets them).
         focus: the method the summary compares with the best other one (default: the first of ``methods``).
         recovery: the recovery fine-tune of every cell (``epochs: 0`` = retraining-free only).
+        recovery_objective: what every cell's recovery optimises (``ce``, or distillation from the unpruned model:
+            :mod:`cahp.train.distill`; default ``ce``, the committed grids' recipe).
         recovery_max_examples: recover on a stratified subset of the training split.
+        fitted_dir: where fitted methods are cached (default ``OUT/fitted``); grids that differ only in their
+            recovery can share one (fits are keyed by method, settings, model and calibration data).
         eval_splits: splits evaluated after pruning and after recovery.
         eval_max_examples: evaluate on a stratified subset of each split (``None`` = all).
         allow_empty_layers, uniform_layers, gqa_mode: the constraints of every plan (see ``cahp prune``).
@@ -107,7 +113,9 @@ class BenchConfig:
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     focus: str | None = None
     recovery: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=1.0, learning_rate=2e-5))
+    recovery_objective: RecoveryObjective = field(default_factory=RecoveryObjective)
     recovery_max_examples: int | None = 2000
+    fitted_dir: str | None = None
     eval_splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     eval_max_examples: int | None = None
     allow_empty_layers: bool = False
@@ -129,6 +137,8 @@ class BenchConfig:
         config = config_from_dict(cls, values, "bench config")
         config.model = expand_path(config.model)
         config.out = expand_path(config.out)
+        if config.fitted_dir is not None:
+            config.fitted_dir = expand_path(config.fitted_dir)
         if config.task.data_dir is not None:
             config.task.data_dir = expand_path(config.task.data_dir)
         if config.task.task.startswith(("~", "$")):
@@ -292,6 +302,8 @@ class _Bench:
             raise CahpError(f"none of the eval_splits {config.eval_splits} exists; the task has {self.task.splits}")
         self._engines: dict[int, Engine] = {}
         self._recovery_data: EncodedSplit | None = None
+        self._distillation: Distillation | None = None
+        self._distillation_setup: dict[str, Any] = {}
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -304,7 +316,8 @@ class _Bench:
             calibration = task_calibration(
                 self.task, self.tokenizer, self.config.calibration_size, sample_seed, self.config.task.max_length
             )
-            self._engines[sample_seed] = Engine(self.model, calibration, self.out / "fitted", say=self.say)
+            fitted = Path(self.config.fitted_dir) if self.config.fitted_dir else self.out / "fitted"
+            self._engines[sample_seed] = Engine(self.model, calibration, fitted, say=self.say)
         return self._engines[sample_seed]
 
     @property
@@ -313,6 +326,16 @@ class _Bench:
             split = subsample(self.task.split("train"), self.config.recovery_max_examples, self.config.recovery.seed)
             self._recovery_data = encode_split(self.tokenizer, split, self.config.task.max_length)
         return self._recovery_data
+
+    def recovery_loss(self) -> Distillation | None:
+        """The recovery's loss: the dense model as teacher when the objective distils (its logits on the recovery
+        data are computed once per run and shared by every cell)."""
+        if self._distillation is None and self.config.recovery_objective.uses_teacher:
+            self._distillation = build_recovery_loss(
+                self.config.recovery_objective, self.model, self.tokenizer, self.recovery_data, 64, self.progress
+            )
+            self._distillation_setup = self._distillation.costs() if self._distillation else {}
+        return self._distillation
 
     def accuracy(self, model: Any) -> dict[str, Any]:
         return {name: evaluate_split(model, self.tokenizer, data, 64, False) for name, data in self.evaluation.items()}
@@ -354,13 +377,24 @@ class _Bench:
         after_pruning = self.accuracy(model)
         pruned = time.perf_counter()
         history: list[dict[str, Any]] = []
-        after_recovery = after_pruning
+        after_recovery, teacher_costs = after_pruning, {}
         if self.config.recovery.epochs > 0:
             set_seed(self.config.recovery.seed)
+            loss = self.recovery_loss()
+            before = loss.costs() if loss is not None else {}
             history = train_model(
-                model, self.tokenizer, self.recovery_data, self.config.recovery, desc="recovery", progress=False
+                model,
+                self.tokenizer,
+                self.recovery_data,
+                self.config.recovery,
+                desc="recovery",
+                progress=False,
+                loss_fn=loss,
             )
             after_recovery = self.accuracy(model)
+            if loss is not None:  # this cell's teacher work, and the one-time logit pass shared by every cell
+                teacher_costs = {key: round(value - before[key], 2) for key, value in loss.costs().items()}
+                teacher_costs["shared_setup"] = self._distillation_setup
         end = time.perf_counter()
         record = plan.to_dict()
         record.pop("details")
@@ -383,6 +417,8 @@ class _Bench:
             "fit_cached": bool(cached),
             "accuracy": {"after_pruning": after_pruning, "after_recovery": after_recovery},
             "recovery_history": history,
+            "recovery_objective": self.config.recovery_objective.loss,
+            "teacher": teacher_costs,
             "seconds": {
                 "scoring": float(getattr(fitted, "fit_seconds_", 0.0)),
                 "selection": round(planned - start, 2),

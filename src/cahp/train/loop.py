@@ -21,6 +21,7 @@ from cahp.data.batching import EncodedSplit, iter_batches, num_batches
 from cahp.errors import ConfigError
 from cahp.evaluation.metrics import evaluate_split, model_device
 from cahp.outputs import atomic_write
+from cahp.train.distill import LossFn
 
 
 def _is_number(value: Any) -> bool:
@@ -142,6 +143,7 @@ def train_model(
     checkpoint_path: str | os.PathLike[str] | None = None,
     desc: str = "fine-tune",
     progress: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place and return the history (one row per epoch, with validation metrics).
 
@@ -153,6 +155,10 @@ def train_model(
     Each history row holds ``epoch``, ``step`` (total so far), ``train_loss`` (mean over all of the epoch's
     steps, also those done before a resume), ``train_loss_steps`` (how many) and ``steps_this_run`` (how many
     of them this call did: 0 for rows restored from the checkpoint), plus ``validation`` metrics.
+
+    ``loss_fn`` replaces the model's own loss (``model(**batch).loss``): it is called with the model, the batch on
+    the model's device and the batch's example indices, and returns the loss and its named parts, whose epoch
+    means go to the history row as ``loss_parts`` (:mod:`cahp.train.distill`).
     """
     config.validate()
     if len(train_data) == 0:
@@ -166,6 +172,7 @@ def train_model(
     scheduler = _linear_schedule(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     step, history = 0, []
     running_loss, running_count = 0.0, 0  # over the current epoch's steps, checkpointed
+    running_parts: dict[str, float] = {}  # sums of the loss_fn's parts over the epoch's steps, checkpointed
     checkpoint = Path(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -175,6 +182,7 @@ def train_model(
         torch.set_rng_state(state["torch_rng"])
         step, history = state["step"], [{**row, "steps_this_run": 0} for row in state["history"]]
         running_loss, running_count = state.get("running_loss", 0.0), state.get("running_count", 0)
+        running_parts = state.get("running_parts", {})
     steps_this_epoch = 0
 
     def save() -> None:
@@ -190,6 +198,7 @@ def train_model(
                     "history": history,
                     "running_loss": running_loss,
                     "running_count": running_count,
+                    "running_parts": running_parts,
                 },
             )
 
@@ -199,7 +208,7 @@ def train_model(
         epoch, skip = divmod(step, steps_per_epoch)
         if skip == 0:
             torch.manual_seed(config.seed + epoch)  # dropout stream of each epoch, reproducible on resume
-        for _, batch in iter_batches(
+        for indices, batch in iter_batches(
             tokenizer,
             train_data,
             config.batch_size,
@@ -209,7 +218,13 @@ def train_model(
             group_by_length=config.group_by_length,
             skip_batches=skip,
         ):
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if loss_fn is None:
+                loss = model(**batch).loss
+            else:
+                loss, parts = loss_fn(model, batch, indices)
+                for name, value in parts.items():
+                    running_parts[name] = running_parts.get(name, 0.0) + value
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -229,7 +244,9 @@ def train_model(
         row["train_loss"] = round(running_loss / max(1, running_count), 5)
         row["train_loss_steps"] = running_count
         row["steps_this_run"] = steps_this_epoch
-        running_loss, running_count, steps_this_epoch = 0.0, 0, 0
+        if running_parts:
+            row["loss_parts"] = {name: round(total / max(1, running_count), 5) for name, total in running_parts.items()}
+        running_loss, running_count, steps_this_epoch, running_parts = 0.0, 0, 0, {}
         if validation is not None and len(validation):
             row["validation"] = evaluate_split(
                 model, tokenizer, validation, config.eval_batch_size, progress, "validate"

@@ -1,0 +1,377 @@
+"""Recovery objectives: plain cross-entropy, or distillation from the unpruned model.
+
+After pruning, the unpruned model is a free teacher. :class:`RecoveryObjective` says how recovery trains the
+pruned student (``loss``):
+
+``ce``
+    Cross-entropy on the gold labels (the model's own ``loss``).
+``kd``
+    ``alpha * CE + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over the logits.
+    The teacher is frozen and deterministic, so its logits are computed ONCE for the whole training set
+    (length-sorted batches, no gradient) and looked up by example index at every step: the teacher costs one
+    inference pass per recovery, whatever the number of epochs, and an interrupted run that resumes recomputes
+    exactly the same targets.
+``kd-relations``
+    ``kd`` plus self-attention relation distillation in the style of MiniLM v2: for every chosen layer (teacher
+    layer ``i`` with student layer ``i``: pruning keeps the depth), the query, key and value vectors of the
+    layer's CURRENT heads, concatenated, are split into ``relation_heads`` equal-ish chunks (independent of how
+    many attention heads the student layer kept); each chunk gives a relation ``softmax(X X^T / sqrt(d))``
+    ``[batch, relation_heads, seq, seq]`` over the real (unpadded) tokens, and the loss is the KL divergence from
+    the teacher's relation to the student's, averaged over real query positions, chunks, the three kinds and the
+    layers, weighted by ``relation_weight``. A layer that kept zero heads has no relations and is skipped; with
+    grouped-query attention the key and value relations use the layer's key-value heads. ``hidden_weight > 0``
+    adds the mean squared error between teacher and student hidden states over real tokens (every layer output;
+    pruning heads never changes the hidden size). The teacher runs beside the student at every step here.
+
+Every objective returns the scalar loss and its parts (``{"ce": ..., "kd": ..., "relations": ...}``), which the
+training loop averages into its history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cahp.adapters import get_adapter
+from cahp.data.batching import EncodedSplit, iter_batches
+from cahp.errors import ConfigError
+from cahp.surgery import layer_geometries
+
+RECOVERY_LOSSES = ("ce", "kd", "kd-relations")
+
+#: ``loss_fn(student, batch on the student's device, example indices) -> (loss, {part: value})``
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], np.ndarray], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class RecoveryObjective:
+    """What recovery optimises (module docs).
+
+    Attributes:
+        loss: ``ce``, ``kd`` or ``kd-relations``.
+        temperature: softening temperature ``T`` of the logit distillation.
+        alpha: weight of the cross-entropy on gold labels; ``1 - alpha`` goes to the teacher's soft targets.
+        relation_heads: relation heads per layer and kind (capped, per layer, at the smaller of the teacher's
+            and the student's q/k/v width).
+        relation_layers: ``"all"``, ``"last"``, or comma-separated layer numbers (``"3,5"``).
+        relation_weight: weight of the relation term (``kd-relations``).
+        hidden_weight: weight of the hidden-state mean squared error (``kd-relations``; 0 = off).
+    """
+
+    loss: str = "ce"
+    temperature: float = 2.0
+    alpha: float = 0.5
+    relation_heads: int = 8
+    relation_layers: str = "all"
+    relation_weight: float = 1.0
+    hidden_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> RecoveryObjective:
+        """Check every setting; returns self.
+
+        Raises:
+            ConfigError: listing each setting out of range, by name.
+        """
+        problems = []
+        if self.loss not in RECOVERY_LOSSES:
+            problems.append(f"loss must be one of {', '.join(RECOVERY_LOSSES)}, got {self.loss!r}")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not _is_number(self.alpha) or not 0 <= self.alpha <= 1:
+            problems.append(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not isinstance(self.relation_heads, int) or isinstance(self.relation_heads, bool) or self.relation_heads < 1:
+            problems.append(f"relation_heads must be a whole number >= 1, got {self.relation_heads!r}")
+        for name in ("relation_weight", "hidden_weight"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                problems.append(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        try:
+            self.layers(1_000_000)
+        except ConfigError as error:
+            problems.append(str(error))
+        if problems:
+            raise ConfigError("invalid recovery objective: " + "; ".join(problems))
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.loss != "ce"
+
+    def layers(self, num_layers: int) -> list[int]:
+        """The layers whose relations are distilled, for a model of ``num_layers`` layers."""
+        spec = self.relation_layers
+        if spec == "all":
+            return list(range(num_layers))
+        if spec == "last":
+            return [num_layers - 1]
+        try:
+            chosen = sorted({int(part) for part in str(spec).split(",")})
+        except ValueError:
+            raise ConfigError(
+                f"relation_layers must be 'all', 'last' or comma-separated layer numbers, got {spec!r}"
+            ) from None
+        if not chosen or any(not 0 <= layer < num_layers for layer in chosen):
+            raise ConfigError(f"relation_layers {spec!r}: the model has layers 0..{num_layers - 1}")
+        return chosen
+
+    def label(self) -> str:
+        """Short description for summaries (``kd (T=2, alpha=0.5)``)."""
+        if self.loss == "ce":
+            return "ce"
+        text = f"{self.loss} (T={self.temperature:g}, alpha={self.alpha:g}"
+        if self.loss == "kd-relations":
+            text += f", {self.relation_heads} relation heads on layers {self.relation_layers}"
+            text += f", weight {self.relation_weight:g}"
+            if self.hidden_weight:
+                text += f", hidden {self.hidden_weight:g}"
+        return text + ")"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- the losses --------------------------------------------------------------------------------------------
+
+
+def logit_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over examples (``[batch, classes]``)."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def relation_log_probs(vectors: torch.Tensor, attention_mask: torch.Tensor, relation_heads: int) -> torch.Tensor:
+    """Log relations of one kind of vectors: ``[batch, seq, width]`` -> ``[batch, relation_heads, seq, seq]``.
+
+    ``vectors`` is split along ``width`` into ``relation_heads`` chunks (sizes differ by at most one); chunk ``r``
+    gives ``log_softmax(X_r X_r^T / sqrt(width_r))`` over the real keys (``attention_mask`` ``[batch, seq]``).
+    """
+    vectors = vectors.float()
+    key_mask = attention_mask[:, None, :].bool()  # [batch, 1, seq]
+    relations = []
+    for chunk in torch.tensor_split(vectors, relation_heads, dim=-1):
+        scores = chunk @ chunk.transpose(-1, -2) / math.sqrt(chunk.shape[-1])
+        relations.append(scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min).log_softmax(-1))
+    return torch.stack(relations, dim=1)
+
+
+def relation_distillation(
+    student_vectors: torch.Tensor, teacher_vectors: torch.Tensor, attention_mask: torch.Tensor, relation_heads: int
+) -> torch.Tensor:
+    """KL(teacher relation || student relation), mean over real query positions and relation heads.
+
+    Args:
+        student_vectors, teacher_vectors: ``[batch, seq, width]`` of one kind (q, k or v); widths may differ.
+        attention_mask: ``[batch, seq]``, 1 for real tokens.
+        relation_heads: chunks per vector, capped at the smaller width.
+    """
+    heads = max(1, min(relation_heads, student_vectors.shape[-1], teacher_vectors.shape[-1]))
+    student = relation_log_probs(student_vectors, attention_mask, heads)
+    teacher = relation_log_probs(teacher_vectors, attention_mask, heads)
+    pointwise = teacher.exp() * (teacher - student)  # [batch, heads, query, key]
+    mask = attention_mask.bool()
+    pointwise = pointwise.masked_fill(~mask[:, None, None, :], 0.0)
+    per_query = pointwise.sum(-1)  # [batch, heads, query]
+    real_queries = mask[:, None, :].expand_as(per_query)
+    return per_query[real_queries].mean()
+
+
+def hidden_state_distillation(
+    student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error over real tokens, averaged over the layer outputs (embeddings excluded)."""
+    mask = attention_mask.bool()
+    losses = [
+        F.mse_loss(student[mask].float(), teacher[mask].float())
+        for student, teacher in zip(student_states[1:], teacher_states[1:], strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
+# ---- capturing q/k/v -----------------------------------------------------------------------------------------
+
+
+class ProjectionRecorder:
+    """Records, during one forward, the q/k/v vectors of the CURRENT heads of chosen layers.
+
+    ``with recorder: model(...)`` then ``recorder.vectors[layer][kind]`` is ``[batch, seq, width]`` (``width`` =
+    current heads of that kind x head size). A layer without heads records nothing (its projections never run).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[int]):
+        self.model = model
+        self.layers = layers
+        self.vectors: dict[int, dict[str, torch.Tensor]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ProjectionRecorder:
+        self.vectors = {}
+        if not self.layers:
+            return self
+        adapter = get_adapter(self.model)
+        modules = adapter.layer_modules(self.model)
+        geometries = layer_geometries(self.model)
+        for layer in self.layers:
+            geometry = geometries[layer]
+            if geometry.query_heads == 0:
+                continue
+            for path, kinds in adapter.input_projections().items():
+                projection = modules[layer].get_submodule(path)
+                self._handles.append(projection.register_forward_hook(self._hook(layer, kinds, geometry)))
+        return self
+
+    def _hook(self, layer: int, kinds: tuple[str, ...], geometry: Any) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            for kind in kinds:
+                rows = geometry.rows(kind, device=output.device)
+                self.vectors.setdefault(layer, {})[kind] = output.index_select(-1, rows)
+
+        return record
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# ---- the objective at training time ----------------------------------------------------------------------------
+
+
+class Distillation:
+    """The ``kd`` / ``kd-relations`` loss of one recovery run: call it as the training loop's ``loss_fn``.
+
+    Attributes:
+        teacher_seconds: wall time spent in the teacher (the logit pass, or the per-step forwards).
+        teacher_forwards: teacher batches run.
+    """
+
+    def __init__(self, objective: RecoveryObjective, teacher: nn.Module):
+        objective.validate()
+        if not objective.uses_teacher:
+            raise ConfigError("loss 'ce' needs no teacher: train without a loss_fn")
+        self.objective = objective
+        self.teacher = teacher.eval()  # runs under no_grad only: no gradient reaches it
+        self.teacher_logits: torch.Tensor | None = None  # [examples, classes], kd only
+        self.teacher_seconds = 0.0
+        self.teacher_forwards = 0
+        self._layers: list[int] | None = None
+
+    def prepare(self, tokenizer: Any, data: EncodedSplit, batch_size: int, progress: bool = False) -> None:
+        """``kd``: compute the teacher's logits for every training example once (deterministic batches)."""
+        if self.objective.loss != "kd":
+            return
+        device = _device_of(self.teacher)
+        start = time.perf_counter()
+        logits: torch.Tensor | None = None
+        batches = iter_batches(tokenizer, data, batch_size, sort_by_length=True)
+        with torch.no_grad():
+            for indices, batch in tqdm(batches, desc="teacher logits", disable=not progress, leave=False):
+                inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+                out = self.teacher(**inputs).logits.float().cpu()
+                if logits is None:
+                    logits = torch.empty(len(data), out.shape[-1])
+                logits[torch.as_tensor(indices)] = out
+                self.teacher_forwards += 1
+        self.teacher_logits = logits
+        self.teacher_seconds += time.perf_counter() - start
+
+    def __call__(
+        self, student: nn.Module, batch: dict[str, torch.Tensor], indices: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        objective = self.objective
+        relations = objective.loss == "kd-relations"
+        hidden = relations and objective.hidden_weight > 0
+        if self._layers is None:
+            self._layers = objective.layers(len(get_adapter(student).layer_modules(student)))
+        layers = self._layers if relations else []
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        extra = {"output_hidden_states": True} if hidden else {}
+
+        teacher_out, teacher_vectors = None, {}
+        if objective.loss == "kd" and self.teacher_logits is not None:
+            teacher_logits = self.teacher_logits[torch.as_tensor(indices)].to(batch["input_ids"].device)
+        else:
+            start = time.perf_counter()
+            with torch.no_grad(), ProjectionRecorder(self.teacher, layers) as recorder:
+                teacher_out = self.teacher(**inputs, **extra)
+            teacher_vectors = recorder.vectors
+            teacher_logits = teacher_out.logits
+            self.teacher_seconds += time.perf_counter() - start
+            self.teacher_forwards += 1
+
+        with ProjectionRecorder(student, layers) as recorder:
+            out = student(**batch, **extra)
+        ce = out.loss
+        kd = logit_distillation(out.logits, teacher_logits, objective.temperature)
+        loss = objective.alpha * ce + (1 - objective.alpha) * kd
+        parts = {"ce": ce.item(), "kd": kd.item()}
+        mask = batch.get("attention_mask")
+        if mask is None:  # image models: every position is real
+            mask = torch.ones(
+                out.hidden_states[0].shape[:2] if hidden else _positions(recorder.vectors), device=ce.device
+            )
+        if relations:
+            terms = [
+                relation_distillation(vectors[kind], teacher_vectors[layer][kind], mask, objective.relation_heads)
+                for layer, vectors in recorder.vectors.items()
+                for kind in vectors
+            ]
+            if terms:  # every chosen layer may have lost its heads
+                relation = torch.stack(terms).mean()
+                loss = loss + objective.relation_weight * relation
+                parts["relations"] = relation.item()
+        if hidden:
+            assert teacher_out is not None
+            states = hidden_state_distillation(out.hidden_states, teacher_out.hidden_states, mask)
+            loss = loss + objective.hidden_weight * states
+            parts["hidden"] = states.item()
+        return loss, parts
+
+    def costs(self) -> dict[str, Any]:
+        """What the teacher cost: seconds and batches (recorded in reports)."""
+        return {"teacher_seconds": round(self.teacher_seconds, 2), "teacher_forwards": self.teacher_forwards}
+
+
+def _positions(vectors: dict[int, dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """``(batch, seq)`` of recorded vectors (``(1, 1)`` when nothing was recorded)."""
+    for kinds in vectors.values():
+        for tensor in kinds.values():
+            return tensor.shape[0], tensor.shape[1]
+    return 1, 1
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def build_recovery_loss(
+    objective: RecoveryObjective,
+    teacher: nn.Module,
+    tokenizer: Any,
+    data: EncodedSplit,
+    batch_size: int,
+    progress: bool = False,
+) -> Distillation | None:
+    """The training loop's ``loss_fn`` for ``objective`` (``None`` for ``ce``: the model's own loss), prepared on
+    ``data`` (``kd``: the teacher's logits, computed here in batches of ``batch_size``)."""
+    if not objective.uses_teacher:
+        return None
+    distillation = Distillation(objective, teacher)
+    distillation.prepare(tokenizer, data, batch_size, progress)
+    return distillation
