@@ -5,21 +5,26 @@ No method knows what kind of task it runs on. It asks the :class:`Calibration` f
 class-conditional statistics (CAHP's signatures), for each example's group (:meth:`Calibration.groups`).
 
 An :class:`Objective` is the task-specific part. :class:`SequenceClassification` (cross-entropy on the
-model's logits, the labels in the batch) is built in; a causal-LM or a distillation objective plugs in by
-implementing the same four members, without touching any method.
+model's logits, the labels in the batch) and :class:`CausalLanguageModeling` (next-token cross-entropy on
+language-modelling blocks, :mod:`cahp.data.lm`) are built in; a distillation objective plugs in by implementing
+the same four members, without touching any method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cahp.data.batching import EncodedSplit, iter_batches, num_batches
 from cahp.errors import CahpError
+
+if TYPE_CHECKING:
+    from cahp.data.lm import LMBlocks
 
 
 @runtime_checkable
@@ -74,6 +79,107 @@ class SequenceClassification:
         return logits.float().softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
 
 
+def causal_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, L]`` positions counted over real tokens only (0 at each example's first real token; padding
+    gets 0), so that a left-padded example sees the positions a right-padded one does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def scored_target_mask(attention_mask: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """``[batch, L - 1]``: True where the logits at position ``t`` predict a scored target at ``t + 1``.
+
+    The targets of example ``b`` are its LAST ``scored[b]`` real tokens (:mod:`cahp.data.lm`); real tokens must
+    be contiguous (padding on the left or on the right).
+
+    Args:
+        attention_mask: ``[batch, L]``, nonzero = real token.
+        scored: ``[batch]`` scored target tokens per example.
+
+    Raises:
+        CahpError: an example scores more tokens than it has real tokens after its first.
+    """
+    real = attention_mask != 0
+    real_count = real.sum(1)
+    invalid = (scored > real_count - 1) | (scored < 0)
+    if bool(invalid.any()):
+        bad = int(invalid.nonzero()[0, 0])
+        raise CahpError(
+            f"example {bad} of the batch scores {int(scored[bad])} target tokens but has {int(real_count[bad])} real "
+            "tokens (at most one fewer can be scored): labels must be the scored-token counts of "
+            "cahp.data.lm.make_blocks"
+        )
+    rank_from_end = real.flip(1).long().cumsum(1).flip(1)  # [batch, L]: 1 at the last real token
+    is_target = real & (rank_from_end <= scored[:, None])
+    return is_target[:, 1:]
+
+
+@dataclass(frozen=True)
+class CausalLanguageModeling:
+    """Next-token cross-entropy of a ``*ForCausalLM`` model on language-modelling blocks; no groups.
+
+    A batch holds ``input_ids`` / ``attention_mask`` ``[batch, L]`` and ``labels`` ``[batch]``: the number of
+    scored target tokens at the end of each block (:func:`cahp.data.lm.make_blocks`). The loss is the mean
+    cross-entropy over every scored, non-padding target token of the batch (each token weighs the same, not
+    each block). Padding may be on either side: with ``position_ids`` (default) the forward gets positions
+    counted over real tokens (:func:`causal_position_ids`), so a left-padded block gives the same logits as a
+    right-padded one.
+
+    ``num_groups`` is 0: there are no classes, so CAHP (class-conditional signatures) refuses this objective.
+
+    ``target_probability`` (for attribution methods such as attattr) is the geometric mean of the
+    probabilities of each block's scored next tokens, ``exp(-mean NLL of the block)``: one number per block
+    that every scored token moves alike (an arithmetic mean would be dominated by the easy, near-certain
+    tokens).
+
+    Attributes:
+        name: ``"causal-lm"``.
+        position_ids: pass ``position_ids`` from the attention mask (models that take them: Llama, Mistral,
+            Qwen2, GPT-2, GPT-NeoX).
+    """
+
+    name: str = "causal-lm"
+    position_ids: bool = True
+
+    @property
+    def num_groups(self) -> int:
+        return 0
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        if self.position_ids and "attention_mask" in inputs:
+            inputs["position_ids"] = causal_position_ids(inputs["attention_mask"])
+        return inputs
+
+    def example_nll(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], **extra: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token NLL ``[batch]`` (fp32, differentiable) and scored-token count ``[batch]`` per example.
+
+        Raises:
+            CahpError: the batch has no ``labels`` (scored-token counts) or counts that do not fit the blocks.
+        """
+        if "labels" not in batch:
+            raise CahpError(
+                "a causal-LM batch needs labels = scored target tokens per block; build the examples with "
+                "cahp.data.lm.make_blocks"
+            )
+        logits = model(**self.model_inputs(batch), **extra).logits  # [batch, L, vocab]
+        mask = scored_target_mask(batch["attention_mask"], batch["labels"])  # [batch, L-1]
+        rows, columns = mask.nonzero(as_tuple=True)
+        nll = F.cross_entropy(logits[rows, columns].float(), batch["input_ids"][rows, columns + 1], reduction="none")
+        totals = torch.zeros(mask.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+        return totals, mask.sum(1)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        totals, counts = self.example_nll(model, batch)
+        return totals.sum() / counts.sum().clamp(min=1)
+
+    def target_probability(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
+        """``[batch]`` geometric mean probability of each block's scored next tokens, ``exp(-NLL / tokens)``."""
+        totals, counts = self.example_nll(model, batch, **extra)
+        return torch.exp(-totals / counts.clamp(min=1))
+
+
 @dataclass
 class Calibration:
     """Calibration examples + batching + objective, handed to every method's ``fit``.
@@ -108,7 +214,16 @@ class Calibration:
         return self.objective.num_groups
 
     def groups(self) -> np.ndarray:
-        """``[examples]`` group (class) of every example, in example order."""
+        """``[examples]`` group (class) of every example, in example order.
+
+        Raises:
+            CahpError: the objective has no groups (``num_groups`` 0, e.g. ``causal-lm``).
+        """
+        if self.num_groups == 0:
+            raise CahpError(
+                f"calibration objective {self.objective.name!r} has no example groups (classes); methods that "
+                "compare classes need a classification calibration"
+            )
         return np.asarray(self.examples.labels)
 
     def batches(
@@ -182,6 +297,19 @@ class Calibration:
         chosen = np.sort(np.random.default_rng(seed).permutation(len(self))[:max_examples])
         examples = EncodedSplit([self.examples.features[i] for i in chosen], self.examples.labels[chosen])
         return Calibration(examples, self.tokenizer, self.objective, self.batch_size, dict(self.description))
+
+
+def lm_calibration(blocks: LMBlocks, tokenizer: Any, batch_size: int = 8, progress: bool = False) -> Calibration:
+    """A causal-LM calibration over language-modelling blocks (:func:`cahp.data.lm.make_blocks`); its
+    description names the corpus, split and block geometry."""
+    return Calibration(
+        blocks.examples,
+        tokenizer,
+        CausalLanguageModeling(),
+        batch_size,
+        description=blocks.describe(),
+        progress=progress,
+    )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
