@@ -16,6 +16,8 @@ The main entry points (imported on first use, so ``import cahp`` stays light and
 from __future__ import annotations
 
 import importlib
+import sys
+from importlib.abc import MetaPathFinder
 from typing import TYPE_CHECKING, Any
 
 from cahp.errors import (
@@ -127,3 +129,52 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_EXPORTS))
+
+
+# ---- pruned folders load with plain from_pretrained --------------------------------------------------------
+
+
+class _RegisterAutoClasses(MetaPathFinder):
+    """Imports :mod:`cahp.surgery` (which registers the pruned-model classes with transformers' ``AutoConfig`` /
+    ``AutoModel...``, see docs/loading.md) as soon as transformers is imported, so ``import cahp`` alone makes
+    plain ``from_pretrained`` read pruned folders, without importing torch or transformers itself.
+
+    It waits until no cahp, transformers or torch module is half-imported, so registering never meets an
+    incomplete module. It finds no module itself; it only watches imports.
+    """
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        _register_when_ready()
+
+
+_WATCHED = ("cahp.", "transformers", "torch")
+
+
+def _half_imported(module: Any) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _register_when_ready() -> None:
+    """Register the pruned-model classes now if transformers is imported and nothing watched is half-imported."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or _half_imported(transformers) or _half_imported(sys.modules.get("torch")):
+        return  # the cheap checks first: this runs at every import until it has registered
+    if any(_half_imported(module) for name, module in list(sys.modules.items()) if name.startswith(_WATCHED)):
+        return
+    for finder in [finder for finder in sys.meta_path if isinstance(finder, _RegisterAutoClasses)]:
+        sys.meta_path.remove(finder)
+    try:
+        importlib.import_module("cahp.surgery")
+    except Exception as error:  # never break the user's unrelated import; say why loading will fail
+        import warnings
+
+        warnings.warn(
+            f"cahp could not register its pruned-model classes with transformers ({type(error).__name__}: {error}); "
+            "import cahp.surgery to see the error. Until then, load pruned folders with cahp.load_pruned.",
+            stacklevel=2,
+        )
+
+
+if not any(isinstance(finder, _RegisterAutoClasses) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAutoClasses())
+_register_when_ready()

@@ -470,7 +470,7 @@ def _add_prune_parser(sub: Any) -> None:
     _option(
         recovery,
         "--recovery-loss",
-        default="ce",
+        default="kd",
         choices=["ce", "kd", "kd-relations"],
         help="ce: cross-entropy on the labels; kd: plus distillation of the unpruned model's logits; kd-relations: "
         "plus its q/k/v self-attention relations (docs/recovery.md)",

@@ -33,6 +33,7 @@ from cahp.models import check_max_length, load_classifier, load_model_config, re
 from cahp.outputs import StagedOutput, check_output_target, read_cache, write_json
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
+from cahp.surgery.autoload import save_pruned
 from cahp.train.distill import RecoveryObjective, build_recovery_loss
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
@@ -66,7 +67,8 @@ class PruneConfig:
         calibration_batch_size: examples per batch for methods that do not set their own.
         recovery: the recovery fine-tune; ``epochs=0`` gives the retraining-free result.
         recovery_objective: what the recovery optimises: ``ce``, or distillation from the unpruned model
-            (``kd``, ``kd-relations``; :mod:`cahp.train.distill`).
+            (``kd``, ``kd-relations``; :mod:`cahp.train.distill`). Default ``kd``: level with ``kd-relations``
+            and ahead of ``ce`` in ``benchmarks/results/recovery.md``, at one teacher pass per recovery.
         recovery_max_examples: train the recovery on a stratified subset (demo settings).
         eval_splits: splits evaluated before pruning, after pruning and after recovery.
         eval_max_examples: evaluate on a seeded, stratified subset of each split (``None`` = the whole split).
@@ -85,7 +87,7 @@ class PruneConfig:
     calibration_size: int | None = None
     calibration_batch_size: int = 32
     recovery: TrainingConfig = field(default_factory=lambda: copy.deepcopy(RECOVERY_DEFAULT))
-    recovery_objective: RecoveryObjective = field(default_factory=RecoveryObjective)
+    recovery_objective: RecoveryObjective = field(default_factory=lambda: RecoveryObjective(loss="kd"))
     recovery_max_examples: int | None = None
     eval_splits: tuple[str, ...] = ("validation", "test")
     eval_max_examples: int | None = None
@@ -160,8 +162,12 @@ def upgrade_prune_record(raw: dict[str, Any]) -> dict[str, Any]:
     """A ``run_config.json`` written before methods had one interface, in today's keys (others pass unchanged).
 
     Then CAHP's options were a ``cahp`` block (with the budget, the guardrail and the seed), head scorers' a
-    ``scorer_settings`` block, and the gradient salience had its own ``salience_fraction``.
+    ``scorer_settings`` block, and the gradient salience had its own ``salience_fraction``. A run's record (it
+    has a ``command`` key) without a ``recovery_objective`` was written before recovery objectives existed: it
+    recovered with cross-entropy.
     """
+    if "command" in raw and "recovery_objective" not in raw:
+        raw = {**raw, "recovery_objective": {"loss": "ce"}}
     if "cahp" not in raw:
         return raw
     record = {
@@ -411,7 +417,7 @@ def prune(
             "inputs": inputs,
             "command": command,
         }
-        model.save_pretrained(staged.path / "model")
+        save_pruned(model, staged.path / "model")
         tokenizer.save_pretrained(staged.path / "model")
         plots = staged.path / "plots"
         plots.mkdir(exist_ok=True)

@@ -1,20 +1,25 @@
 """Saving and reloading pruned models.
 
-Saving needs nothing special: ``model.save_pretrained(folder)`` writes the smaller weights and the pruning
-record (``cahp_kept_heads``, ``cahp_kept_kv_heads``) inside ``config.json``.
+Save a pruned model with :func:`cahp.surgery.autoload.save_pruned`: its folder names ``model_type``
+``"cahp_<family>"`` and carries ``modeling_cahp.py``, so plain ``AutoModel...from_pretrained(folder)`` loads it
+with cahp imported, and with ``trust_remote_code=True`` without cahp (see ``docs/loading.md``).
 
-A plain ``AutoModel...from_pretrained(folder)`` builds the ORIGINAL shapes from the config and refuses the
-smaller weights (size-mismatch error). :func:`load_pruned` is the one-liner for both pruned and unpruned
-folders::
+``model.save_pretrained(folder)`` alone (what earlier versions did) writes the smaller weights and the pruning
+record (``cahp_kept_heads``, ``cahp_kept_kv_heads``) under the STOCK ``model_type``; a plain
+``from_pretrained`` then builds the original shapes and refuses the weights (size-mismatch error).
+:func:`load_pruned` reads both kinds of folder, and unpruned ones::
 
     from cahp.surgery import load_pruned
     model = load_pruned("runs/minilm-pruned")          # any from_pretrained keyword: dtype, device_map, ...
 
-For a pruned folder it runs the ordinary ``from_pretrained`` of ``config.architectures[0]`` through a
-throw-away subclass whose ``__init__`` shrinks the freshly built (meta-device) model to the recorded
+For a stock-``model_type`` pruned folder it runs the ordinary ``from_pretrained`` of ``config.architectures[0]``
+through a throw-away subclass whose ``__init__`` shrinks the freshly built (meta-device) model to the recorded
 structure BEFORE any weight is read, so transformers' own loading (key renames, shards, dtype, device map)
-applies unchanged; the model is handed back as an instance of the original class. Any missing, unexpected
-or mis-shaped weight is a :class:`~cahp.errors.PrunedModelError`.
+applies unchanged; the model is handed back as an instance of the original class. A ``cahp_`` folder loads
+through its ``Cahp...`` class, which shrinks itself the same way. Any missing, unexpected or mis-shaped weight
+is a :class:`~cahp.errors.PrunedModelError`.
+
+Importing this module registers the ``Cahp...`` classes with transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from cahp.errors import ModelNotFoundError, PrunedModelError, PruningError
+from cahp.surgery.autoload import register_auto_classes
+from cahp.surgery.modeling_cahp import CLASS_PREFIX, MODEL_TYPE_PREFIX, pruned_model_class
 from cahp.surgery.removal import KEPT_HEADS_KEY, KEPT_KV_HEADS_KEY, apply_kept_heads, is_pruned
 
 
@@ -49,11 +56,15 @@ def load_pruned(path: str | PathLike[str], **from_pretrained_kwargs: Any) -> Pre
     model_class = _model_class(config)
     if not is_pruned(config):
         return model_class.from_pretrained(path, **from_pretrained_kwargs)
+    # a folder of save_pruned (model_type "cahp_..."): its classes shrink themselves; an older folder (stock
+    # model_type, written by save_pretrained): a throw-away subclass shrinks the stock class
+    is_pruned_type = config.model_type.startswith(MODEL_TYPE_PREFIX)
+    loading_class = pruned_model_class(model_class) if is_pruned_type else _shrinking_subclass(model_class)
     for refused in ("ignore_mismatched_sizes", "output_loading_info"):
         if from_pretrained_kwargs.pop(refused, False):
             raise PrunedModelError(f"load_pruned checks every weight of a pruned folder; drop {refused}=True")
     try:
-        model, info = _shrinking_subclass(model_class).from_pretrained(
+        model, info = loading_class.from_pretrained(
             path, ignore_mismatched_sizes=True, output_loading_info=True, **from_pretrained_kwargs
         )
     except PruningError as error:
@@ -63,7 +74,8 @@ def load_pruned(path: str | PathLike[str], **from_pretrained_kwargs: Any) -> Pre
             f"{path}: the weights of this pruned model cannot be read ({type(error).__name__}: {error}); the folder "
             "is incomplete: copy it again, or save the pruned model again with model.save_pretrained(folder)"
         ) from error
-    model.__class__ = model_class
+    if not is_pruned_type:
+        model.__class__ = model_class
     problems = [
         f"{key}: shape in file {list(found)} vs recorded structure {list(wanted)}"
         for key, found, wanted in info.get("mismatched_keys", [])
@@ -85,7 +97,7 @@ def _model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
         return AutoModel._model_mapping[type(config)]
-    model_class = getattr(transformers, architectures[0], None)
+    model_class = getattr(transformers, architectures[0].removeprefix(CLASS_PREFIX), None)
     if model_class is None:
         raise ModelNotFoundError(
             f"config.architectures names {architectures[0]!r}, which transformers {transformers.__version__} "
@@ -113,3 +125,6 @@ def _shrinking_subclass(model_class: type[PreTrainedModel]) -> type[PreTrainedMo
         )
 
     return type(model_class.__name__, (model_class,), {"__init__": __init__, "__module__": __name__})
+
+
+register_auto_classes()  # so that plain from_pretrained reads folders written by save_pruned

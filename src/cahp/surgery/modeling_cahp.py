@@ -1,0 +1,253 @@
+"""Loading code for a folder of a model whose attention heads cahp removed; needs only torch and transformers.
+
+cahp copies this file, unchanged, into every pruned folder it saves (as ``modeling_cahp.py``) and points
+``config.json``'s ``auto_map`` at it, so the folder loads without cahp::
+
+    AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+
+With cahp imported the same classes are registered with ``AutoConfig`` / ``AutoModel...``, so the plain
+``from_pretrained(folder)`` (and ``transformers.pipeline``) uses them without ``trust_remote_code``.
+
+The classes are thin subclasses of the stock ones, made on first use by name (PEP 562 ``__getattr__``):
+``CahpBertConfig`` is ``BertConfig`` with ``model_type = "cahp_bert"`` (so a pruned folder never claims a stock
+``model_type`` that would build the unpruned shapes), and ``CahpBertForSequenceClassification`` is
+``BertForSequenceClassification`` whose ``__init__`` shrinks the freshly built (meta-device) model to the
+recorded structure before the weights are read. The structure comes from ``config.json``:
+
+* ``cahp_kept_heads`` ``{"layer": [original query heads kept]}`` and, with grouped-query attention,
+  ``cahp_kept_kv_heads`` ``{"layer": [original key-value heads kept]}``;
+* ``cahp_layout``: where a layer keeps its attention (paths relative to one layer of ``model.base_model``),
+  the original head counts and ``head_dim``, and which attributes hold head counts and widths.
+
+Kept heads sit in original order in the saved weights; a layer keeping ``Q`` query and ``KV`` key-value heads
+has q/k/v projections with ``Q * head_dim`` / ``KV * head_dim`` outputs (one fused projection: their sum) and an
+output projection with ``Q * head_dim`` inputs. A layer that kept no head runs no attention: its attention
+module returns the output projection's bias (zeros without bias).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+CLASS_PREFIX = "Cahp"
+MODEL_TYPE_PREFIX = "cahp_"
+KEPT_HEADS_KEY = "cahp_kept_heads"
+KEPT_KV_HEADS_KEY = "cahp_kept_kv_heads"
+LAYOUT_KEY = "cahp_layout"
+
+
+# ---- classes -----------------------------------------------------------------------------------------------
+
+
+@cache
+def pruned_config_class(stock: type[transformers.PretrainedConfig]) -> type[transformers.PretrainedConfig]:
+    """``stock`` config class with ``model_type`` ``"cahp_<stock model_type>"``, named ``Cahp<StockName>``.
+
+    The stock model type's checkpoint key renames (transformers 5 ``conversion_mapping``: legacy key names in
+    the file, e.g. ViT's ``vit.encoder.layer.0.attention.attention.query``) are registered for it too.
+    """
+    _share_checkpoint_conversions(stock.model_type, MODEL_TYPE_PREFIX + stock.model_type)
+    return type(
+        CLASS_PREFIX + stock.__name__,
+        (stock,),
+        {
+            "model_type": MODEL_TYPE_PREFIX + stock.model_type,
+            "__module__": __name__,
+            "__doc__": f"{stock.__name__} of a model whose attention heads were pruned by cahp.",
+        },
+    )
+
+
+def _share_checkpoint_conversions(stock_key: str, pruned_key: str) -> None:
+    """Register transformers' checkpoint key renames of ``stock_key`` (a model type or class name) for
+    ``pruned_key`` too."""
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # a transformers without key renames
+        return
+    conversions = conversion_mapping.get_checkpoint_conversion_mapping(stock_key)
+    if conversions is not None:
+        conversion_mapping.register_checkpoint_conversion_mapping(pruned_key, conversions, overwrite=True)
+
+
+@cache
+def pruned_model_class(stock: type[transformers.PreTrainedModel]) -> type[transformers.PreTrainedModel]:
+    """``stock`` model class whose ``__init__`` shrinks the model to the config's pruning record (sharing the
+    checkpoint key renames registered for ``stock``'s class name)."""
+    _share_checkpoint_conversions(stock.__name__, CLASS_PREFIX + stock.__name__)
+
+    def __init__(self: transformers.PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
+        stock.__init__(self, config, *args, **kwargs)
+        shrink_to_record(self, config)
+
+    pruned = type(
+        CLASS_PREFIX + stock.__name__,
+        (stock,),
+        {
+            "__init__": __init__,
+            "config_class": pruned_config_class(stock.config_class),
+            "__module__": __name__,
+            "__doc__": f"{stock.__name__} with the attention heads recorded in config.{KEPT_HEADS_KEY}.",
+        },
+    )
+    _register_base_model(pruned, stock)
+    return pruned
+
+
+def _register_base_model(pruned: type, stock: type) -> None:
+    """Let ``AutoModel.from_config(pruned config)`` build the pruned base model: task models such as Llama's
+    ``...ForSequenceClassification`` build their base model that way, also when loaded as remote code."""
+    try:
+        stock_base = transformers.AutoModel._model_mapping[stock.config_class]
+    except (KeyError, ValueError):
+        return
+    if pruned.config_class not in transformers.AutoModel._model_mapping:
+        base = pruned if stock_base is stock else pruned_model_class(stock_base)
+        transformers.AutoModel.register(pruned.config_class, base, exist_ok=True)
+
+
+def __getattr__(name: str) -> type:
+    """``Cahp<Name>`` for any config or model class ``<Name>`` that transformers provides."""
+    stock = getattr(transformers, name.removeprefix(CLASS_PREFIX), None) if name.startswith(CLASS_PREFIX) else None
+    if isinstance(stock, type) and issubclass(stock, transformers.PretrainedConfig):
+        return pruned_config_class(stock)
+    if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel):
+        return pruned_model_class(stock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- shrinking a freshly built model -----------------------------------------------------------------------
+
+
+def shrink_to_record(model: nn.Module, config: Any) -> None:
+    """Resize every pruned layer of ``model`` (just built with the ORIGINAL shapes) to the recorded heads.
+
+    New parameters are the leading slices of the old ones (on the meta device while ``from_pretrained`` builds
+    the model, so they cost nothing); loading then fills them from the file.
+
+    Raises:
+        ValueError: the config has no pruning record or layout, or the record names a layer the model lacks.
+    """
+    layout, kept = getattr(config, LAYOUT_KEY, None), getattr(config, KEPT_HEADS_KEY, None)
+    if not isinstance(layout, dict) or not isinstance(kept, dict):
+        raise ValueError(
+            f"config.{KEPT_HEADS_KEY} and config.{LAYOUT_KEY} are needed to build a pruned model; this config has "
+            f"{type(kept).__name__} and {type(layout).__name__}. Load the folder cahp saved, unchanged."
+        )
+    kept_kv = getattr(config, KEPT_KV_HEADS_KEY, None) or kept
+    layers = model.base_model.get_submodule(layout["layers"])
+    unknown = sorted(set(kept) - {str(index) for index in range(len(layers))})
+    if unknown:
+        raise ValueError(f"config.{KEPT_HEADS_KEY} names layers {unknown}, but the model has {len(layers)} layers")
+    in_axis = 0 if layout["transposed"] else 1
+    for index, layer in enumerate(layers):
+        query_heads = list(kept.get(str(index), range(layout["query_heads"])))
+        kv_heads = len(kept_kv.get(str(index), range(layout["kv_heads"])))
+        width = layer.get_submodule(layout["output"]).weight.shape[in_axis]
+        if width == layout["query_heads"] * layout["head_dim"] and (query_heads, kv_heads) != (
+            list(range(layout["query_heads"])),
+            layout["kv_heads"],
+        ):  # still the original shapes (a base model built by a pruned class is already shrunk)
+            _shrink_layer(layer, layout, query_heads, kv_heads)
+
+
+def _shrink_layer(layer: nn.Module, layout: dict[str, Any], query_heads: list[int], kv_heads: int) -> None:
+    """Give one layer ``len(query_heads)`` query and ``kv_heads`` key-value heads (original numbers
+    ``query_heads``: MPNet's shared position bias is sliced to them)."""
+    head_dim, queries = layout["head_dim"], len(query_heads)
+    width = {"query": queries * head_dim, "key": kv_heads * head_dim, "value": kv_heads * head_dim}
+    for path, kinds in layout["projections"].items():
+        _resize(layer.get_submodule(path), layout["transposed"], outputs=sum(width[kind] for kind in kinds))
+    _resize(layer.get_submodule(layout["output"]), layout["transposed"], inputs=width["query"])
+    attention = layer.get_submodule(layout["attention"])
+    for name in layout["head_count_attrs"]:
+        setattr(attention, name, queries)
+    for name in layout["width_attrs"]:
+        setattr(attention, name, width["query"])
+    if layout["kv_groups_attr"] and kv_heads:
+        setattr(attention, layout["kv_groups_attr"], queries // kv_heads)
+    if layout["per_head_argument"]:
+        name, position = layout["per_head_argument"]
+        attention._cahp_per_head_argument = (name, position, tuple(query_heads))
+        attention.register_forward_pre_hook(_select_kept_heads_of_argument, with_kwargs=True)
+    if not queries:
+        inner = (
+            layout["output"][len(layout["attention"]) + 1 :]
+            if layout["output"].startswith(layout["attention"] + ".")
+            else None
+        )
+        attention._cahp_headless = (inner, head_dim, layout["probs_need_output_attentions"], layout["cache_arguments"])
+        attention.__class__ = _headless_class(type(attention))
+
+
+@torch.no_grad()
+def _resize(projection: nn.Module, transposed: bool, *, outputs: int | None = None, inputs: int | None = None) -> None:
+    """Keep the first ``outputs`` output / ``inputs`` input features of a ``nn.Linear`` (weight ``[out, in]``)
+    or a transposed ``Conv1D`` (weight ``[in, out]``); the bias follows the outputs."""
+    out_axis, in_axis = (1, 0) if transposed else (0, 1)
+    weight = projection.weight
+    if outputs is not None:
+        weight = weight.narrow(out_axis, 0, outputs)
+        if getattr(projection, "bias", None) is not None:
+            projection.bias = nn.Parameter(projection.bias[:outputs].clone(), projection.bias.requires_grad)
+    if inputs is not None:
+        weight = weight.narrow(in_axis, 0, inputs)
+    projection.weight = nn.Parameter(weight.clone(), projection.weight.requires_grad)
+    if transposed:
+        projection.nx, projection.nf = weight.shape
+    else:
+        projection.out_features, projection.in_features = weight.shape
+
+
+def _select_kept_heads_of_argument(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook: slice a ``[batch, original_heads, q, k]`` argument to the layer's kept heads."""
+    name, position, kept = module._cahp_per_head_argument
+    if kwargs.get(name) is not None:
+        kwargs[name] = kwargs[name][:, list(kept)]
+    elif len(args) > position and args[position] is not None:
+        args = (*args[:position], args[position][:, list(kept)], *args[position + 1 :])
+    return args, kwargs
+
+
+@cache
+def _headless_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """Subclass of an attention class whose forward does no work (``isinstance`` checks keep working)."""
+    doc = f"{cls.__name__} with every head removed: returns the output-projection bias and no attention."
+    return type(f"Headless{cls.__name__}", (cls,), {"forward": _headless_forward, "__doc__": doc})
+
+
+def _headless_forward(self: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """Forward of a layer without heads, with the original return structure.
+
+    Returns ``(output, probs)`` (``(output,)`` where the module returns probabilities only on request):
+    output ``[batch, seq, 0]`` (context, projected by the caller) or ``[batch, seq, hidden]`` (bias of the
+    inner output projection), probs ``[batch, 0, seq, key_len]``.
+    """
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    inner_output, head_dim, probs_on_request, cache_arguments = self._cahp_headless
+    batch, query_len = hidden_states.shape[0], hidden_states.shape[-2]
+    key_len = query_len
+    cache_object = next((kwargs[name] for name in cache_arguments if kwargs.get(name) is not None), None)
+    if cache_object is not None and getattr(self, "layer_idx", None) is not None:  # record zero heads
+        cache_object = getattr(cache_object, "self_attention_cache", cache_object)
+        empty = hidden_states.new_zeros(batch, 0, query_len, head_dim)
+        key_len = cache_object.update(empty, empty, self.layer_idx)[0].shape[-2]
+    probs = hidden_states.new_zeros(batch, 0, query_len, key_len)
+    if inner_output is None:
+        output = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+    else:
+        projection = self.get_submodule(inner_output)
+        width = projection.out_features if isinstance(projection, nn.Linear) else projection.nf
+        output = hidden_states.new_zeros(*hidden_states.shape[:-1], width)
+        if getattr(projection, "bias", None) is not None:
+            output = output + projection.bias
+    if probs_on_request and not kwargs.get("output_attentions", False):
+        return (output,)
+    return output, probs

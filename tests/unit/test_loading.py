@@ -1,0 +1,252 @@
+"""Pruned folders load with plain ``from_pretrained``: with cahp imported, without cahp (remote code), and as
+stock configs (uniformly pruned Llama-family models); older folders still load with ``load_pruned``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+from cahp.errors import PrunedModelError
+from cahp.surgery import load_pruned, prune_heads
+from cahp.surgery.autoload import MODELING_FILE, save_pruned, stock_config_dict, upgrade_pruned_folder
+from tests.unit.tiny_models import FAMILIES, SPECS, VOCAB, build_model, make_inputs, plan_for
+
+STOCK_FAMILIES = ["llama", "mistral", "qwen2", "vit"]
+# uniform prunes: "groups" drops key-value group {2, 3} everywhere; "uniform" drops heads 1 and 3 everywhere
+# (for ViT, without key-value groups, both are the same kind of prune)
+UNIFORM_PLANS = {"groups": {layer: [2, 3] for layer in range(3)}, "uniform": {layer: [1, 3] for layer in range(3)}}
+
+
+def _auto_class(family: str) -> type:
+    return AutoModelForImageClassification if SPECS[family].is_image else AutoModelForSequenceClassification
+
+
+def _logits(model: torch.nn.Module, family: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**make_inputs(family)).logits
+
+
+@pytest.fixture(scope="module")
+def pruned_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One folder per family (pruned unevenly, one layer without heads) written by save_pruned, with the
+    inputs and the logits of ``load_pruned`` saved next to it."""
+    root = tmp_path_factory.mktemp("pruned")
+    folders = {}
+    for family in FAMILIES:
+        model = prune_heads(build_model(family), plan_for(family))
+        folder = save_pruned(model, root / family)
+        torch.save(make_inputs(family), root / f"{family}-inputs.pt")
+        torch.save(_logits(load_pruned(folder).eval(), family), root / f"{family}-expected.pt")
+        folders[family] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def stock_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uniformly pruned Llama-family models saved as stock configs, with their in-memory logits."""
+    root = tmp_path_factory.mktemp("stock")
+    folders = {}
+    for family in STOCK_FAMILIES:
+        for mode, plan in UNIFORM_PLANS.items():
+            model = prune_heads(build_model(family, attn_implementation="sdpa"), plan, gqa_mode=mode)
+            folder = save_pruned(model, root / f"{family}-{mode}", stock=True)
+            torch.save(make_inputs(family), root / f"{family}-{mode}-inputs.pt")
+            torch.save(_logits(model, family), root / f"{family}-{mode}-expected.pt")
+            folders[f"{family}-{mode}"] = folder
+    return folders
+
+
+# ---- with cahp imported --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_from_pretrained_equals_load_pruned(family: str, pruned_folders: dict[str, Path]) -> None:
+    folder = pruned_folders[family]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == f"cahp_{family}", "a pruned folder must not claim its stock model_type"
+    model = _auto_class(family).from_pretrained(folder).eval()
+    expected = torch.load(folder.parent / f"{family}-expected.pt")
+    torch.testing.assert_close(_logits(model, family), expected, rtol=0, atol=1e-6)
+    base = AutoModel.from_pretrained(folder).eval()  # the bare encoder/decoder of the same folder loads too
+    with torch.no_grad():
+        hidden = base(**make_inputs(family)).last_hidden_state
+        torch.testing.assert_close(hidden, model.base_model(**make_inputs(family)).last_hidden_state, rtol=0, atol=0)
+
+
+def test_text_classification_pipeline_loads_a_pruned_folder(pruned_folders: dict[str, Path]) -> None:
+    vocab = {f"t{index}": index for index in range(VOCAB)} | {"[UNK]": 0}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    classifier = transformers.pipeline("text-classification", model=str(pruned_folders["bert"]), tokenizer=fast)
+    scores = classifier("t5 t17 t42 t8", top_k=None)
+    expected = torch.softmax(load_pruned(pruned_folders["bert"]).eval()(torch.tensor([[5, 17, 42, 8]])).logits, -1)
+    by_label = {item["label"]: item["score"] for item in scores}
+    assert [by_label[f"LABEL_{index}"] for index in range(3)] == pytest.approx(expected[0].tolist(), abs=1e-5)
+
+
+def test_folder_of_save_pretrained_still_loads_and_upgrades(tmp_path: Path) -> None:
+    model = prune_heads(build_model("bert"), plan_for("bert"))
+    model.save_pretrained(tmp_path)  # the format of earlier cahp versions: stock model_type + record
+    expected = _logits(load_pruned(tmp_path).eval(), "bert")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # the stock class refuses smaller weights
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    upgrade_pruned_folder(tmp_path)
+    upgraded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(upgraded, "bert"), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(load_pruned(tmp_path).eval(), "bert"), expected, rtol=0, atol=1e-6)
+
+
+def test_resaving_a_loaded_pruned_model_keeps_it_loadable(pruned_folders: dict[str, Path], tmp_path: Path) -> None:
+    loaded = AutoModelForSequenceClassification.from_pretrained(pruned_folders["gpt2"]).eval()
+    save_pruned(loaded, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["GPT2ForSequenceClassification"]
+    again = load_pruned(tmp_path).eval()
+    torch.testing.assert_close(_logits(again, "gpt2"), _logits(loaded, "gpt2"), rtol=0, atol=0)
+
+
+def test_unpruned_model_is_saved_as_it_is(tmp_path: Path) -> None:
+    save_pruned(build_model("bert"), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert"
+    assert not (tmp_path / MODELING_FILE).exists()
+
+
+@pytest.mark.parametrize("family", ["mpnet", "llama"])
+def test_a_model_loaded_by_its_auto_class_prunes_further(family: str, pruned_folders: dict[str, Path]) -> None:
+    further = {2: [1]} if family == "mpnet" else {0: [0, 1]}
+    loaded = prune_heads(AutoModelForSequenceClassification.from_pretrained(pruned_folders[family]).eval(), further)
+    reference = prune_heads(load_pruned(pruned_folders[family]).eval(), further)
+    torch.testing.assert_close(_logits(loaded, family), _logits(reference, family), rtol=0, atol=1e-6)
+
+
+# ---- stock configs -------------------------------------------------------------------------------------------
+
+
+def test_stock_config_renumbers_the_kept_heads() -> None:
+    model = prune_heads(build_model("llama"), UNIFORM_PLANS["uniform"], gqa_mode="uniform")
+    config = stock_config_dict(model)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 2, 8)
+    assert config["model_type"] == "llama" and not any(key.startswith("cahp_") for key in config)
+
+
+def test_stock_folders_carry_no_custom_code(stock_folders: dict[str, Path]) -> None:
+    for name, folder in stock_folders.items():
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_type"] == name.split("-")[0], name
+        assert "auto_map" not in config and not any(key.startswith("cahp_") for key in config), name
+        assert not (folder / MODELING_FILE).exists(), name
+
+
+@pytest.mark.parametrize(
+    ("family", "plan", "reason"),
+    [
+        ("bert", {0: [1], 1: [1], 2: [1]}, "derives the head size"),
+        ("llama", plan_for("llama"), "kept"),  # layer 1 kept nothing, layer 2 everything
+    ],
+)
+def test_stock_config_refuses_what_no_stock_config_describes(family: str, plan: dict, reason: str) -> None:
+    model = prune_heads(build_model(family), plan)
+    with pytest.raises(PrunedModelError, match=reason):
+        stock_config_dict(model)
+
+
+# ---- without cahp ------------------------------------------------------------------------------------------
+
+_WITHOUT_CAHP = r"""
+import importlib.abc, json, sys
+class BlockCahp(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "cahp" or name.startswith("cahp."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+sys.meta_path.insert(0, BlockCahp())
+try:
+    import cahp
+    raise SystemExit("cahp was importable")
+except ModuleNotFoundError:
+    pass
+import torch, transformers
+jobs = json.loads(sys.argv[1])
+for job in jobs:
+    auto = getattr(transformers, job["auto"])
+    try:
+        auto.from_pretrained(job["folder"])
+        refused = False
+    except Exception:
+        refused = True
+    if job["remote"] and not refused:
+        raise SystemExit(f"{job['folder']} loaded without trust_remote_code and without cahp")
+    model = auto.from_pretrained(job["folder"], trust_remote_code=job["remote"]).eval()
+    with torch.no_grad():
+        torch.save(model(**torch.load(job["inputs"])).logits, job["output"])
+"""
+
+
+def test_folders_load_without_cahp(
+    pruned_folders: dict[str, Path], stock_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    jobs = [
+        {
+            "folder": str(folder),
+            "auto": _auto_class(family).__name__,
+            "remote": True,
+            "inputs": str(folder.parent / f"{family}-inputs.pt"),
+            "expected": str(folder.parent / f"{family}-expected.pt"),
+            "output": str(tmp_path / f"{family}.pt"),
+        }
+        for family, folder in pruned_folders.items()
+    ] + [
+        {
+            "folder": str(folder),
+            "auto": _auto_class(name.split("-")[0]).__name__,
+            "remote": False,
+            "inputs": str(folder.parent / f"{name}-inputs.pt"),
+            "expected": str(folder.parent / f"{name}-expected.pt"),
+            "output": str(tmp_path / f"{name}.pt"),
+        }
+        for name, folder in stock_folders.items()
+    ]
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_CAHP, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in jobs:
+        torch.testing.assert_close(
+            torch.load(job["output"]), torch.load(job["expected"]), rtol=0, atol=1e-5, msg=job["folder"]
+        )
+
+
+def test_modeling_file_imports_only_torch_and_transformers(pruned_folders: dict[str, Path]) -> None:
+    import ast
+
+    tree = ast.parse((pruned_folders["bert"] / MODELING_FILE).read_text())
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported <= {"__future__", "functools", "typing", "torch", "transformers"}, imported
+
+
+def test_import_cahp_alone_registers_the_classes(pruned_folders: dict[str, Path]) -> None:
+    script = (
+        "import sys, cahp\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"model = AutoModelForSequenceClassification.from_pretrained({str(pruned_folders['distilbert'])!r})\n"
+        "print(type(model).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "CahpDistilBertForSequenceClassification"
