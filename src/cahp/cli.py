@@ -503,11 +503,170 @@ def _add_prune_parser(sub: Any) -> None:
     _add_task_arguments(parser)
 
 
+def _task_names(text: str) -> list[str]:
+    """``"sst2,mnli"`` -> ``["sst2", "mnli"]``; ``"none"`` -> ``[]``."""
+    return [] if text.strip().lower() == "none" else comma_list(text)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]`` (positive whole numbers)."""
+    return [positive_int(item) for item in comma_list(text)]
+
+
+#: ``cahp prune-lm``: option dest -> dotted path(s) in DecoderPruneConfig (the budget and method settings are
+#: merged separately, as for prune).
+PRUNE_LM_FIELDS: dict[str, tuple[str, ...]] = {
+    **{
+        name: (name,)
+        for name in (
+            "model", "method", "allow_empty_layers", "uniform_layers", "gqa_mode", "corpus", "corpus_column",
+            "data_dir", "context_length", "stride", "calibration_blocks", "eval_blocks", "calibration_batch_size",
+            "eval_batch_size", "prompted", "prompted_split", "prompted_examples", "prompted_batch_size",
+            "continuation_tokens", "generation_batch_sizes", "prompt_tokens", "new_tokens", "latency_repeats",
+        )
+    },
+    "seed": ("seed", "recovery.seed"),
+    "recovery_epochs": ("recovery.epochs",),
+    "recovery_learning_rate": ("recovery.learning_rate",),
+    "recovery_batch_size": ("recovery.batch_size",),
+}  # fmt: skip
+
+
+def _add_prune_lm_parser(sub: Any) -> None:
+    about = "prune a decoder LLM's attention heads on its language-modelling objective; dense vs pruned report"
+    parser = sub.add_parser("prune-lm", help=about, description=about, formatter_class=_HelpFormatter)
+    _add_config_file_argument(parser, "prune-lm")
+    _option(
+        parser,
+        "--model",
+        default=None,
+        shown="the --config file's; required without one",
+        help="a causal LM: alias (smollm2-135m), folder or hub id",
+    )
+    _add_output_arguments(parser)
+
+    method = parser.add_argument_group("method, budget and constraints")
+    _option(method, "--method", default="fisher", help="any registered method that needs no classes (not cahp)")
+    method.add_argument(
+        "--method-setting",
+        dest="method_setting",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a setting of the method, repeatable; VALUE is read as JSON when it parses (default: the method's own)",
+    )
+    _option(method, "--seed", default=42, type=seed_value, help="seeds the method and the recovery")
+    exclusive = method.add_mutually_exclusive_group()
+    exclusive.add_argument("--keep", type=positive_int, default=None, metavar="K", help="keep K query heads in all")
+    exclusive.add_argument(
+        "--sparsity", type=open_fraction, default=None, metavar="S", help="remove this share of the query heads"
+    )
+    exclusive.add_argument(
+        "--budget",
+        type=budget_text,
+        default=None,
+        metavar="{keep=K,sparsity=S}",
+        help="the budget as text (default: sparsity=0.33)",
+    )
+    _flag(method, "--allow-empty-layers", default=False, help="a layer may lose every head")
+    _flag(method, "--uniform-layers", default=False, help="keep the same number of heads in every layer")
+    _option(
+        method,
+        "--gqa-mode",
+        default="groups",
+        choices=["groups", "uniform"],
+        help="remove whole key-value groups (shrinks the KV cache), or the same number of query heads per group",
+    )
+
+    data = parser.add_argument_group("language-modelling data")
+    _option(
+        data,
+        "--corpus",
+        default="mnli-premises",
+        help="mnli-premises (offline stand-in for WikiText), a .txt/.jsonl/.csv/.tsv file (.gz too), or a hub "
+        "dataset like wikitext:wikitext-2-raw-v1",
+    )
+    _option(data, "--corpus-column", default=None, shown="text", help="text column of a record file or hub dataset")
+    _option(data, "--data-dir", default=None, shown="$CAHP_DATA_DIR", help="folder of the shared data (mnli/, sst2/)")
+    _option(data, "--context-length", default=256, type=positive_int, help="tokens per block")
+    _option(data, "--stride", default=None, type=positive_int, shown="the context length", help="tokens between blocks")
+    _option(data, "--calibration-blocks", default=32, type=positive_int, help="calibration blocks (and recovery data)")
+    _option(data, "--eval-blocks", default=32, type=positive_int, help="perplexity blocks")
+    _option(data, "--calibration-batch-size", default=4, type=positive_int, help="blocks per calibration batch")
+    _option(data, "--eval-batch-size", default=8, type=positive_int, help="blocks per perplexity forward")
+
+    prompted = parser.add_argument_group("zero-shot prompted classification")
+    _option(
+        prompted,
+        "--prompted",
+        default=["sst2"],
+        type=_task_names,
+        metavar="A,B",
+        help="tasks (sst2, sst5, mnli) or none",
+    )
+    _option(prompted, "--prompted-split", default="validation", help="the split evaluated")
+    _option(
+        prompted, "--prompted-examples", default=200, type=positive_int, help="a seeded stratified subset of the split"
+    )
+    _option(prompted, "--prompted-batch-size", default=16, type=positive_int, help="prompts per forward")
+
+    recovery = parser.add_argument_group("recovery on the LM loss of the calibration blocks (0 epochs: none)")
+    _option(recovery, "--recovery-epochs", default=0.0, type=non_negative_float, help="passes over the blocks")
+    _option(recovery, "--recovery-learning-rate", default=5e-5, type=positive_float, help="peak learning rate")
+    _option(recovery, "--recovery-batch-size", default=4, type=positive_int, help="blocks per step")
+
+    measure = parser.add_argument_group("generation measurements")
+    _option(measure, "--continuation-tokens", default=16, type=positive_int, help="tokens of each greedy continuation")
+    _option(
+        measure,
+        "--generation-batch-sizes",
+        default=[1, 8],
+        shown="1,8",
+        type=_batch_sizes,
+        metavar="A,B",
+        help="batch sizes of the prefill and generation timing",
+    )
+    _option(measure, "--prompt-tokens", default=128, type=positive_int, help="prompt tokens, prefill and generation")
+    _option(measure, "--new-tokens", default=32, type=positive_int, help="tokens generated per prompt, timing")
+    _option(measure, "--latency-repeats", default=3, type=positive_int, help="timed repeats")
+
+
 class _Parser(argparse.ArgumentParser):
     """A parser whose usage errors are one line (with where to read more), not the usage block."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_export_parser(sub: Any) -> None:
+    about = "export a saved classifier (pruned or not) to ONNX, checked against PyTorch in ONNX Runtime"
+    parser = sub.add_parser("export", help=about, description=about, formatter_class=_HelpFormatter)
+    parser.add_argument("--model", required=True, help="a saved classifier: a folder (pruned too), alias or hub id")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="the output format")
+    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the file to write (weights inside)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="save ONNX Runtime's ORT_ENABLE_ALL optimized graph (may hold fusions for this CPU only)",
+    )
+    parser.add_argument(
+        "--opset", type=positive_int, default=None, metavar="N", help="ONNX opset (default: the exporter's)"
+    )
+    parser.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="tokens per example of the check batches (default: 128, or the model's limit when lower)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=positive_float,
+        default=1e-4,
+        metavar="X",
+        help="largest absolute logit difference to PyTorch accepted; above it nothing is written",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_arguments(evaluate)
 
     _add_prune_parser(sub)
+    _add_prune_lm_parser(sub)
+    _add_export_parser(sub)
 
     about = "compare pruning methods over budgets and seeds (resumable)"
     bench = sub.add_parser("bench", help=about, description=about, formatter_class=_HelpFormatter)
@@ -681,6 +842,32 @@ def _set_setting(settings: dict[str, Any], keys: tuple[str, ...], value: Any) ->
     settings[keys[-1]] = value
 
 
+def prune_lm_config(args: argparse.Namespace) -> Any:
+    """The DecoderPruneConfig of parsed ``cahp prune-lm`` arguments: ``--config`` (or the defaults) + given flags.
+
+    ``--method-setting`` merges into the replayed run's settings; a ``--method`` other than the replayed run's
+    starts from no settings.
+    """
+    if args.config is None and args.model is None:
+        raise UsageError("the following arguments are required: --model (or --config FILE to replay a run)")
+    from cahp.decoder import DecoderPruneConfig
+    from cahp.methods.plan import Budget
+
+    if args.config is not None:
+        config = DecoderPruneConfig.from_dict(_read_config(args.config, "prune-lm"))
+    else:
+        config = DecoderPruneConfig(model=args.model)
+    settings = copy.deepcopy(config.method_settings) if args.method in (None, config.method) else {}
+    config = apply_options(config, args, PRUNE_LM_FIELDS)
+    settings.update(_key_values(args.method_setting or []))
+    config = dataclasses.replace(config, method_settings=settings)
+    if args.budget is not None:
+        config = dataclasses.replace(config, budget=args.budget)
+    elif args.keep is not None or args.sparsity is not None:
+        config = dataclasses.replace(config, budget=Budget.from_options(args.keep, args.sparsity).label())
+    return config
+
+
 def _task_options(args: argparse.Namespace) -> Any:
     from cahp.train.finetune import TaskOptions
 
@@ -731,6 +918,35 @@ def _prune(args: argparse.Namespace) -> int:
     report = prune(config, args.out, overwrite=args.overwrite, command=_command_line())
     print(summary(report))
     print(f"pruned model, report.json and plots saved to {args.out}")
+    return 0
+
+
+@command("export", uses_transformers=True)
+def _export(args: argparse.Namespace) -> int:
+    from cahp.onnx_export import describe, export_classifier
+
+    result = export_classifier(
+        args.model,
+        args.out,
+        optimize=args.optimize,
+        opset=args.opset,
+        max_length=args.max_length,
+        tolerance=args.tolerance,
+        overwrite=args.overwrite,
+    )
+    print(describe(result))
+    return 0
+
+
+@command("prune-lm", resumable=True, uses_transformers=True)
+def _prune_lm(args: argparse.Namespace) -> int:
+    from cahp.decoder import prune_lm, summary
+
+    _check_output_folder(args.out)
+    config = prune_lm_config(args)
+    report = prune_lm(config, args.out, overwrite=args.overwrite, command=_command_line())
+    print(summary(report))
+    print(f"pruned model and report.json saved to {args.out}")
     return 0
 
 

@@ -31,6 +31,7 @@ from cahp.methods.base import get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import check_max_length, load_classifier, load_model_config, resolve_model
 from cahp.outputs import StagedOutput, check_output_target, read_cache, write_json
+from cahp.reporting.model_card import write_model_card
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
 from cahp.surgery.autoload import save_pruned
@@ -429,6 +430,7 @@ def prune(
             f"{Path(config.model).name} ({task.name})",
         )
         plot_head_space(report["selection"], grid.heads, plots / "head_space.png")
+        write_model_card(report, staged.path / "model", command)
         write_json(staged.path / "report.json", report)
         (stages.folder / "recovery_checkpoint.pt").unlink(missing_ok=True)
         staged.commit()

@@ -45,6 +45,7 @@ def test_prune_end_to_end_reloads(finetuned: tuple[Path, TaskOptions], tmp_path:
     report = prune(_config(model, task), tmp_path / "out", progress=False)
     out = tmp_path / "out"
     assert {"report.json", "model", "plots", "run_config.json"} <= {p.name for p in out.iterdir()}
+    assert {"README.md", "modeling_cahp.py", "kept_heads.png"} <= {p.name for p in (out / "model").iterdir()}
     assert {p.name for p in (out / "plots").iterdir()} == {
         "mss_curve.png",
         "kept_heads.png",

@@ -47,6 +47,8 @@ class PruningMethod:
         finds_own_budget: the method supports ``Budget.auto()`` (it finds its own head count).
         budget_aware: ``fit`` depends on the number of heads to keep (construct it with ``keep=K``).
         deterministic: for a given calibration set the result does not depend on ``seed``.
+        needs_classes: ``fit`` compares classes (CAHP's signatures), so it needs a calibration objective with
+            groups (classification), not a causal-LM one.
 
     Learned state (after :meth:`fit`): ``grid_`` (the model's :class:`HeadGrid`), ``fit_seconds_``.
     """
@@ -55,6 +57,7 @@ class PruningMethod:
     finds_own_budget: ClassVar[bool] = False
     budget_aware: ClassVar[bool] = False
     deterministic: ClassVar[bool] = False
+    needs_classes: ClassVar[bool] = False
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
@@ -143,6 +146,7 @@ class MethodInfo:
     budget_aware: bool
     deterministic: bool
     settings: tuple[str, ...]
+    needs_classes: bool = False
 
 
 _loaded = False
@@ -211,6 +215,7 @@ def available_methods() -> dict[str, MethodInfo]:
             cls.budget_aware,
             cls.deterministic,
             _settings_of(cls),
+            cls.needs_classes,
         )
     return dict(sorted(infos.items()))
 

@@ -55,6 +55,7 @@ class CAHP(PruningMethod):
     """
 
     finds_own_budget = True
+    needs_classes = True
 
     def __init__(
         self,

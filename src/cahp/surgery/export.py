@@ -7,7 +7,10 @@ The graph takes the example inputs by name and returns one output, ``logits``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -59,20 +62,37 @@ def export_onnx(
     was_training = model.training
     wrapper = _LogitsOnly(model, names).eval()
     try:
-        torch.onnx.export(
-            wrapper,
-            tensors,
-            str(path),
-            input_names=names,
-            output_names=["logits"],
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset_version,
-            verbose=False,
-        )
+        with _quiet_exporter():
+            torch.onnx.export(
+                wrapper,
+                tensors,
+                str(path),
+                input_names=names,
+                output_names=["logits"],
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset_version,
+                verbose=False,
+            )
     finally:
         model.train(was_training)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's notices that concern nothing exported here: unregistered torchvision operators
+    (logged once per process) and deprecations inside torch's own export code."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _dynamic_axes(tensor: torch.Tensor) -> dict[int, Any]:

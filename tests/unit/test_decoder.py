@@ -1,0 +1,357 @@
+"""``cahp prune-lm`` on tiny random Llama, Mistral and Qwen2 causal LMs (3 layers, 4 query / 2 key-value heads):
+the flow end to end in every mode (groups, uniform, uniform layers), its config, resume and refusals; masking
+equals removal for LM logits and for greedy generation with a KV cache; the KV cache shrinks in proportion to the
+removed key-value heads; a stock export loads where cahp cannot be imported, with identical logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from cahp.calibration import CausalLanguageModeling
+from cahp.cli import main
+from cahp.data.batching import iter_batches
+from cahp.data.lm import make_blocks
+from cahp.decoder import DecoderPruneConfig, lm_loss_fn, load_causal_lm, prune_lm, summary
+from cahp.errors import CahpError
+from cahp.evaluation.generation import greedy_continuations, kv_cache_bytes_per_token, measure_generation
+from cahp.evaluation.perplexity import perplexity
+from cahp.surgery import head_mask, heads_to_remove, kept_kv_heads_by_layer, prune_heads
+from cahp.surgery.autoload import save_pruned
+from cahp.train.loop import TrainingConfig
+from tests.unit.test_language_modeling import GQA_FAMILIES, SHARED_DATA, causal_lm, random_corpus, word_tokenizer
+from tests.unit.test_loading import _WITHOUT_CAHP
+from tests.unit.tiny_models import HEADS, LAYERS
+
+#: Words of the SST-2 prompt and its label words, so the tiny tokenizer can run the zero-shot task.
+PROMPT_WORDS = ["Review", ":", "Sentiment", "(", "positive", "or", "negative", ")"]
+HAS_SST2 = (SHARED_DATA / "sst2").is_dir()
+
+#: The three modes of a run: (gqa_mode, uniform_layers, budget, query heads kept, key-value heads kept) of 12 / 6.
+MODES = {
+    "groups": ("groups", False, "keep=8", 8, 4),  # 4 whole groups, each layer at least one: uneven layers
+    "uniform": ("uniform", False, "sparsity=0.5", 6, 6),  # the same count in both groups of a layer
+    "uniform_layers": ("groups", True, "keep=6", 6, 3),  # one group in every layer
+}
+
+
+def tiny_tokenizer(padding_side: str = "right") -> Any:
+    return word_tokenizer([f"w{i}" for i in range(80)] + PROMPT_WORDS, padding_side)
+
+
+@pytest.fixture(scope="module")
+def lm_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A saved tiny causal LM (with its tokenizer) per GQA family, and a corpus file."""
+    root = tmp_path_factory.mktemp("lm")
+    folders = {}
+    for family in GQA_FAMILIES:
+        folder = root / family
+        causal_lm(family).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        folders[family] = folder
+    (root / "corpus.txt").write_text("\n\n".join(random_corpus(documents=40).documents) + "\n")  # a paragraph each
+    folders["corpus"] = root / "corpus.txt"
+    return folders
+
+
+def tiny_config(folders: dict[str, Path], family: str = "llama", **changes: Any) -> DecoderPruneConfig:
+    settings: dict[str, Any] = {
+        "model": str(folders[family]),
+        "method": "magnitude",
+        "budget": "sparsity=0.5",
+        "corpus": str(folders["corpus"]),
+        "context_length": 16,
+        "calibration_blocks": 6,
+        "eval_blocks": 6,
+        "prompted": ("sst2",) if HAS_SST2 else (),
+        "data_dir": str(SHARED_DATA),
+        "prompted_examples": 6,
+        "continuation_tokens": 4,
+        "prompt_tokens": 8,
+        "new_tokens": 3,
+        "latency_repeats": 1,
+    }
+    settings.update(changes)
+    return DecoderPruneConfig(**settings)
+
+
+# ---------------------------------------------------------------------------------------------------- the flow
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_prune_lm_end_to_end_in_every_mode(mode: str, lm_folders: dict[str, Path], tmp_path: Path) -> None:
+    gqa_mode, uniform_layers, budget, kept, kv_kept = MODES[mode]
+    config = tiny_config(lm_folders, gqa_mode=gqa_mode, uniform_layers=uniform_layers, budget=budget)
+    out = tmp_path / "run"
+    report = prune_lm(config, out, progress=False, command="test")
+
+    assert json.loads((out / "report.json").read_text())["heads"] == report["heads"]
+    heads = report["heads"]
+    assert (heads["kept"], heads["kv_kept"], heads["kv_total"]) == (kept, kv_kept, LAYERS * 2)
+    assert report["kv_cache"]["ratio"] == pytest.approx(heads["kv_kept"] / heads["kv_total"])
+    assert report["parameters"]["pruned"] < report["parameters"]["dense"]
+    assert set(report["generation"]["by_batch"]) == {"1", "8"}
+    counts = {(len(report["kept_heads_by_layer"][k]), len(report["kept_kv_heads_by_layer"][k])) for k in "012"}
+    assert report["export"]["format"] == ("stock" if len(counts) == 1 else "cahp")
+    if mode != "uniform":  # the uniform mode's layers may or may not come out alike
+        assert report["export"]["format"] == ("stock" if uniform_layers else "cahp")
+    if HAS_SST2:
+        prompted = report["quality"]["pruned"]["prompted"]["sst2"]
+        assert prompted["examples"] == 6 and "Sentiment" in prompted["prompt"]
+    continuations = report["quality"]["dense"]["continuations"]
+    assert [c["prompt"] for c in continuations] == list(config.continuation_prompts)
+    text = summary(report)
+    assert "The capital of France is" in text and "KV cache" in text and "offline" not in text
+
+    # the saved model is the pruned one: its perplexity on the evaluation blocks is the report's
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    blocks = make_blocks(tiny_tokenizer(), random_corpus(documents=40), context_length=16, max_blocks=6)
+    assert perplexity(reloaded, tiny_tokenizer(), blocks)["perplexity"] == pytest.approx(
+        report["perplexity"]["pruned"], rel=1e-5
+    )
+    replayed = DecoderPruneConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+    assert replayed == config
+
+
+def test_uniform_runs_export_a_stock_config(lm_folders: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny_config(lm_folders, gqa_mode="uniform", uniform_layers=True, prompted=())
+    report = prune_lm(config, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert report["export"]["format"] == "stock"
+    assert saved["model_type"] == "llama" and saved["num_attention_heads"] == HEADS // 2
+    assert saved["num_key_value_heads"] == 2 and not (tmp_path / "run" / "model" / "modeling_cahp.py").exists()
+
+
+def test_prune_lm_runs_on_mistral_with_a_gradient_method(lm_folders: dict[str, Path], tmp_path: Path) -> None:
+    # (a Qwen2 folder would load transformers' Qwen2 BPE tokenizer instead of the word-level one saved with it)
+    config = tiny_config(lm_folders, "mistral", method="fisher", budget="keep=6", uniform_layers=True, prompted=())
+    report = prune_lm(config, tmp_path / "run", progress=False)
+    assert (report["heads"]["kv_kept"], report["export"]["format"]) == (LAYERS, "stock")
+    assert report["kv_cache"]["pruned"]["bytes_per_token"] * 2 == report["kv_cache"]["dense"]["bytes_per_token"]
+
+
+def test_an_interrupted_run_resumes_from_its_cached_stages(
+    lm_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cahp.decoder as decoder
+
+    config = tiny_config(lm_folders, prompted=())
+    real_quality, calls = decoder._quality, []
+
+    def fail_after_dense(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_quality(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_quality", fail_after_dense)
+    with pytest.raises(KeyboardInterrupt):
+        prune_lm(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists() and (tmp_path / ".run.partial" / "stages" / "plan.json").is_file()
+    monkeypatch.setattr(decoder, "_quality", real_quality)
+    report = prune_lm(config, tmp_path / "run", progress=False)
+    assert report["stages_cached"] == ["plan", "quality_dense"]
+
+
+def test_recovery_on_the_lm_loss_lowers_the_perplexity(lm_folders: dict[str, Path], tmp_path: Path) -> None:
+    recovery = TrainingConfig(epochs=3.0, learning_rate=1e-2, batch_size=2, warmup_ratio=0.0, weight_decay=0.0)
+    config = tiny_config(lm_folders, prompted=(), recovery=recovery)  # a file corpus: the same blocks both roles
+    report = prune_lm(config, tmp_path / "run", progress=False)
+    assert report["after"] == "recovered" and len(report["recovery"]["history"]) == 3
+    assert report["perplexity"]["after"] < report["perplexity"]["pruned"]
+    assert "recovered" in summary(report)
+
+
+def test_cahp_is_refused_in_one_line_naming_the_alternatives(lm_folders: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny_config(lm_folders, method="cahp", budget="keep=6", prompted=())
+    with pytest.raises(CahpError) as refused:
+        prune_lm(config, tmp_path / "run", progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and "fisher" in message and "magnitude" in message and "cahp prune" in message
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"gqa_mode": "some"}, "gqa_mode"),
+        ({"stride": 32}, "stride"),
+        ({"prompted": ("cola",)}, "cola"),
+        ({"budget": "auto"}, "head count"),
+        ({"generation_batch_sizes": (1, 0)}, "generation_batch_sizes"),
+        ({"eval_blocks": 0}, "eval_blocks"),
+        ({"method": "no-such-method"}, "no-such-method"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(
+    changes: dict[str, Any], named: str, lm_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(CahpError, match=named):
+        prune_lm(tiny_config(lm_folders, **{"prompted": (), **changes}), tmp_path / "run", progress=False)
+    assert not tmp_path.joinpath("run").exists()
+
+
+def test_a_sequence_classifier_is_refused(tmp_path: Path) -> None:
+    from tests.unit.tiny_models import build_model
+
+    build_model("llama").save_pretrained(tmp_path / "classifier")
+    tiny_tokenizer().save_pretrained(tmp_path / "classifier")
+    with pytest.raises(CahpError, match="cahp prune"):
+        load_causal_lm(str(tmp_path / "classifier"))
+
+
+def test_the_command_line_runs_and_replays(lm_folders: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    arguments = [
+        "prune-lm", "--model", str(lm_folders["llama"]), "--method", "magnitude", "--budget", "sparsity=0.5",
+        "--gqa-mode", "uniform", "--uniform-layers", "--corpus", str(lm_folders["corpus"]), "--context-length", "16",
+        "--calibration-blocks", "4", "--eval-blocks", "4", "--prompted", "none", "--continuation-tokens", "3",
+        "--prompt-tokens", "8", "--new-tokens", "2", "--latency-repeats", "1",
+    ]  # fmt: skip
+    assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
+    printed = capsys.readouterr().out
+    assert "The capital of France is" in printed and "stock config" in printed
+    assert main(["prune-lm", "--config", str(tmp_path / "first"), "--out", str(tmp_path / "second")]) == 0
+    first, second = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("first", "second"))
+    assert second["config"] == first["config"] and second["perplexity"] == first["perplexity"]
+    replay_with_cahp = [
+        "prune-lm",
+        "--config",
+        str(tmp_path / "first"),
+        "--method",
+        "cahp",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert main(replay_with_cahp) == 1
+    assert "fisher" in capsys.readouterr().err
+
+
+def test_the_options_show_the_config_defaults_and_map_to_its_fields() -> None:
+    from cahp import cli
+    from tests.unit.test_cli import _at, _subparsers
+
+    parser = _subparsers(cli.build_parser())["prune-lm"]
+    defaults = DecoderPruneConfig(model="m")
+    documented = {a.dest: a.config_default for a in parser._actions if hasattr(a, "config_default")}
+    assert set(documented) == set(cli.PRUNE_LM_FIELDS), "every config option maps to a config field, and only those"
+    for dest, paths in cli.PRUNE_LM_FIELDS.items():
+        for path in paths:
+            shown = documented[dest]
+            if dest != "model":  # required: no default
+                assert (tuple(shown) if isinstance(shown, list) else shown) == _at(defaults, path), f"--{dest}"
+        assert getattr(parser.parse_args(["--out", "o"]), dest) is None, f"--{dest} must default to None for replays"
+    assert cli.prune_lm_config(cli.build_parser().parse_args(["prune-lm", "--model", "m", "--out", "o"])) == defaults
+
+
+# ---------------------------------------------------------------------------------------------------- equivalences
+
+
+def _gates(model: PreTrainedModel, removed: dict[int, list[int]]) -> torch.Tensor:
+    gates = torch.ones(LAYERS, HEADS)
+    for layer, heads in removed.items():
+        gates[layer, heads] = 0.0
+    return gates
+
+
+#: Per mode, heads to remove (original numbers) that the mode carries out as they are.
+REMOVALS = {"groups": {0: [0, 1], 2: [2, 3]}, "uniform": {0: [1, 3], 1: [0, 2], 2: [1, 2]}}
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+@pytest.mark.parametrize("gqa_mode", list(REMOVALS))
+def test_masking_equals_removal_for_lm_logits(family: str, gqa_mode: str) -> None:
+    model = causal_lm(family)
+    removed = REMOVALS[gqa_mode]
+    assert heads_to_remove(model, {layer: [h for h in range(HEADS) if h not in hs] for layer, hs in removed.items()},
+                           gqa_mode) == removed  # fmt: skip
+    input_ids = torch.randint(4, 90, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), head_mask(model, _gates(model, removed)):
+        masked = model(input_ids=input_ids).logits
+    pruned = prune_heads(causal_lm(family), removed, gqa_mode=gqa_mode)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=input_ids).logits, masked, rtol=0, atol=1e-5)
+        assert not torch.allclose(model(input_ids=input_ids).logits, masked, atol=1e-3), "removal changes the logits"
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+@pytest.mark.parametrize("gqa_mode", list(REMOVALS))
+def test_greedy_generation_with_a_kv_cache_is_the_same_masked_and_pruned(family: str, gqa_mode: str) -> None:
+    model, removed = causal_lm(family), REMOVALS[gqa_mode]
+    tokenizer = tiny_tokenizer()
+    prompts = ["w1 w2 w3", "w40 w7"]
+    with head_mask(model, _gates(model, removed)):
+        masked = greedy_continuations(model, tokenizer, prompts, max_new_tokens=12)
+    pruned = greedy_continuations(prune_heads(causal_lm(family), removed, gqa_mode=gqa_mode), tokenizer, prompts, 12)
+    dense = greedy_continuations(model, tokenizer, prompts, max_new_tokens=12)
+    assert [m["token_ids"] for m in masked] == [p["token_ids"] for p in pruned]
+    assert all(m["token_ids"] for m in masked)
+    assert [d["token_ids"] for d in dense] != [m["token_ids"] for m in masked], "the heads mattered"
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_kv_cache_bytes_fall_in_proportion_to_removed_key_value_heads(family: str) -> None:
+    dense = causal_lm(family)
+    head_dim = dense.config.hidden_size // HEADS
+    full = kv_cache_bytes_per_token(dense)
+    assert full["bytes_per_token"] == LAYERS * 2 * 2 * head_dim * 4 == full["measured_bytes_per_token"]
+    groups = prune_heads(causal_lm(family), {0: [0, 1], 1: [0, 1, 2, 3], 2: [2, 3]}, gqa_mode="groups")
+    assert sum(len(h) for h in kept_kv_heads_by_layer(groups).values()) == 2
+    shrunk = kv_cache_bytes_per_token(groups)  # counted and measured on a real cache (a layer left empty too)
+    assert shrunk["bytes_per_token"] / full["bytes_per_token"] == pytest.approx(2 / (LAYERS * 2))
+    query_only = prune_heads(causal_lm(family), REMOVALS["uniform"], gqa_mode="uniform")
+    assert kv_cache_bytes_per_token(query_only)["bytes_per_token"] == full["bytes_per_token"]
+
+
+def test_generation_speed_is_measured_for_every_model_and_batch() -> None:
+    models = {"dense": causal_lm("llama"), "pruned": prune_heads(causal_lm("llama"), {0: [0, 1]})}
+    result = measure_generation(models, batch_sizes=(1, 3), prompt_tokens=5, new_tokens=4, repeats=2)
+    for row in result["by_batch"].values():
+        assert row["tokens_per_second_ratio"] == pytest.approx(
+            row["pruned"]["tokens_per_second"] / row["dense"]["tokens_per_second"], rel=1e-2
+        )
+        assert all(row[name]["prefill_seconds"] > 0 for name in models)
+    with pytest.raises(CahpError, match="new_tokens"):
+        measure_generation(models, new_tokens=0)
+
+
+def test_the_lm_loss_function_is_the_objective_loss() -> None:
+    model, tokenizer = causal_lm("llama"), tiny_tokenizer()
+    blocks = make_blocks(tokenizer, random_corpus(), context_length=12)
+    _, batch = next(iter_batches(tokenizer, blocks.examples, 4))
+    loss, parts = lm_loss_fn()(model, batch, None)
+    assert parts["lm"] == pytest.approx(float(loss.detach())) and loss.requires_grad
+    assert float(loss.detach()) == pytest.approx(float(CausalLanguageModeling().loss(model, batch).detach()), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def test_a_uniform_export_loads_where_cahp_cannot_be_imported(tmp_path: Path) -> None:
+    pruned = prune_heads(causal_lm("llama"), REMOVALS["uniform"], gqa_mode="uniform")
+    folder = save_pruned(pruned, tmp_path / "stock", stock=True)
+    inputs = {"input_ids": torch.randint(4, 90, (2, 9), generator=torch.Generator().manual_seed(3))}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    job = {
+        "folder": str(folder),
+        "auto": "AutoModelForCausalLM",
+        "remote": False,
+        "inputs": str(tmp_path / "inputs.pt"),
+        "output": str(tmp_path / "logits.pt"),
+    }
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_CAHP, json.dumps([job])], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = pruned(**inputs).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-5)
