@@ -669,6 +669,25 @@ def _add_export_parser(sub: Any) -> None:
     )
 
 
+def _add_analyze_parser(sub: Any) -> None:
+    about = "what each attention head does: sinks, special-token and dormant heads, adjacent-layer redundancy"
+    parser = sub.add_parser("analyze", help=about, description=about, formatter_class=_HelpFormatter)
+    parser.add_argument("--model", required=True, help="an unpruned model: alias (`cahp models`), folder or hub id")
+    parser.add_argument("--out", required=True, metavar="FILE.json", help="the JSON file to write (docs/analysis.md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--calibration-size",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="calibration examples (class-stratified subset of the task's calibration split)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="examples per forward pass")
+    parser.add_argument("--seed", type=seed_value, default=0, metavar="N", help="picks the calibration subset")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_task_arguments(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cahp`` parser (standard library only: building it imports nothing heavy)."""
     parser = _Parser(
@@ -692,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_parser(sub)
     _add_prune_lm_parser(sub)
     _add_export_parser(sub)
+    _add_analyze_parser(sub)
 
     about = "compare pruning methods over budgets and seeds (resumable)"
     bench = sub.add_parser("bench", help=about, description=about, formatter_class=_HelpFormatter)
@@ -947,6 +967,27 @@ def _prune_lm(args: argparse.Namespace) -> int:
     report = prune_lm(config, args.out, overwrite=args.overwrite, command=_command_line())
     print(summary(report))
     print(f"pruned model and report.json saved to {args.out}")
+    return 0
+
+
+@command("analyze", uses_transformers=True)
+def _analyze(args: argparse.Namespace) -> int:
+    from cahp.analysis.run import analyze, check_output_file, summary
+
+    check_output_file(args.out, args.overwrite)  # before any work
+    payload = analyze(
+        args.model,
+        _task_options(args),
+        args.out,
+        calibration_size=args.calibration_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        command=_command_line(),
+    )
+    print(summary(payload))
+    print(f"head analysis saved to {args.out}")
     return 0
 
 

@@ -104,6 +104,10 @@ SEED_CASES = [
     ("fisher", {}, True),  # 256 >= 12
     ("attattr", {"steps": 2, "max_examples": 6}, False),
     ("attattr", {"steps": 2, "max_examples": None}, True),
+    ("sink", {"max_examples": 6}, False),
+    ("sink", {}, True),
+    ("redundancy", {"max_examples": 6}, False),
+    ("redundancy", {}, True),
 ]
 
 

@@ -3,7 +3,9 @@
 ``get_scorer(name, **settings).score(model, calibration)`` gives ``[layers, heads]`` scores (higher = keep);
 ``calibration`` is a :class:`cahp.calibration.Calibration` (examples, batching, objective). Built-in:
 ``random`` (control), ``magnitude``, ``entropy``, ``gradient`` (Michel et al.), ``hies``, ``attattr``
-(Hao et al.), ``l0`` (Voita et al.), ``dsp`` (Li et al.), ``fisher`` (Kwon et al.).
+(Hao et al.), ``l0`` (Voita et al.), ``dsp`` (Li et al.), ``fisher`` (Kwon et al.), and two from head
+behaviour (:mod:`cahp.analysis`): ``sink`` (sink and special-token heads go first) and ``redundancy`` (heads that
+repeat a head of the previous layer go first).
 Also here: the class-separability profiles used by CAHP.
 
 The scorer interface is imported on first use, so ``import cahp.scoring`` stays light (NumPy only).
@@ -19,7 +21,19 @@ from cahp.scoring.separability import (
 )
 
 #: Names of the built-in scorers (for help texts; ``available_scorers()`` also lists third-party ones).
-BUILTIN_SCORERS = ("random", "magnitude", "entropy", "gradient", "hies", "attattr", "l0", "dsp", "fisher")
+BUILTIN_SCORERS = (
+    "random",
+    "magnitude",
+    "entropy",
+    "gradient",
+    "hies",
+    "attattr",
+    "l0",
+    "dsp",
+    "fisher",
+    "sink",
+    "redundancy",
+)
 
 _LAZY = ("HeadScorer", "available_scorers", "get_scorer", "register_scorer", "scorer_class")
 

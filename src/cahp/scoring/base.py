@@ -48,7 +48,19 @@ if TYPE_CHECKING:
 
 #: Modules of the built-in scorers, imported on the first registry look-up (keeps ``import cahp.scoring``
 #: light and free of import cycles).
-BUILTIN_MODULES = ("attattr", "dsp", "entropy", "fisher", "gradient", "hies", "l0", "magnitude", "random")
+BUILTIN_MODULES = (
+    "attattr",
+    "dsp",
+    "entropy",
+    "fisher",
+    "gradient",
+    "hies",
+    "l0",
+    "magnitude",
+    "random",
+    "redundancy",
+    "sink",
+)
 
 
 class HeadScorer:

@@ -1,0 +1,114 @@
+"""``cahp analyze``: load a model and a task, measure every head on a calibration set, write one JSON file.
+
+The file's schema is documented in ``docs/analysis.md``; it is written atomically (a killed run leaves the
+earlier file or none).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cahp import __version__
+from cahp.analysis.heads import analyze_heads
+from cahp.errors import OutputError, OutputExistsError
+from cahp.outputs import write_json
+
+#: ``format`` and ``version`` of the JSON file (the version changes when a field changes meaning).
+FORMAT = "cahp-head-analysis"
+VERSION = 1
+
+
+def check_output_file(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """The absolute path of ``out`` after refusing, before any work, a file the run could not or must not write.
+
+    Raises:
+        OutputError: ``out`` is a folder, or its folder does not exist.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    path = Path(out).expanduser().absolute()
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a folder: give a file name such as {path / 'analysis.json'}")
+    if not path.parent.is_dir():
+        raise OutputError(f"--out {path}: the folder {path.parent} does not exist; create it first")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists: pass --overwrite to replace it or choose another --out")
+    return path
+
+
+def analyze(
+    model: str,
+    task: Any,
+    out: str | os.PathLike[str],
+    *,
+    calibration_size: int | None = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Measure the heads of ``model`` on ``task``'s calibration split and write the result to ``out`` (JSON).
+
+    Args:
+        model: an alias, a folder or a hub id of an unpruned classifier or base model (a base model gets an
+            untrained classification head, which does not change the attention).
+        task: :class:`cahp.train.finetune.TaskOptions` (task, data folder, max length, ...).
+        out: the JSON file to write.
+        calibration_size: examples of the calibration split, class-stratified (``None``: all of it).
+        batch_size: examples per forward.
+        seed: picks the calibration subset.
+        overwrite: replace an existing ``out``.
+        progress: show progress.
+        command: the command line, recorded in the file.
+
+    Returns:
+        The JSON object written.
+    """
+    from cahp.engine import task_calibration
+    from cahp.models import check_max_length, load_classifier, load_model_config, resolve_model
+
+    path = check_output_file(out, overwrite)
+    check_max_length(task.max_length, load_model_config(model))
+    task_data = task.load(model=model)
+    loaded, tokenizer = load_classifier(model, task_data.num_labels, task_data.label_names, attn_implementation="eager")
+    check_max_length(task.max_length, loaded, tokenizer)
+    if torch.cuda.is_available():
+        loaded.cuda()
+    calibration = task_calibration(task_data, tokenizer, calibration_size, seed, task.max_length, batch_size)
+    analysis = analyze_heads(loaded, calibration, progress=progress)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "cahp_version": __version__,
+        "command": command,
+        "model": resolve_model(model).location,
+        "model_type": loaded.config.model_type,
+        "task": task.task,
+        "max_length": task.max_length,
+        "calibration": calibration.description,
+        **analysis.to_dict(),
+    }
+    write_json(path, payload)
+    return payload
+
+
+def summary(payload: dict[str, Any]) -> str:
+    """A few lines for the terminal: the grid and the heads of each kind."""
+    grid = payload["grid"]
+    found = payload["summary"]
+    lines = [
+        f"{payload['model']}: {grid['layers']} layers x {grid['heads']} heads, {payload['examples']} examples "
+        f"({'causal' if payload['causal'] else 'bidirectional'} attention)"
+    ]
+    for kind in ("sink_heads", "special_token_heads", "dormant_heads"):
+        heads = found[kind]
+        shown = ", ".join(f"L{layer}H{head}" for layer, head in heads[:12]) + (" ..." if len(heads) > 12 else "")
+        lines.append(f"  {kind.replace('_', ' ')}: {len(heads)}{'  ' + shown if heads else ''}")
+    js = [pair["js"] for pair in payload["adjacent_layers"]]
+    if js:
+        lines.append("  adjacent-layer JS divergence: " + " ".join("-" if v is None else f"{v:.3f}" for v in js))
+    return "\n".join(lines)
