@@ -42,6 +42,7 @@ from transformers import PreTrainedModel
 from cahp.adapters import get_adapter
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import model_device
+from cahp.scoring.base import HeadScorer
 from cahp.signatures.resize import DEFAULT_SIZE, resize_attention_maps
 from cahp.signatures.stats import StreamingMoments
 
@@ -597,3 +598,30 @@ def _groups_if_classes(calibration: Calibration) -> np.ndarray | None:
         return None
     groups = np.asarray(calibration.groups())
     return groups if len(np.unique(groups)) >= 2 else None
+
+
+class AnalysisScorer(HeadScorer):
+    """Base of the scorers that rank heads by what :func:`analyze_heads` measures (``sink``, ``redundancy``): one
+    streaming pass over a seeded subset of the calibration set, then :meth:`_from_analysis`.
+
+    Args:
+        batch_size: examples per forward.
+        max_examples: at most this many examples (seeded subset); default 512.
+        seed: picks the subset (only when the calibration set is larger than ``max_examples``).
+
+    Learned state: ``scores_`` and ``analysis_`` (the :class:`HeadAnalysis`).
+    """
+
+    def __init__(self, *, batch_size: int = 32, max_examples: int | None = 512, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.batch_size = batch_size
+        self.max_examples = max_examples
+
+    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
+        examples = calibration.subset(self.max_examples, self.seed)
+        self.analysis_ = analyze_heads(model, examples, batch_size=self.batch_size, separability=False)
+        return self._from_analysis(self.analysis_)
+
+    def _from_analysis(self, analysis: HeadAnalysis) -> np.ndarray:
+        """``[layers, heads]`` scores (higher = keep) from the analysis."""
+        raise NotImplementedError

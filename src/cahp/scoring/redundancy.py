@@ -14,19 +14,15 @@ more than ``max_examples`` examples.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedModel
 
-from cahp.scoring.base import HeadScorer, register_scorer
-
-if TYPE_CHECKING:
-    from cahp.calibration import Calibration
+from cahp.analysis.heads import AnalysisScorer, HeadAnalysis
+from cahp.scoring.base import register_scorer
 
 
 @register_scorer("redundancy")
-class RedundancyScorer(HeadScorer):
+class RedundancyScorer(AnalysisScorer):
     """JS divergence from the best-matched head of the previous layer / ln 2: repeated attention goes first.
 
     Args:
@@ -35,18 +31,7 @@ class RedundancyScorer(HeadScorer):
         seed: picks the subset (only when the calibration set is larger than ``max_examples``).
     """
 
-    def __init__(self, *, batch_size: int = 32, max_examples: int | None = 512, seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        self.batch_size = batch_size
-        self.max_examples = max_examples
-
-    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
-        from cahp.analysis.heads import analyze_heads
-
-        analysis = analyze_heads(
-            model, calibration.subset(self.max_examples, self.seed), batch_size=self.batch_size, separability=False
-        )
-        self.analysis_ = analysis
+    def _from_analysis(self, analysis: HeadAnalysis) -> np.ndarray:
         scores = analysis.best_match_divergence("js") / math.log(2.0)
         scores[0] = 1.0
         return np.clip(np.nan_to_num(scores, nan=1.0), 0.0, 1.0)

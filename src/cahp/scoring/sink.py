@@ -14,19 +14,14 @@ more than ``max_examples`` examples.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-from transformers import PreTrainedModel
 
-from cahp.scoring.base import HeadScorer, register_scorer
-
-if TYPE_CHECKING:
-    from cahp.calibration import Calibration
+from cahp.analysis.heads import AnalysisScorer, HeadAnalysis
+from cahp.scoring.base import register_scorer
 
 
 @register_scorer("sink")
-class SinkScorer(HeadScorer):
+class SinkScorer(AnalysisScorer):
     """``1 - max(sink score, special-token share)``: sink and special-token heads are removed first.
 
     Args:
@@ -35,16 +30,5 @@ class SinkScorer(HeadScorer):
         seed: picks the subset (only when the calibration set is larger than ``max_examples``).
     """
 
-    def __init__(self, *, batch_size: int = 32, max_examples: int | None = 512, seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        self.batch_size = batch_size
-        self.max_examples = max_examples
-
-    def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
-        from cahp.analysis.heads import analyze_heads
-
-        analysis = analyze_heads(
-            model, calibration.subset(self.max_examples, self.seed), batch_size=self.batch_size, separability=False
-        )
-        self.analysis_ = analysis
+    def _from_analysis(self, analysis: HeadAnalysis) -> np.ndarray:
         return 1.0 - np.maximum(analysis.sink_score, analysis.special_token_share)
