@@ -289,3 +289,11 @@ def test_folder_of_an_earlier_version_reads_its_scores(tmp_path: Path) -> None:
     assert "CAHP's signatures and salience (20.0 s) are computed once for all seeds" in summary
     assert "## cahp vs the best other method (mean accuracy)" in summary, "cahp is the focus of earlier records"
     assert "(`knee` = cahp's k*, the head count it finds itself)" in summary
+
+
+def test_the_summary_names_a_distillation_objective_and_not_cross_entropy() -> None:
+    from cahp.reporting.bench_report import _objective_text
+
+    kd = {"loss": "kd", "temperature": 2.0, "alpha": 0.5}
+    assert _objective_text(kd) == ", distilled from the dense model (kd, T=2.0, alpha=0.5)"
+    assert _objective_text({"loss": "ce"}) == _objective_text(None) == ""  # grids from before objectives: ce

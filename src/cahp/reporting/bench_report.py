@@ -338,7 +338,8 @@ def write_bench_report(out: str | Path) -> Path:
         if retraining_free
         else f"{recovery.get('epochs')} epoch(s) at lr {recovery.get('learning_rate')} on "
         f"{config.get('recovery_max_examples') or 'all'} training examples"
-        f"{', length-grouped batches' if recovery.get('group_by_length') else ''}, the same for every method"
+        f"{', length-grouped batches' if recovery.get('group_by_length') else ''}"
+        f"{_objective_text(config.get('recovery_objective'))}, the same for every method"
     )
     task = dense.get("task", {})
     protocol = f" ({task['protocol']} {task['task']} protocol)" if task.get("task") == "mnli" else ""
@@ -593,3 +594,12 @@ def plot_kept_depth(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _objective_text(objective: dict[str, Any] | None) -> str:
+    """``", distilled from the dense model (kd, T=2, alpha=0.5)"``; empty for cross-entropy (grids before
+    recovery objectives existed recovered with it)."""
+    if not objective or objective.get("loss", "ce") == "ce":
+        return ""
+    settings = f"T={objective.get('temperature')}, alpha={objective.get('alpha')}"
+    return f", distilled from the dense model ({objective['loss']}, {settings})"
