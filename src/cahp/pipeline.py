@@ -481,4 +481,4 @@ def _recovery_label(report: dict[str, Any]) -> str:
     if not recovery or not epochs:
         return " (no recovery)" if recovery is not None else ""
     objective = RecoveryObjective(**recovery["objective"]).label()
-    return f" (recovery: {objective}, {recovery['examples']} examples x {epochs:g} epochs)"
+    return f" (recovery: {objective}, {recovery['examples']} examples x {epochs:g} epoch{'' if epochs == 1 else 's'})"
