@@ -819,7 +819,6 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     """
     if args.config is None and args.model is None:  # before importing torch: a usage error is instant
         raise UsageError("the following arguments are required: --model (or --config FILE to replay a run)")
-    from cahp.methods.plan import Budget
     from cahp.pipeline import PruneConfig
 
     if args.config is not None:
@@ -843,11 +842,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
         _set_setting(settings, keys, value)
     config = dataclasses.replace(config, method_settings=settings)
 
-    if args.budget is not None:
-        config = dataclasses.replace(config, budget=args.budget)
-    elif args.keep is not None or args.sparsity is not None:
-        config = dataclasses.replace(config, budget=Budget.from_options(args.keep, args.sparsity).label())
-    return config
+    return _with_budget(config, args)
 
 
 def _set_setting(settings: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
@@ -871,7 +866,6 @@ def prune_lm_config(args: argparse.Namespace) -> Any:
     if args.config is None and args.model is None:
         raise UsageError("the following arguments are required: --model (or --config FILE to replay a run)")
     from cahp.decoder import DecoderPruneConfig
-    from cahp.methods.plan import Budget
 
     if args.config is not None:
         config = DecoderPruneConfig.from_dict(_read_config(args.config, "prune-lm"))
@@ -881,10 +875,17 @@ def prune_lm_config(args: argparse.Namespace) -> Any:
     config = apply_options(config, args, PRUNE_LM_FIELDS)
     settings.update(_key_values(args.method_setting or []))
     config = dataclasses.replace(config, method_settings=settings)
+    return _with_budget(config, args)
+
+
+def _with_budget(config: Any, args: argparse.Namespace) -> Any:
+    """``config`` with the budget given by ``--budget``, or ``--keep`` / ``--sparsity`` (unchanged when none is)."""
+    from cahp.methods.plan import Budget
+
     if args.budget is not None:
-        config = dataclasses.replace(config, budget=args.budget)
-    elif args.keep is not None or args.sparsity is not None:
-        config = dataclasses.replace(config, budget=Budget.from_options(args.keep, args.sparsity).label())
+        return dataclasses.replace(config, budget=args.budget)
+    if args.keep is not None or args.sparsity is not None:
+        return dataclasses.replace(config, budget=Budget.from_options(args.keep, args.sparsity).label())
     return config
 
 

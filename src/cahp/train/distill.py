@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from cahp.adapters import get_adapter
 from cahp.data.batching import EncodedSplit, iter_batches
 from cahp.errors import ConfigError
+from cahp.evaluation.metrics import model_device
 from cahp.surgery import layer_geometries
 
 RECOVERY_LOSSES = ("ce", "kd", "kd-relations")
@@ -171,20 +172,23 @@ def relation_log_probs(vectors: torch.Tensor, attention_mask: torch.Tensor, rela
 
 
 def relation_distillation(
-    student_vectors: torch.Tensor, teacher_vectors: torch.Tensor, attention_mask: torch.Tensor, relation_heads: int
+    student_vectors: torch.Tensor,
+    teacher_vectors: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    relation_heads: int,
 ) -> torch.Tensor:
     """KL(teacher relation || student relation), mean over real query positions and relation heads.
 
     Args:
         student_vectors, teacher_vectors: ``[batch, seq, width]`` of one kind (q, k or v); widths may differ.
-        attention_mask: ``[batch, seq]``, 1 for real tokens.
+        attention_mask: ``[batch, seq]``, 1 for real tokens; ``None``: every position is real (image models).
         relation_heads: chunks per vector, capped at the smaller width.
     """
     heads = max(1, min(relation_heads, student_vectors.shape[-1], teacher_vectors.shape[-1]))
-    student = relation_log_probs(student_vectors, attention_mask, heads)
-    teacher = relation_log_probs(teacher_vectors, attention_mask, heads)
+    mask = _real_positions(attention_mask, student_vectors)
+    student = relation_log_probs(student_vectors, mask, heads)
+    teacher = relation_log_probs(teacher_vectors, mask, heads)
     pointwise = teacher.exp() * (teacher - student)  # [batch, heads, query, key]
-    mask = attention_mask.bool()
     pointwise = pointwise.masked_fill(~mask[:, None, None, :], 0.0)
     per_query = pointwise.sum(-1)  # [batch, heads, query]
     real_queries = mask[:, None, :].expand_as(per_query)
@@ -192,10 +196,13 @@ def relation_distillation(
 
 
 def hidden_state_distillation(
-    student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor
+    student_states: tuple[torch.Tensor, ...],
+    teacher_states: tuple[torch.Tensor, ...],
+    attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Mean squared error over real tokens, averaged over the layer outputs (embeddings excluded)."""
-    mask = attention_mask.bool()
+    """Mean squared error over real tokens (``attention_mask`` ``None``: every position), averaged over the layer
+    outputs (embeddings excluded)."""
+    mask = _real_positions(attention_mask, student_states[0])
     losses = [
         F.mse_loss(student[mask].float(), teacher[mask].float())
         for student, teacher in zip(student_states[1:], teacher_states[1:], strict=True)
@@ -275,7 +282,7 @@ class Distillation:
         """``kd``: compute the teacher's logits for every training example once (deterministic batches)."""
         if self.objective.loss != "kd":
             return
-        device = _device_of(self.teacher)
+        device = model_device(self.teacher)
         start = time.perf_counter()
         logits: torch.Tensor | None = None
         batches = iter_batches(tokenizer, data, batch_size, sort_by_length=True)
@@ -320,11 +327,7 @@ class Distillation:
         kd = logit_distillation(out.logits, teacher_logits, objective.temperature)
         loss = objective.alpha * ce + (1 - objective.alpha) * kd
         parts = {"ce": ce.item(), "kd": kd.item()}
-        mask = batch.get("attention_mask")
-        if mask is None:  # image models: every position is real
-            mask = torch.ones(
-                out.hidden_states[0].shape[:2] if hidden else _positions(recorder.vectors), device=ce.device
-            )
+        mask = batch.get("attention_mask")  # None for image models: every position is real
         if relations:
             terms = [
                 relation_distillation(vectors[kind], teacher_vectors[layer][kind], mask, objective.relation_heads)
@@ -347,17 +350,11 @@ class Distillation:
         return {"teacher_seconds": round(self.teacher_seconds, 2), "teacher_forwards": self.teacher_forwards}
 
 
-def _positions(vectors: dict[int, dict[str, torch.Tensor]]) -> tuple[int, int]:
-    """``(batch, seq)`` of recorded vectors (``(1, 1)`` when nothing was recorded)."""
-    for kinds in vectors.values():
-        for tensor in kinds.values():
-            return tensor.shape[0], tensor.shape[1]
-    return 1, 1
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+def _real_positions(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` bool mask of real positions; all of ``like``'s ``[batch, seq, ...]`` positions when ``None``."""
+    if attention_mask is None:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return attention_mask.bool()
 
 
 def build_recovery_loss(
