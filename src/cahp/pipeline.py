@@ -254,10 +254,12 @@ def check_config(config: PruneConfig) -> tuple[Budget, Constraints]:
 
 
 def check_fits_model(config: PruneConfig, budget: Budget, grid: HeadGrid, model: Any) -> None:
-    """Refuse what the loaded model cannot do, before any work: ``keep=K`` above its head count, or a latency
-    sequence longer than its position embeddings."""
+    """Refuse what the loaded model cannot do, before any work: ``keep=K`` above its head count, relation layers
+    it does not have, or a latency sequence longer than its position embeddings."""
     if not budget.is_auto:
         budget.heads(grid.total)
+    if config.recovery_objective.loss == "kd-relations" and config.recovery.epochs > 0:
+        config.recovery_objective.layers(grid.layers)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and config.latency_seq_len > positions:
         raise CahpError(

@@ -343,3 +343,17 @@ def test_prune_recovers_by_distillation_and_says_so(finetuned: tuple[Path, TaskO
     assert "recovery: kd-relations (T=2, alpha=0.5" in summary(report)
     replayed = json.loads((tmp_path / "kd" / "run_config.json").read_text())
     assert PruneConfig.from_dict(replayed).recovery_objective == config.recovery_objective
+
+
+def test_relation_layers_the_model_lacks_are_refused_before_any_work(
+    finetuned: tuple[Path, TaskOptions], tmp_path: Path
+) -> None:
+    from cahp.errors import ConfigError
+    from cahp.train.distill import RecoveryObjective
+
+    model, task = finetuned
+    config = _config(model, task, method="random", budget="keep=5")
+    config.recovery_objective = RecoveryObjective(loss="kd-relations", relation_layers="0,7")  # 3 layers
+    with pytest.raises(ConfigError, match=r"layers 0\.\.2"):
+        prune(config, tmp_path / "out", progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written
