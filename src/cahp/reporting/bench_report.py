@@ -1,8 +1,9 @@
 """The benchmark's summary table and plots, rebuilt from the files of a ``cahp bench`` folder.
 
 Reads ``bench_config.json``, ``dense.json`` and ``cells/*.json`` (and ``scores/*.json`` in folders written by
-earlier versions); never recomputes a result. Writes ``summary.md``, ``summary.json`` and
-``plots/{accuracy_vs_heads,layer_retention,kept_depth}.png``.
+earlier versions); never recomputes a result. Writes ``summary.md``, ``summary.json``,
+``plots/{accuracy_vs_heads,layer_retention,kept_depth}.png`` and ``report.html`` (all of it on one page,
+:mod:`cahp.reporting.html_report`).
 
 Nothing here depends on which methods a grid compares: the config names the ``focus`` method (the one the
 summary compares with the best other method, drawn highlighted) and the ``control`` (``random`` by default,
@@ -29,6 +30,7 @@ from cahp.errors import CahpError
 from cahp.methods.base import MethodInfo, method_info
 from cahp.models import cahp_home
 from cahp.outputs import write_json
+from cahp.reporting.html_report import write_bench_html
 
 STAGES = {"after_pruning": "after pruning (no recovery)", "after_recovery": "after recovery"}
 DEFAULT_CONTROL = "random"
@@ -315,7 +317,8 @@ def _ordered(table: dict[str, Any], preferred: list[str]) -> list[str]:
 
 
 def write_bench_report(out: str | Path) -> Path:
-    """Write ``summary.md``, ``summary.json`` and the plots of a bench folder; returns the summary path."""
+    """Write ``summary.md``, ``summary.json``, the plots and ``report.html`` of a bench folder; returns the summary
+    path."""
     out = Path(out)
     config = json.loads((out / "bench_config.json").read_text())
     dense = json.loads((out / "dense.json").read_text())
@@ -439,7 +442,8 @@ def write_bench_report(out: str | Path) -> Path:
             f"total. {cell_text}"
         )
     lines += ["", cell_text]
-    lines += ["", "Plots: `plots/accuracy_vs_heads.png`, `plots/layer_retention.png`, `plots/kept_depth.png`.", ""]
+    lines += ["", "Plots: `plots/accuracy_vs_heads.png`, `plots/layer_retention.png`, `plots/kept_depth.png`."]
+    lines += ["All of it on one page: `report.html`.", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     write_json(
@@ -460,6 +464,7 @@ def write_bench_report(out: str | Path) -> Path:
         plot_accuracy_vs_heads(table, methods, dense_accuracy, split, plots / "accuracy_vs_heads.png", stages, **roles)
         plot_layer_retention(table, methods, plots / "layer_retention.png")
         plot_kept_depth(table, methods, plots / "kept_depth.png", **roles)
+    write_bench_html(out)
     return summary
 
 

@@ -83,3 +83,60 @@ def plot_head_space(selection: dict[str, Any], heads: int, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_head_statistics(
+    statistics: dict[str, list[list[float | None]]],
+    path: Path,
+    columns: int = 3,
+    categorical: tuple[str, ...] = (),
+) -> Path:
+    """One heat map per statistic, each ``[layers, heads]`` (``None`` = not measured, drawn blank), in a grid of
+    ``columns`` panels with their own colour scales (for ``cahp analyze``'s per-head tables); the statistics
+    named in ``categorical`` (cluster ids) get a qualitative palette."""
+    names = list(statistics)
+    columns = max(1, min(columns, len(names)))
+    rows = (len(names) + columns - 1) // columns
+    first = np.array(statistics[names[0]], dtype=float)
+    layers, heads = first.shape if first.ndim == 2 else (1, 1)
+    width, height = max(3.2, heads * 0.32 + 1.4), max(2.4, layers * 0.3 + 1.0)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        grid = np.ma.masked_invalid(np.array(statistics[name], dtype=float))
+        cmap = "tab20" if name in categorical else "viridis"
+        image = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest")
+        ax.set_title(name.replace("_", " "), fontsize=10)
+        ax.set_xlabel("head", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // 12)))
+        ax.set_yticks(range(0, grid.shape[0], max(1, grid.shape[0] // 12)))
+        ax.tick_params(labelsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_divergence(adjacent_layers: list[dict[str, Any]], path: Path) -> Path:
+    """KL and Jensen-Shannon divergence of each layer's head-averaged maps from the previous layer's (low =
+    the layer repeats the one before); nothing for a model of one layer."""
+    if not adjacent_layers:
+        return path
+    labels = [f"{pair['layers'][0]}→{pair['layers'][1]}" for pair in adjacent_layers]
+    x = np.arange(len(labels))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, title in zip(axes, ("kl", "js"), ("KL(P_l || P_l-1)", "JS divergence (max ln 2)"), strict=True):
+        values = np.array([np.nan if pair[key] is None else pair[key] for pair in adjacent_layers], dtype=float)
+        ax.plot(x, values, "o-", color="#4c72b0")
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xlabel("layers")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(np.log(2), color="grey", ls=":", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
