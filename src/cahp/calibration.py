@@ -13,14 +13,15 @@ the same four members, without touching any method.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cahp.data.batching import EncodedSplit, iter_batches, num_batches
+from cahp import distributed
+from cahp.data.batching import EncodedSplit, collate, num_batches
 from cahp.errors import CahpError
 
 if TYPE_CHECKING:
@@ -191,6 +192,10 @@ class Calibration:
         batch_size: examples per batch for methods that do not set their own.
         description: where the examples come from (split, size, seed), recorded in reports.
         progress: methods show progress bars for their long steps.
+        sharded: under several processes (:mod:`cahp.distributed`), :meth:`indexed_batches` yields only this
+            process's share of the global batch sequence (batch ``i`` to process ``i % world_size``), so that
+            statistics summed over batches and then reduced across processes equal the one-process sums;
+            ``False`` (:meth:`whole`): every process sees every batch. Ignored in a single process.
     """
 
     examples: EncodedSplit
@@ -199,6 +204,7 @@ class Calibration:
     batch_size: int = 32
     description: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
+    sharded: bool = True
 
     def __post_init__(self) -> None:
         if len(self.examples) == 0:
@@ -234,10 +240,12 @@ class Calibration:
         seed: int = 0,
         epoch: int = 0,
         sort_by_length: bool = False,
+        limit: int | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Padded batches (CPU tensors, targets included); see :func:`cahp.data.batching.iter_batches`."""
+        """Padded batches (CPU tensors, targets included): this process's share when sharded (see
+        :meth:`indexed_batches`)."""
         for _, batch in self.indexed_batches(
-            batch_size, shuffle=shuffle, seed=seed, epoch=epoch, sort_by_length=sort_by_length
+            batch_size, shuffle=shuffle, seed=seed, epoch=epoch, sort_by_length=sort_by_length, limit=limit
         ):
             yield batch
 
@@ -249,20 +257,54 @@ class Calibration:
         seed: int = 0,
         epoch: int = 0,
         sort_by_length: bool = False,
+        limit: int | None = None,
     ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-        """Like :meth:`batches`, each batch with its ``[batch]`` example indices (to look up :meth:`groups`)."""
-        yield from iter_batches(
-            self.tokenizer,
-            self.examples,
-            batch_size or self.batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            epoch=epoch,
-            sort_by_length=sort_by_length,
-        )
+        """Padded batches, each with its ``[batch]`` example indices (to look up :meth:`groups`).
+
+        The global batch sequence is the one of :func:`cahp.data.batching.iter_batches` (``shuffle``: a
+        permutation drawn from ``(seed, epoch)`` alone; ``sort_by_length``: stable sort by length), cut after
+        its first ``limit`` batches (``None``: all). Under several processes a sharded calibration yields only
+        batches ``i`` with ``i % world_size == rank`` of that sequence (a process may get none); only those are
+        padded.
+        """
+        indices = self.batch_indices(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, sort_by_length=sort_by_length)
+        for index, chosen in enumerate(indices[:limit]):
+            if self.sharded and not distributed.owns_batch(index):
+                continue
+            features = [self.examples.features[i] for i in chosen]
+            yield chosen, collate(self.tokenizer, features, self.examples.labels[chosen])
+
+    def batch_indices(
+        self,
+        batch_size: int | None = None,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        sort_by_length: bool = False,
+    ) -> list[np.ndarray]:
+        """The global batch sequence: ``[batch]`` example indices of every batch, the same in every process."""
+        size = batch_size or self.batch_size
+        order = np.arange(len(self.examples))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(len(self.examples))
+        elif sort_by_length:
+            order = np.argsort(self.examples.lengths, kind="stable")
+        return [order[start : start + size] for start in range(0, len(order), size)]
 
     def num_batches(self, batch_size: int | None = None) -> int:
+        """Batches of the global sequence (every process's together)."""
         return num_batches(self.examples, batch_size or self.batch_size)
+
+    def local_num_batches(self, batch_size: int | None = None, limit: int | None = None) -> int:
+        """Batches this process gets from :meth:`indexed_batches` (for progress bars)."""
+        total = self.num_batches(batch_size) if limit is None else min(limit, self.num_batches(batch_size))
+        return distributed.local_batch_count(total) if self.sharded else total
+
+    def whole(self) -> Calibration:
+        """This calibration unsharded: every process sees every batch (for steps that split each batch's rows
+        across processes, :func:`local_share`, or that every process computes in full)."""
+        return replace(self, sharded=False)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The objective's scalar loss; ``batch`` is moved to the model's device first."""
@@ -296,7 +338,7 @@ class Calibration:
             raise CahpError(f"max_examples must be a positive number of examples, got {max_examples}")
         chosen = np.sort(np.random.default_rng(seed).permutation(len(self))[:max_examples])
         examples = EncodedSplit([self.examples.features[i] for i in chosen], self.examples.labels[chosen])
-        return Calibration(examples, self.tokenizer, self.objective, self.batch_size, dict(self.description))
+        return replace(self, examples=examples, description=dict(self.description))
 
 
 def lm_calibration(blocks: LMBlocks, tokenizer: Any, batch_size: int = 8, progress: bool = False) -> Calibration:
@@ -310,6 +352,26 @@ def lm_calibration(blocks: LMBlocks, tokenizer: Any, batch_size: int = 8, progre
         description=blocks.describe(),
         progress=progress,
     )
+
+
+def local_share(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """This process's rows of one GLOBAL batch (:func:`cahp.distributed.local_rows`) and their share of it.
+
+    A step that weighs its mean loss by the share and sums gradients over processes gets the gradient of the
+    one-process mean loss over the whole batch (exact for a loss that is a mean over examples).
+
+    Returns:
+        ``(rows, share)``: the sliced batch (``None`` when this process has no row, possible when the batch has
+        fewer rows than processes) and ``rows / batch rows`` (1.0 in a single process).
+    """
+    size = int(next(iter(batch.values())).shape[0])
+    rows = distributed.local_rows(size)
+    count = rows.stop - rows.start
+    if count == size:
+        return batch, 1.0
+    if count == 0:
+        return None, 0.0
+    return {key: value[rows] for key, value in batch.items()}, count / size
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -239,6 +239,10 @@ METHOD_SETTING_SHORTCUTS: dict[str, tuple[str, ...]] = {
     "representative": ("representative",),
     "salience": ("salience",),
     "salience_fraction": ("salience_settings", "fraction"),
+    "sweep": ("sweep",),
+    "converge_tol": ("converge_tol",),
+    "converge_window": ("converge_window",),
+    "converge_min_examples": ("converge_min_examples",),
 }
 
 
@@ -461,6 +465,35 @@ def _add_prune_parser(sub: Any) -> None:
         help="gradient salience: share of the calibration batches it uses; sets salience_settings.fraction "
         "(default: the method's)",
     )
+    shortcuts.add_argument(
+        "--sweep",
+        default=None,
+        choices=["separate", "shared"],
+        help="gradient salience in its own pass (the reference) or inside the signature pass (no second forward) "
+        "(default: the method's, separate)",
+    )
+    shortcuts.add_argument(
+        "--converge-tol",
+        default=None,
+        type=non_negative_float,
+        metavar="X",
+        help="stop collecting signatures once the JM profiles change by less than X (relative) between windows "
+        "(default: the method's, none: every calibration example)",
+    )
+    shortcuts.add_argument(
+        "--converge-window",
+        default=None,
+        type=positive_int,
+        metavar="N",
+        help="batches between two convergence checks (default: the method's, 8)",
+    )
+    shortcuts.add_argument(
+        "--converge-min-examples",
+        default=None,
+        type=positive_int,
+        metavar="N",
+        help="never stop before N examples (default: the method's, 512)",
+    )
 
     recovery = parser.add_argument_group("recovery fine-tune (--recovery-epochs 0: retraining-free)")
     _option(recovery, "--recovery-epochs", default=3.0, type=non_negative_float, help="passes over the training split")
@@ -529,6 +562,7 @@ PRUNE_LM_FIELDS: dict[str, tuple[str, ...]] = {
     "recovery_epochs": ("recovery.epochs",),
     "recovery_learning_rate": ("recovery.learning_rate",),
     "recovery_batch_size": ("recovery.batch_size",),
+    "recovery_lora_rank": ("recovery_lora_rank",),
 }  # fmt: skip
 
 
@@ -614,6 +648,16 @@ def _add_prune_lm_parser(sub: Any) -> None:
     _option(recovery, "--recovery-epochs", default=0.0, type=non_negative_float, help="passes over the blocks")
     _option(recovery, "--recovery-learning-rate", default=5e-5, type=positive_float, help="peak learning rate")
     _option(recovery, "--recovery-batch-size", default=4, type=positive_int, help="blocks per step")
+    _option(
+        recovery,
+        "--recovery-lora-rank",
+        default=None,
+        type=positive_int,
+        metavar="R",
+        shown="none: every weight trains",
+        help="train rank-R LoRA adapters on the attention and MLP projections instead, merged before saving "
+        "(needs pip install 'cahp[lora]')",
+    )
 
     measure = parser.add_argument_group("generation measurements")
     _option(measure, "--continuation-tokens", default=16, type=positive_int, help="tokens of each greedy continuation")
@@ -684,6 +728,11 @@ def _add_analyze_parser(sub: Any) -> None:
     )
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="examples per forward pass")
     parser.add_argument("--seed", type=seed_value, default=0, metavar="N", help="picks the calibration subset")
+    parser.add_argument(
+        "--cahp",
+        action="store_true",
+        help="also fit CAHP on the same examples and record each head's cluster and whether CAHP keeps it",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_task_arguments(parser)
 
@@ -932,13 +981,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 @command("prune", resumable=True, uses_transformers=True)
 def _prune(args: argparse.Namespace) -> int:
+    from cahp import distributed
     from cahp.pipeline import prune, summary
 
     _check_output_folder(args.out)
     config = prune_config(args)
+    distributed.init_from_environment()  # torchrun / accelerate launch: one process group, rank 0 writes
     report = prune(config, args.out, overwrite=args.overwrite, command=_command_line())
-    print(summary(report))
-    print(f"pruned model, report.json and plots saved to {args.out}")
+    if distributed.is_main():
+        print(summary(report))
+        print(f"pruned model, report.json, report.html and plots saved to {args.out}")
+    distributed.shutdown()
     return 0
 
 
@@ -986,9 +1039,12 @@ def _analyze(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         command=_command_line(),
+        cahp=args.cahp,
     )
     print(summary(payload))
-    print(f"head analysis saved to {args.out}")
+    from cahp.reporting.html_report import analysis_html_path
+
+    print(f"head analysis saved to {args.out} (one page: {analysis_html_path(Path(args.out))})")
     return 0
 
 
@@ -1042,6 +1098,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 @command("bench", resumable=True, uses_transformers=True)
 def _bench(args: argparse.Namespace) -> int:
+    from cahp import distributed
     from cahp.bench import BenchConfig, run_bench
 
     if args.out is not None:
@@ -1049,8 +1106,11 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig.from_file(args.config)
     if args.out is not None:
         config.out = args.out
+    distributed.init_from_environment()  # torchrun / accelerate launch: one process group, rank 0 writes
     result = run_bench(config, progress=not args.quiet)
-    print(f"{result['cells']} cells ({result['computed']} computed now); summary: {result['summary']}")
+    if distributed.is_main():
+        print(f"{result['cells']} cells ({result['computed']} computed now); summary: {result['summary']}")
+    distributed.shutdown()
     return 0
 
 

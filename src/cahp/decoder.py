@@ -4,7 +4,8 @@ that measures the dense and the pruned model alike.
 causal LM -> calibration blocks of a text corpus (:mod:`cahp.data.lm`) -> the method's keep-plan on the causal-LM
 objective (:class:`cahp.engine.Engine`) -> the dense model's perplexity, zero-shot prompted accuracy and greedy
 continuations -> physical removal (grouped-query aware) -> the same after pruning -> an optional recovery on the
-LM loss of the calibration blocks -> the same after recovery -> parameters, key-value cache bytes per token,
+LM loss of the calibration blocks (every weight, or LoRA adapters merged into the weights afterwards) -> the same
+after recovery -> parameters, key-value cache bytes per token,
 prefill latency and generation tokens/s at batch 1 and 8, dense vs pruned in one run -> the pruned model
 (a stock config when every layer kept the same heads, so plain transformers loads it without cahp) and
 ``report.json``.
@@ -45,7 +46,7 @@ from cahp.evaluation.perplexity import perplexity
 from cahp.evaluation.prompted import default_prompt, evaluate_prompted
 from cahp.methods.base import available_methods, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
-from cahp.outputs import StagedOutput, check_output_target, write_json
+from cahp.outputs import StagedOutput, atomic_write, check_output_target, write_json
 from cahp.pipeline import _Stages, check_config
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, kept_kv_heads_by_layer, prune_heads
 from cahp.surgery.autoload import save_pruned, stock_config_dict
@@ -89,6 +90,10 @@ class DecoderPruneConfig:
         prompted_examples: a seeded, stratified subset of that split (``None``: all of it).
         prompted_batch_size: prompts per forward.
         recovery: the recovery on the LM loss of the calibration blocks (``epochs=0``: retraining-free).
+        recovery_lora_rank: ``None``: the recovery trains every weight; a rank ``R``: it trains rank-``R`` LoRA
+            adapters (scale ``alpha / R`` = 2) on every linear projection of the attention and MLP blocks, the
+            rest frozen, and merges them into the weights before anything is measured or saved (needs ``peft``:
+            ``pip install 'cahp[lora]'``; the saved model does not).
         continuation_prompts: prompts whose greedy continuations are shown before and after.
         continuation_tokens: the most tokens generated per continuation.
         generation_batch_sizes: batch sizes of the prefill and generation measurement.
@@ -119,6 +124,7 @@ class DecoderPruneConfig:
     prompted_examples: int | None = 200
     prompted_batch_size: int = 16
     recovery: TrainingConfig = field(default_factory=lambda: copy.deepcopy(DECODER_RECOVERY_DEFAULT))
+    recovery_lora_rank: int | None = None
     continuation_prompts: tuple[str, ...] = CONTINUATION_PROMPTS
     continuation_tokens: int = 16
     generation_batch_sizes: tuple[int, ...] = (1, 8)
@@ -163,7 +169,7 @@ class DecoderPruneConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise CahpError(f"{name} must be a non-empty text or null, got {value!r}")
-        check_counts(self, ("stride", "prompted_examples"), optional=True)
+        check_counts(self, ("stride", "prompted_examples", "recovery_lora_rank"), optional=True)
         check_counts(
             self,
             (
@@ -199,6 +205,11 @@ class DecoderPruneConfig:
         if not isinstance(self.recovery, TrainingConfig):
             raise CahpError(f"recovery must be the recovery's training settings (an object), got {self.recovery!r}")
         self.recovery.validate()
+        if self.recovery_lora_rank is not None and self.recovery.epochs == 0:
+            raise CahpError(
+                f"recovery_lora_rank {self.recovery_lora_rank} trains LoRA adapters in the recovery, which has 0 "
+                "epochs: give --recovery-epochs above 0, or drop --recovery-lora-rank"
+            )
         return self
 
     def parsed_budget(self) -> Budget:
@@ -236,7 +247,13 @@ def load_causal_lm(name_or_path: str) -> tuple[Any, Any]:
     """
     from transformers import AutoModelForCausalLM
 
-    from cahp.models import is_classifier_config, load_model_config, load_tokenizer, resolve_model
+    from cahp.models import (
+        drop_gguf_quantizer,
+        is_classifier_config,
+        load_model_config,
+        load_tokenizer,
+        resolve_model,
+    )
     from cahp.surgery import load_pruned
 
     source = resolve_model(name_or_path)
@@ -256,15 +273,87 @@ def load_causal_lm(name_or_path: str) -> tuple[Any, Any]:
             )
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot load {source.location!r} as a causal language model: {error}") from error
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF: the weights are already de-quantized fp32
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    drop_gguf_quantizer(model)  # GGUF: the weights are already de-quantized fp32
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+#: LoRA's scale ``alpha / rank``: alpha is twice the rank.
+LORA_ALPHA_PER_RANK = 2
+
+
+def require_peft() -> Any:
+    """The ``peft`` module.
+
+    Raises:
+        CahpError: peft is not installed (one line saying how to install it).
+    """
+    try:
+        import peft
+    except ImportError as error:
+        raise CahpError(
+            f"--recovery-lora-rank needs the peft package, which cannot be imported ({error}): "
+            "pip install 'cahp[lora]', or recover without LoRA"
+        ) from None
+    return peft
+
+
+def lora_target_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the projections that get LoRA adapters: every linear layer (``nn.Linear``, GPT-2's ``Conv1D``) of
+    the model but its output head, skipping projections that pruning left without rows or columns."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head and module.weight.numel() > 0
+    ]
+
+
+def add_lora(model: torch.nn.Module, rank: int) -> Any:
+    """Wrap ``model`` in rank-``rank`` LoRA adapters on :func:`lora_target_modules` (scale 2, no dropout); only the
+    adapters train. The adapters are injected into ``model``'s own modules; :func:`merge_lora` removes them.
+
+    Returns:
+        The peft model (call it like ``model``).
+    """
+    peft = require_peft()
+    targets = lora_target_modules(model)
+    if not targets:
+        raise CahpError("the model has no linear projection to put LoRA adapters on; recover without LoRA")
+    lora = peft.LoraConfig(
+        r=rank,
+        lora_alpha=LORA_ALPHA_PER_RANK * rank,
+        lora_dropout=0.0,
+        target_modules=[f"{name}" for name in targets],
+        bias="none",
+    )
+    return peft.get_peft_model(model, lora)
+
+
+def describe_lora(peft_model: Any) -> dict[str, Any]:
+    """Rank, alpha, adapted projections and trainable parameters of a LoRA-wrapped model."""
+    config = next(iter(peft_model.peft_config.values()))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return {
+        "rank": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": len(config.target_modules),
+        "trainable_parameters": trainable,
+        "merged": True,
+    }
+
+
+def merge_lora(peft_model: Any) -> torch.nn.Module:
+    """Add each adapter's ``B @ A * scale`` into its projection's weight and drop the adapters; returns the
+    plain model (the one :func:`add_lora` wrapped), which saves and loads without peft."""
+    return peft_model.merge_and_unload()
 
 
 def corpus_label(description: dict[str, Any]) -> str:
@@ -287,6 +376,8 @@ def check_decoder_config(config: DecoderPruneConfig) -> tuple[Budget, Constraint
             f"method {config.method!r} compares classes, and the causal-LM objective has none; choose one of "
             f"{', '.join(alternatives)}, or fine-tune a classifier head and run `cahp prune`"
         )
+    if config.recovery_lora_rank is not None:
+        require_peft()
     return budget, config.constraints()
 
 
@@ -415,25 +506,37 @@ def prune_lm(
         recovered_quality = None
         if config.recovery.epochs > 0:
             checkpoint = stages.folder / "recovery_checkpoint.pt"
+            merged = stages.folder / "recovery_merged.pt"  # LoRA: the recovered weights, adapters merged
 
             def recover() -> dict[str, Any]:
                 start = time.perf_counter()
+                rank = config.recovery_lora_rank
+                trained = model if rank is None else add_lora(model, rank)
                 history = train_model(
-                    model,
+                    trained,
                     tokenizer,
                     blocks["calibration"].examples,
                     config.recovery,
                     checkpoint_path=checkpoint,
-                    desc="recovery",
+                    desc="recovery" if rank is None else f"recovery (LoRA rank {rank})",
                     progress=progress,
                     loss_fn=lm_loss_fn(),
                 )
+                record: dict[str, Any] = {"history": history}
+                if rank is not None:
+                    record["lora"] = describe_lora(trained)
+                    merge_lora(trained)  # the LoRA layers become plain projections of `model` again
+                    # a resumed run restores the merged weights from their own file: the training checkpoint
+                    # (LoRA keys, optimiser) stays as it is, so a run killed before the stage is recorded
+                    # retrains from it to the same end and merges again
+                    atomic_write(merged, lambda path: torch.save({"model": model.state_dict()}, path))
                 model.eval()
-                return {"history": history, "seconds": round(time.perf_counter() - start, 2)}
+                return {**record, "seconds": round(time.perf_counter() - start, 2)}
 
             recovery_record.update(stages.json("recovery_run", recover))
-            if checkpoint.is_file():
-                model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
+            recovered = merged if config.recovery_lora_rank is not None else checkpoint
+            if recovered.is_file():
+                model.load_state_dict(torch.load(recovered, weights_only=False)["model"])
             model.eval()
             recovery_record.update(objective="causal-lm", data=corpus_label(blocks["calibration"].describe()))
             recovery_record["blocks"] = len(blocks["calibration"])
@@ -540,7 +643,8 @@ def summary(report: dict[str, Any]) -> str:
         f"perplexity on {ppl['blocks']} blocks of {ppl['context_length']} tokens of "
         f"{report['corpus']['evaluation']['label']}: dense {report['perplexity']['dense']:.2f}, pruned "
         f"{report['perplexity']['pruned']:.2f}"
-        + (f", recovered {report['perplexity']['after']:.2f}" if after == "recovered" else " (no recovery)"),
+        + (f", recovered {report['perplexity']['after']:.2f}" if after == "recovered" else " (no recovery)")
+        + (f" (LoRA rank {report['recovery']['lora']['rank']}, merged)" if "lora" in report["recovery"] else ""),
     ]
     for task, dense_result in quality["dense"]["prompted"].items():
         final = quality[after]["prompted"][task]

@@ -5,6 +5,10 @@
 file per (method, settings, calibration, model weights), written atomically; an unreadable cache file is
 recomputed. Budget-aware methods (their fit depends on the head count: L0 gates, DSP) are fitted once per
 budget; every other method is fitted once and serves every budget.
+
+Under several processes (:mod:`cahp.distributed`) every process fits (the calibration batches are sharded and
+the methods reduce their statistics), the main process alone reads and writes the cache and hands a cached fit
+to the others, and a run whose processes hold different weights or calibration examples is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cahp import distributed
 from cahp.calibration import Calibration
 from cahp.errors import CahpError
 from cahp.methods.base import PruningMethod, get_method, method_info
@@ -114,6 +119,7 @@ class Engine:
         self._model_fingerprint: str | None = None
         self._calibration_fingerprint: str | None = None
         self._fitted: dict[str, PruningMethod] = {}
+        self._processes_checked = False
         #: whether the last :meth:`fit` reused a fit (from memory or the cache) instead of computing it
         self.last_fit_cached = False
 
@@ -143,17 +149,30 @@ class Engine:
         if key in self._fitted:
             return self._fitted[key]
         path = self.cache_dir / f"{name}__{key}.pkl" if self.cache_dir is not None else None
-        cached = read_cache(path, _load_method, f"fit of {name}") if path is not None else None
+        if distributed.is_distributed():
+            self._check_processes_agree()
+        # the main process reads the cache and hands its fit to the others, so that all of them fit (collectively)
+        # or none does
+        cached = (
+            read_cache(path, _load_method, f"fit of {name}") if path is not None and distributed.is_main() else None
+        )
+        cached = distributed.broadcast_object(cached)
         if cached is not None:
             self._fitted[key] = cached
             return cached
         self.last_fit_cached = False
         self.say(f"fitting {name} on {len(self.calibration)} calibration examples")
         method.fit(self.model, self.calibration)
-        if path is not None:
+        if path is not None and distributed.is_main():
             _save_method(path, method)
         self._fitted[key] = method
         return method
+
+    def _check_processes_agree(self) -> None:
+        """Refuse to fit when the processes hold different weights or calibration examples (checked once)."""
+        if not self._processes_checked:
+            distributed.check_same(self.fingerprints, "model weights and calibration examples (fingerprints)")
+            self._processes_checked = True
 
     def plan(
         self, name: str, settings: dict[str, Any], budget: Budget, constraints: Constraints | None = None

@@ -463,10 +463,60 @@ def load_classifier(
                 model = AutoModelForSequenceClassification.from_pretrained(source.location, **kwargs)
         except (OSError, ValueError) as error:
             raise ModelNotFoundError(f"cannot load {source.location!r} as a classifier: {error}") from error
-    if getattr(model.config, "pad_token_id", None) is None:
+    drop_gguf_quantizer(model)
+    if pools_last_token(model):
+        align_pad_token(model, tokenizer)
+    elif getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def drop_gguf_quantizer(model: Any) -> None:
+    """Forget that a model was read from a GGUF file: transformers de-quantizes GGUF weights on load (fp32 here),
+    but keeps a quantizer marker that refuses ``save_pretrained``; without it the model saves like any other."""
+    if getattr(model, "hf_quantizer", None) is not None and type(model.hf_quantizer).__name__.startswith("Gguf"):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
+def pools_last_token(model: Any) -> bool:
+    """Whether a sequence classifier reads its logits at the last token that is not ``config.pad_token_id``
+    (the decoder classifiers of transformers: Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, ...), rather than at a
+    first ``[CLS]`` token."""
+    from transformers import GPT2ForSequenceClassification, GPTNeoXForSequenceClassification
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    return isinstance(
+        model, (GenericForSequenceClassification, GPT2ForSequenceClassification, GPTNeoXForSequenceClassification)
+    )
+
+
+def align_pad_token(model: Any, tokenizer: Any) -> None:
+    """Make a last-token classifier (:func:`pools_last_token`) recognise the tokenizer's padding.
+
+    Such a classifier reads each row at the rightmost token whose id is not ``config.pad_token_id``, whichever
+    side the batch is padded on; the batches are padded with ``tokenizer.pad_token_id`` (the EOS token when the
+    tokenizer had no pad token, see :func:`load_tokenizer`). The two must be the same id, or a right-padded row
+    would be read at a pad token (or a batch of more than one refused); the config is saved with the model, so
+    every later command reads the same token.
+    """
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ConfigError(
+            "the tokenizer has no pad, EOS or unknown token to pad with; give it one (tokenizer.pad_token = ...) "
+            "and save it with the model"
+        )
+    current = getattr(model.config, "pad_token_id", None)
+    if current is not None and current != pad_id:
+        from cahp.errors import notice
+
+        notice(
+            f"note: the classifier's config.pad_token_id {current} is not the tokenizer's pad token id {pad_id}; "
+            f"using {pad_id}, so that the classifier reads the last real token of padded batches"
+        )
+    model.config.pad_token_id = pad_id
 
 
 # ---------------------------------------------------------------------------------------------------- limits

@@ -6,6 +6,10 @@ recovery fine-tune -> accuracy after recovery -> parameters, FLOPs and measured 
 reloadable pruned model, ``report.json``, plots.
 
 Each stage's result is cached in the run's staging folder, so an interrupted run resumes where it stopped.
+
+Under several processes (``torchrun`` / ``accelerate launch``, :mod:`cahp.distributed`) every process fits the
+method and runs the recovery together (sharded batches, reduced statistics, summed gradients); the main process
+alone evaluates, decides from its cache what to resume, hands the keep-plan to the others, and writes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import torch
 
+from cahp import distributed
 from cahp.config import check_counts, config_from_dict
 from cahp.data import EncodedSplit, encode_split, fingerprint_split
 from cahp.engine import Engine, print_line, task_calibration
@@ -31,6 +36,7 @@ from cahp.methods.base import get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import check_max_length, load_classifier, load_model_config, resolve_model
 from cahp.outputs import StagedOutput, check_output_target, read_cache, write_json
+from cahp.reporting.html_report import write_prune_html
 from cahp.reporting.model_card import write_model_card
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
@@ -196,9 +202,10 @@ def upgrade_prune_record(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Stages:
-    """Run a stage once: its JSON result is cached in the staging folder, with its seconds."""
+    """Run a stage once: its JSON result is cached in the staging folder, with its seconds (``folder`` ``None``:
+    a non-main process, which keeps no cache and follows the main process's in :meth:`shared`)."""
 
-    def __init__(self, folder: Path, progress: bool):
+    def __init__(self, folder: Path | None, progress: bool):
         self.folder = folder
         self.progress = progress
         self.seconds: dict[str, float] = {}
@@ -214,6 +221,24 @@ class _Stages:
         value = compute()
         self.seconds[name] = round(time.perf_counter() - start, 2)
         write_json(self.folder / f"{name}.json", {"seconds": self.seconds[name], "value": value})
+        return value
+
+    def shared(self, name: str, compute: Any) -> Any:
+        """A stage every process computes together (collectives inside): the main process's cache decides
+        whether it is resumed, and its value is every process's. :meth:`json` in a single process."""
+        if not distributed.is_distributed():
+            return self.json(name, compute)
+        cached = read_cache(self.folder / f"{name}.json", _read_stage, f"stage {name}") if self.folder else None
+        cached = distributed.broadcast_object(cached)
+        if cached is not None:
+            self.seconds[name] = cached["seconds"]
+            self.cached.append(name)
+            return cached["value"]
+        start = time.perf_counter()
+        value = distributed.broadcast_object(compute())
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        if self.folder is not None:
+            write_json(self.folder / f"{name}.json", {"seconds": self.seconds[name], "value": value})
         return value
 
     def say(self, message: str) -> None:
@@ -284,6 +309,7 @@ def prune(
         The report (also written to ``out/report.json``).
     """
     budget, constraints = check_config(config)
+    progress = progress and distributed.is_main()
     check_output_target(out, overwrite)
     check_max_length(config.task.max_length, load_model_config(config.model))  # a bad model fails before the data
     task = config.task.load(model=config.model)  # labels numbered as the model numbers them
@@ -300,6 +326,8 @@ def prune(
     )
     evaluation = encode_eval_splits(tokenizer, task, config.eval_splits, config.eval_max_examples, max_length)
     engine = Engine(model, calibration, say=print_line if progress else None)
+    if not distributed.is_main():
+        return _follow_main(config, model, tokenizer, engine, budget, constraints, task.split("train"))
     data_splits = [*evaluation, *(["train"] if config.recovery.epochs > 0 else [])]  # what the stages read
     inputs = {
         "model_path": resolve_model(config.model).location,
@@ -317,7 +345,7 @@ def prune(
         stages.say(f"{config.model}: {grid.layers} layers x {grid.heads} heads; evaluating the dense model")
         before = stages.json("accuracy_before", lambda: _accuracy(model, tokenizer, evaluation, progress))
         plan = KeepPlan.from_dict(
-            stages.json("plan", lambda: engine.plan(config.method, config.settings(), budget, constraints).to_dict())
+            stages.shared("plan", lambda: engine.plan(config.method, config.settings(), budget, constraints).to_dict())
         )
         dense = copy.deepcopy(model)
         dense_params = count_parameters(dense)
@@ -334,27 +362,11 @@ def prune(
             recovery_examples = len(recovery_data)
 
             def recover() -> dict[str, Any]:
-                if torch.cuda.is_available():
-                    model.cuda()
-                start = time.perf_counter()
-                objective, batch_size = config.recovery_objective, config.recovery.eval_batch_size
-                loss = build_recovery_loss(objective, dense, tokenizer, recovery_data, batch_size, progress)
-                history = train_model(
-                    model,
-                    tokenizer,
-                    recovery_data,
-                    config.recovery,
-                    validation=evaluation.get("validation"),
-                    checkpoint_path=stages.folder / "recovery_checkpoint.pt",
-                    desc="recovery",
-                    progress=progress,
-                    loss_fn=loss,
-                )
-                seconds = time.perf_counter() - start
-                costs = loss.costs() if loss is not None else {"teacher_seconds": 0.0, "teacher_forwards": 0}
-                return {"history": history, "seconds": round(seconds, 2), **costs}
+                checkpoint = stages.folder / "recovery_checkpoint.pt"
+                validation = evaluation.get("validation")
+                return _recover(config, model, dense, tokenizer, recovery_data, validation, checkpoint, progress)
 
-            recovery_run = stages.json("recovery_run", recover)
+            recovery_run = stages.shared("recovery_run", recover)
             recovery_history = recovery_run["history"]
             if (stages.folder / "recovery_checkpoint.pt").is_file():
                 state = torch.load(stages.folder / "recovery_checkpoint.pt", weights_only=False)
@@ -434,9 +446,67 @@ def prune(
         plot_head_space(report["selection"], grid.heads, plots / "head_space.png")
         write_model_card(report, staged.path / "model", command)
         write_json(staged.path / "report.json", report)
+        write_prune_html(report, staged.path / "report.html", plots)
         (stages.folder / "recovery_checkpoint.pt").unlink(missing_ok=True)
         staged.commit()
-        return report
+    return distributed.broadcast_object(report)  # the other processes wait for the main one to write
+
+
+def _recover(
+    config: PruneConfig,
+    model: Any,
+    dense: Any,
+    tokenizer: Any,
+    data: EncodedSplit,
+    validation: EncodedSplit | None,
+    checkpoint: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The recovery fine-tune of the pruned ``model`` (``dense`` is the distillation teacher): its history,
+    seconds and teacher costs."""
+    if torch.cuda.is_available():
+        model.cuda()
+    start = time.perf_counter()
+    objective, batch_size = config.recovery_objective, config.recovery.eval_batch_size
+    loss = build_recovery_loss(objective, dense, tokenizer, data, batch_size, progress)
+    history = train_model(
+        model,
+        tokenizer,
+        data,
+        config.recovery,
+        validation=validation,
+        checkpoint_path=checkpoint,
+        desc="recovery",
+        progress=progress,
+        loss_fn=loss,
+    )
+    seconds = time.perf_counter() - start
+    costs = loss.costs() if loss is not None else {"teacher_seconds": 0.0, "teacher_forwards": 0}
+    return {"history": history, "seconds": round(seconds, 2), **costs}
+
+
+def _follow_main(
+    config: PruneConfig,
+    model: Any,
+    tokenizer: Any,
+    engine: Engine,
+    budget: Budget,
+    constraints: Constraints,
+    train_split: Any,
+) -> dict[str, Any]:
+    """A non-main process of a multi-process ``cahp prune``: the stages every process computes together (the
+    method's fit, the recovery), in the main process's order, writing nothing; returns the main process's report."""
+    stages = _Stages(None, progress=False)
+    plan = KeepPlan.from_dict(
+        stages.shared("plan", lambda: engine.plan(config.method, config.settings(), budget, constraints).to_dict())
+    )
+    if config.recovery.epochs > 0:
+        dense = copy.deepcopy(model)
+        prune_heads(model, heads_to_remove(model, plan.kept_heads_by_layer, config.gqa_mode), gqa_mode=config.gqa_mode)
+        split = subsample(train_split, config.recovery_max_examples, config.recovery.seed)
+        data = encode_split(tokenizer, split, config.task.max_length)
+        stages.shared("recovery_run", lambda: _recover(config, model, dense, tokenizer, data, None, None, False))
+    return distributed.broadcast_object(None)
 
 
 def _selection_view(plan: KeepPlan) -> dict[str, Any]:

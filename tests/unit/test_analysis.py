@@ -359,3 +359,22 @@ def test_cahp_analyze_writes_the_documented_json(tmp_path: Path, capsys: pytest.
     folder = ["analyze", "--model", str(model), "--task", str(task), "--out", str(tmp_path)]
     assert main(folder) == 1
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_cahp_analyze_records_each_heads_cahp_cluster_and_whether_cahp_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_bert_folder(tmp_path / "model", layers=3, heads=4, num_labels=3)
+    task = tiny_task_folder(tmp_path / "task", examples=30)
+    out = tmp_path / "analysis.json"
+    argv = ["analyze", "--model", str(model), "--task", str(task), "--out", str(out), "--cahp"]
+    assert main([*argv, "--calibration-size", "24", "--max-length", "16", "--quiet"]) == 0
+    assert "CAHP keeps" in capsys.readouterr().out
+    found = json.loads(out.read_text())["cahp"]
+    clusters, kept = np.asarray(found["cluster"]), np.asarray(found["kept"])
+    assert clusters.shape == kept.shape == (3, 4)
+    assert len(np.unique(clusters)) == found["k"]
+    representatives = np.zeros(12, dtype=bool)
+    representatives[found["representatives"]] = True
+    assert (kept.reshape(-1) >= representatives).all()  # every cluster's representative is kept
+    assert kept.sum() >= found["k"]

@@ -355,3 +355,137 @@ def test_a_uniform_export_loads_where_cahp_cannot_be_imported(tmp_path: Path) ->
     with torch.no_grad():
         expected = pruned(**inputs).logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA recovery
+
+#: Loads a saved model where peft is not installed (``import peft`` fails, ``find_spec`` finds nothing).
+_WITHOUT_PEFT = r"""
+import importlib.util, json, sys
+sys.modules["peft"] = None
+assert importlib.util.find_spec("peft") is None
+import torch, transformers
+job = json.loads(sys.argv[1])
+model = transformers.AutoModelForCausalLM.from_pretrained(job["folder"]).eval()
+with torch.no_grad():
+    torch.save(model(**torch.load(job["inputs"])).logits, job["output"])
+"""
+
+
+def test_merged_lora_adapters_give_the_peft_models_logits() -> None:
+    from cahp.decoder import add_lora, lora_target_modules, merge_lora
+
+    pytest.importorskip("peft")
+    model = prune_heads(causal_lm("llama"), REMOVALS["groups"], gqa_mode="groups")
+    inputs = {"input_ids": torch.randint(4, 90, (2, 9), generator=torch.Generator().manual_seed(3))}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    targets = lora_target_modules(model)
+    assert "lm_head" not in targets and "model.layers.0.self_attn.q_proj" in targets
+    assert "model.layers.1.mlp.down_proj" in targets
+    wrapped = add_lora(model, rank=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            assert parameter.requires_grad == ("lora_" in name), name
+            if "lora_B" in name:  # B starts at zero: give the adapters an effect
+                parameter.normal_(0.0, 0.2)
+        adapted = wrapped(**inputs).logits
+    assert not torch.allclose(adapted, before, atol=1e-3), "the adapters change the logits"
+    merged = merge_lora(wrapped)
+    assert merged is model and not any("lora" in name for name, _ in merged.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted, rtol=0, atol=1e-5)
+
+
+def test_lora_recovery_trains_merges_and_saves_a_model_that_loads_without_peft(
+    lm_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("peft")
+    recovery = TrainingConfig(epochs=3.0, learning_rate=1e-2, batch_size=2, warmup_ratio=0.0, weight_decay=0.0)
+    config = tiny_config(
+        lm_folders, prompted=(), recovery=recovery, recovery_lora_rank=4, gqa_mode="uniform", uniform_layers=True
+    )
+    report = prune_lm(config, tmp_path / "run", progress=False)
+    lora = report["recovery"]["lora"]
+    assert (lora["rank"], lora["alpha"], lora["merged"]) == (4, 8, True)
+    assert 0 < lora["trainable_parameters"] < report["parameters"]["pruned"] / 2
+    losses = [row["train_loss"] for row in report["recovery"]["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0], "the adapters learn"
+    assert report["perplexity"]["after"] < report["perplexity"]["pruned"]
+    assert "(LoRA rank 4, merged)" in summary(report)
+    assert not any((tmp_path / "run").rglob("recovery_checkpoint.pt")), "the merged checkpoint is cleaned up"
+
+    folder = tmp_path / "run" / "model"
+    assert report["export"]["format"] == "stock" and not (folder / "adapter_config.json").exists()
+    saved = json.loads((folder / "config.json").read_text())
+    assert "lora" not in json.dumps(saved).lower() and "peft" not in json.dumps(saved).lower()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert not any("lora" in name for name in reloaded.state_dict())
+    blocks = make_blocks(tiny_tokenizer(), random_corpus(documents=40), context_length=16, max_blocks=6)
+    assert perplexity(reloaded, tiny_tokenizer(), blocks)["perplexity"] == pytest.approx(
+        report["perplexity"]["after"], rel=1e-5
+    ), "the saved model is the merged, recovered one"
+
+    inputs = {"input_ids": torch.randint(4, 90, (2, 9), generator=torch.Generator().manual_seed(3))}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    job = {"folder": str(folder), "inputs": str(tmp_path / "inputs.pt"), "output": str(tmp_path / "logits.pt")}
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PEFT, json.dumps(job)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), reloaded(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_a_lora_run_killed_after_merging_resumes_to_the_same_model(
+    lm_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the merged weights overwrote the training checkpoint, so a run killed before its recovery
+    stage was recorded wrapped the merged model in LoRA again and failed to load that checkpoint."""
+    import cahp.decoder as decoder
+
+    pytest.importorskip("peft")
+    recovery = TrainingConfig(epochs=2.0, learning_rate=1e-2, batch_size=2, warmup_ratio=0.0, weight_decay=0.0)
+    config = tiny_config(
+        lm_folders, prompted=(), recovery=recovery, recovery_lora_rank=4, gqa_mode="uniform", uniform_layers=True
+    )
+    whole = prune_lm(config, tmp_path / "whole", progress=False)
+    real_write = decoder.atomic_write
+
+    def killed_after_merging(path: Path, write: Any) -> Any:
+        result = real_write(path, write)
+        if Path(path).name == "recovery_merged.pt":
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(decoder, "atomic_write", killed_after_merging)
+    with pytest.raises(KeyboardInterrupt):
+        prune_lm(config, tmp_path / "run", progress=False)
+    monkeypatch.setattr(decoder, "atomic_write", real_write)
+    resumed = prune_lm(config, tmp_path / "run", progress=False)
+    assert resumed["perplexity"]["after"] == pytest.approx(whole["perplexity"]["after"], rel=1e-5)
+
+
+def test_lora_recovery_without_peft_is_refused_in_one_line_before_any_work(
+    lm_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
+    recovery = TrainingConfig(epochs=1.0, learning_rate=1e-2, batch_size=2)
+    config = tiny_config(lm_folders, prompted=(), recovery=recovery, recovery_lora_rank=4)
+    with pytest.raises(CahpError) as refused:
+        prune_lm(config, tmp_path / "run", progress=False)
+    assert "pip install 'cahp[lora]'" in str(refused.value) and "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+    arguments = ["prune-lm", "--model", str(lm_folders["llama"]), "--corpus", str(lm_folders["corpus"])]
+    arguments += ["--recovery-epochs", "1", "--recovery-lora-rank", "4", "--out", str(tmp_path / "cli")]
+    assert main(arguments) == 1
+    assert "pip install 'cahp[lora]'" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+
+def test_a_lora_rank_without_recovery_epochs_is_refused(lm_folders: dict[str, Path]) -> None:
+    with pytest.raises(CahpError, match="--recovery-epochs above 0"):
+        tiny_config(lm_folders, recovery_lora_rank=4)
+    with pytest.raises(CahpError, match="recovery_lora_rank"):
+        tiny_config(lm_folders, recovery=TrainingConfig(epochs=1.0), recovery_lora_rank=0)

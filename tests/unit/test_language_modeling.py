@@ -27,7 +27,7 @@ from cahp.data.lm import DEFAULT_CORPUS, TextCorpus, block_spans, load_corpus, m
 from cahp.engine import Engine
 from cahp.errors import CahpError, DataError
 from cahp.evaluation.perplexity import perplexity
-from cahp.methods import Budget, Constraints, HeadGrid, KeepPlan, available_methods
+from cahp.methods import Budget, Constraints, HeadGrid, KeepPlan, available_methods, method_info
 from cahp.signatures.collector import collect_signatures
 from tests.unit.test_scorers import FAST
 from tests.unit.tiny_models import build_model
@@ -265,11 +265,14 @@ def test_a_batch_that_scores_more_tokens_than_it_has_is_refused() -> None:
 
 # ---------------------------------------------------------------------------------------------------- methods
 
-LM_METHODS = [name for name in available_methods() if name != "cahp" and not name.startswith("test_")]
+LM_METHODS = [
+    name for name in available_methods() if not method_info(name).needs_classes and not name.startswith("test_")
+]
+CLASS_METHODS = [name for name in available_methods() if method_info(name).needs_classes]
 
 
 @pytest.mark.parametrize("name", LM_METHODS)
-def test_every_method_but_cahp_fits_a_causal_lm_calibration_and_plans(name: str) -> None:
+def test_every_method_without_classes_fits_a_causal_lm_calibration_and_plans(name: str) -> None:
     """Through the engine, on the three GQA families in turn, in both grouped-query modes."""
     family = GQA_FAMILIES[LM_METHODS.index(name) % len(GQA_FAMILIES)]
     model = causal_lm(family)
@@ -290,12 +293,13 @@ def test_every_method_but_cahp_fits_a_causal_lm_calibration_and_plans(name: str)
     assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
 
 
-def test_cahp_refuses_the_causal_lm_objective_with_a_clear_error() -> None:
+@pytest.mark.parametrize("name", CLASS_METHODS)
+def test_methods_that_compare_classes_refuse_the_causal_lm_objective_with_a_clear_error(name: str) -> None:
     model = causal_lm("llama")
     blocks = make_blocks(word_tokenizer(), random_corpus(), context_length=12)
     engine = Engine(model, lm_calibration(blocks, word_tokenizer()))
     with pytest.raises(CahpError, match=r"CAHP compares classes: .*'causal-lm' defines 0 class\(es\)"):
-        engine.fit("cahp", {"tsne_iterations": 250})
+        engine.fit(name, {"tsne_iterations": 250})
     with pytest.raises(CahpError, match="'causal-lm' has no example groups"):
         engine.calibration.groups()
 

@@ -311,6 +311,18 @@ class HeadStatistics:
         self.norm_examples_[layer] += int(valid.sum())
         return self
 
+    def reduced(self) -> HeadStatistics:
+        """The sums over every process of a data-parallel run (``self`` in a single process)."""
+        from cahp.distributed import all_reduce_sum, is_distributed
+
+        if not is_distributed():
+            return self
+        total = HeadStatistics(self.layers, self.heads)
+        for name, value in vars(self).items():
+            if name.endswith("_"):
+                setattr(total, name, all_reduce_sum(value))
+        return total
+
     def merge(self, other: HeadStatistics) -> HeadStatistics:
         """Add another accumulator of the same grid (e.g. another process's); returns self."""
         if (other.layers, other.heads) != (self.layers, self.heads):
@@ -488,6 +500,7 @@ def analyze_heads(
     Raises:
         CahpError: a pruned model, or a model that returns no attention maps.
     """
+    from cahp.distributed import merge_moments
     from cahp.scoring.base import preserved_model
     from cahp.scoring.separability import separability_profiles
     from cahp.signatures.collector import eager_attention
@@ -549,7 +562,9 @@ def analyze_heads(
     extra = {"output_attentions": True} if adapter.probs_need_output_attentions else {}
     try:
         with preserved_model(model), eager_attention(model), torch.inference_mode():
-            bar = tqdm(total=calibration.num_batches(batch_size), desc="analysis", disable=not progress, leave=False)
+            bar = tqdm(
+                total=calibration.local_num_batches(batch_size), desc="analysis", disable=not progress, leave=False
+            )
             for indices, batch in calibration.indexed_batches(batch_size, sort_by_length=True):
                 mask = batch.get("attention_mask")
                 state["mask"] = mask.to(device) if mask is not None else None
@@ -567,6 +582,9 @@ def analyze_heads(
     finally:
         for handle in handles:
             handle.remove()
+    statistics = statistics.reduced()
+    if moments is not None:
+        moments = merge_moments(moments)
     if int(statistics.map_examples_.min()) == 0:
         raise CahpError(
             "no calibration example has two or more real tokens, so no head statistic can be measured: "
@@ -577,7 +595,7 @@ def analyze_heads(
         profiles = separability_profiles(moments.mean_, moments.variance(ddof=1), "jm", counts=moments.count_)
         mean_separability = profiles.mean(axis=1).reshape(layers, heads)
     return HeadAnalysis(
-        causal=bool(state["causal"]),
+        causal=_causal_everywhere(state["causal"]),
         examples=int(statistics.map_examples_[0]),
         sink_score=_mean(statistics.sink_, statistics.map_examples_),
         special_token_share=_mean(statistics.special_, statistics.map_examples_),
@@ -590,6 +608,15 @@ def analyze_heads(
         special_token_ids=special_ids,
         separability=mean_separability,
     )
+
+
+def _causal_everywhere(causal: bool | None) -> bool:
+    """Whether the maps were causal, agreed over the processes of a data-parallel run (a process that saw no
+    batch has ``None``)."""
+    from cahp.distributed import all_reduce_sum
+
+    votes = all_reduce_sum(torch.tensor([causal is True, causal is False], dtype=torch.int64))
+    return bool(votes[0] > 0 and votes[1] == 0)
 
 
 def _groups_if_classes(calibration: Calibration) -> np.ndarray | None:

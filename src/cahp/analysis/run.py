@@ -1,7 +1,8 @@
-"""``cahp analyze``: load a model and a task, measure every head on a calibration set, write one JSON file.
+"""``cahp analyze``: load a model and a task, measure every head on a calibration set, write one JSON file and
+the same results as one HTML page beside it (:mod:`cahp.reporting.html_report`).
 
-The file's schema is documented in ``docs/analysis.md``; it is written atomically (a killed run leaves the
-earlier file or none).
+The file's schema is documented in ``docs/analysis.md``; both files are written atomically (a killed run leaves
+the earlier file or none).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from cahp import __version__
 from cahp.analysis.heads import analyze_heads
 from cahp.errors import OutputError, OutputExistsError
 from cahp.outputs import write_json
+from cahp.reporting.html_report import analysis_html_path, write_analysis_html
 
 #: ``format`` and ``version`` of the JSON file (the version changes when a field changes meaning).
 FORMAT = "cahp-head-analysis"
@@ -36,6 +38,11 @@ def check_output_file(out: str | os.PathLike[str], overwrite: bool) -> Path:
         raise OutputError(f"--out {path}: the folder {path.parent} does not exist; create it first")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists: pass --overwrite to replace it or choose another --out")
+    if analysis_html_path(path).exists() and not overwrite:
+        raise OutputExistsError(
+            f"{analysis_html_path(path)} (the page written beside --out) exists: pass --overwrite or choose "
+            "another --out"
+        )
     return path
 
 
@@ -50,6 +57,7 @@ def analyze(
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
+    cahp: bool = False,
 ) -> dict[str, Any]:
     """Measure the heads of ``model`` on ``task``'s calibration split and write the result to ``out`` (JSON).
 
@@ -64,6 +72,8 @@ def analyze(
         overwrite: replace an existing ``out``.
         progress: show progress.
         command: the command line, recorded in the file.
+        cahp: also fit CAHP (its default settings) on the same calibration set and record each head's cluster
+            and whether CAHP keeps it at its knee (``cahp`` object of the file; needs two or more classes).
 
     Returns:
         The JSON object written.
@@ -80,6 +90,7 @@ def analyze(
         loaded.cuda()
     calibration = task_calibration(task_data, tokenizer, calibration_size, seed, task.max_length, batch_size)
     analysis = analyze_heads(loaded, calibration, progress=progress)
+    cahp_heads = cahp_clusters(loaded, calibration, progress) if cahp else None
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -91,9 +102,37 @@ def analyze(
         "max_length": task.max_length,
         "calibration": calibration.description,
         **analysis.to_dict(),
+        "cahp": cahp_heads,
     }
     write_json(path, payload)
+    write_analysis_html(payload, analysis_html_path(path))  # the same results as one page, beside it
     return payload
+
+
+def cahp_clusters(model: Any, calibration: Any, progress: bool = False) -> dict[str, Any]:
+    """CAHP (default settings) fitted on ``calibration``: each head's cluster at the knee's k* and the heads it
+    keeps there.
+
+    Returns:
+        ``{"k": k*, "cluster": [layers][heads] int, "kept": [layers][heads] bool, "representatives": [head
+        index, ...]}``; head index = layer * heads + head.
+
+    Raises:
+        CahpError: the calibration has fewer than two classes (CAHP compares classes).
+    """
+    from cahp.engine import Engine
+    from cahp.methods.plan import Budget
+
+    plan = Engine(model, calibration, say=print if progress else None).plan("cahp", {}, Budget.auto())
+    layers, heads = plan.grid.layers, plan.grid.heads
+    kept = [[head in plan.kept_heads_by_layer.get(layer, []) for head in range(heads)] for layer in range(layers)]
+    clusters = plan.details["clusters"]
+    return {
+        "k": int(plan.details["k"]),
+        "cluster": [clusters[layer * heads : (layer + 1) * heads] for layer in range(layers)],
+        "kept": kept,
+        "representatives": plan.details["representatives"],
+    }
 
 
 def summary(payload: dict[str, Any]) -> str:
@@ -108,6 +147,21 @@ def summary(payload: dict[str, Any]) -> str:
         heads = found[kind]
         shown = ", ".join(f"L{layer}H{head}" for layer, head in heads[:12]) + (" ..." if len(heads) > 12 else "")
         lines.append(f"  {kind.replace('_', ' ')}: {len(heads)}{'  ' + shown if heads else ''}")
+    if payload.get("cahp"):
+        kept = payload["cahp"]["kept"]
+        counts = [
+            f"{sum(kept[layer][head] for layer, head in found[kind])}/{len(found[kind])} {label}"
+            for kind, label in (
+                ("sink_heads", "sink"),
+                ("special_token_heads", "special-token"),
+                ("dormant_heads", "dormant"),
+            )
+            if found[kind]
+        ]
+        lines.append(
+            f"  CAHP keeps {sum(map(sum, kept))} heads in {payload['cahp']['k']} clusters"
+            + (f"; of the flagged heads it keeps {', '.join(counts)}" if counts else "")
+        )
     js = [pair["js"] for pair in payload["adjacent_layers"]]
     if js:
         lines.append("  adjacent-layer JS divergence: " + " ".join("-" if v is None else f"{v:.3f}" for v in js))

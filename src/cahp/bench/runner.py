@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from cahp import distributed
 from cahp.config import check_counts, config_from_dict, read_config_file
 from cahp.data import EncodedSplit, encode_split
 from cahp.engine import Engine, task_calibration
@@ -436,11 +437,13 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """
     _validate(config)
     out = Path(config.out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    record = _check_folder(out, config)
-    bench = _Bench(config, record, progress)
+    main = distributed.is_main()  # several processes: all fit and recover together, the main one alone writes
+    if main:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    record = distributed.broadcast_object(_check_folder(out, config) if main else None)
+    bench = _Bench(config, record, progress and main)
     dense = out / "dense.json"
-    if not dense.is_file():
+    if main and not dense.is_file():
         bench.say(f"{config.model}: evaluating the dense model")
         dense_record = {
             "accuracy": bench.accuracy(bench.model),
@@ -453,10 +456,11 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     for method, seed, budget in planned:
         label = budget_label(budget)
         path = out / "cells" / f"{method}__seed{seed}__{label}.json"
-        if path.is_file():
+        if distributed.broadcast_object(path.is_file() if main else None):
             continue
         cell = bench.run_cell(method, seed, budget)
-        write_json(path, cell)
+        if main:
+            write_json(path, cell)
         computed += 1
         test = next(iter(cell["accuracy"]["after_recovery"]))
         recovered = cell["accuracy"]["after_recovery"][test]["accuracy"]
@@ -465,5 +469,6 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned"
             + (f", {recovered:.4f} recovered" if config.recovery.epochs > 0 else " (retraining-free)")
         )
-    summary = write_bench_report(out)
+    summary = write_bench_report(out) if main else out / "summary.md"
+    distributed.barrier()
     return {"cells": len(planned), "computed": computed, "summary": str(summary)}

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "cahp.methods"
 
 #: Modules of the built-in methods that are not head scorers.
-BUILTIN_METHOD_MODULES = ("cahp.methods.cahp",)
+BUILTIN_METHOD_MODULES = ("cahp.methods.cahp", "cahp.methods.cahp_consensus")
 
 
 class PruningMethod:

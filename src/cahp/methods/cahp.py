@@ -13,6 +13,7 @@ grouped-query groups) the representatives rank first and salience orders the res
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -48,10 +49,21 @@ class CAHP(PruningMethod):
         salience_seed: the salience scorer's seed (``None``: ``seed``).
         signature_size: side ``B`` of the resized attention maps (reference: 32).
         batch_size: examples per forward when collecting signatures.
-        seed: t-SNE, FasterPAM and the salience scorer's seed.
+        sweep: ``"separate"`` (the reference: the salience scorer runs its own pass over the calibration set) or
+            ``"shared"`` (gradient salience only: the signature pass also takes ``|dL/dgate|`` on a seeded
+            ``fraction`` of its batches, so no second forward; batches are the length-sorted ones of the signature
+            pass, not the scorer's shuffled ones).
+        converge_tol: stop collecting signatures once the relative change of the JM profiles between consecutive
+            windows is below this (``None``: every example, the reference). The batch order is then a seeded
+            shuffle (sorted by length within chunks), and the salience uses only the examples the sweep saw.
+        converge_window: batches between two convergence checks.
+        converge_min_examples: never stop before this many examples.
+        seed: t-SNE, FasterPAM and the salience scorer's seed (and the shuffled order of a converging sweep).
 
     Learned state: ``grid_``, ``selector_`` (profiles, head space, sweep, knee), ``salience_`` ``[layers, heads]``
-    (raw), ``fit_seconds_``.
+    (raw), ``fit_seconds_``, ``stage_seconds_`` (``signatures``, ``salience``, ``selection``; in a shared sweep
+    ``salience`` is the time of its backward passes), ``calibration_`` (examples and batches used, whether and
+    where the statistics converged, the change history).
     """
 
     finds_own_budget = True
@@ -72,6 +84,10 @@ class CAHP(PruningMethod):
         salience_seed: int | None = None,
         signature_size: int = 32,
         batch_size: int = 32,
+        sweep: str = "separate",
+        converge_tol: float | None = None,
+        converge_window: int = 8,
+        converge_min_examples: int = 512,
         seed: int = 42,
     ) -> None:
         super().__init__(seed=seed)
@@ -87,6 +103,10 @@ class CAHP(PruningMethod):
         self.salience_seed = salience_seed
         self.signature_size = signature_size
         self.batch_size = batch_size
+        self.sweep = sweep
+        self.converge_tol = converge_tol
+        self.converge_window = converge_window
+        self.converge_min_examples = converge_min_examples
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -94,13 +114,36 @@ class CAHP(PruningMethod):
             "metric": ("jm", "bhattacharyya"),
             "embedding": ("tsne", "none"),
             "representative": ("salience", "medoid"),
+            "sweep": ("separate", "shared"),
         }
         for setting, allowed in choices.items():
             if getattr(self, setting) not in allowed:
                 raise CahpError(f"cahp: {setting} must be one of {', '.join(allowed)}, got {getattr(self, setting)!r}")
         if self.poly_degree < 1:
             raise CahpError(f"cahp: poly_degree must be at least 1, got {self.poly_degree}")
-        self.salience_scorer()  # an unknown scorer, a budget-aware one or unknown settings fail here, before any work
+        if self.converge_tol is not None and not self.converge_tol >= 0:
+            raise CahpError(
+                f"cahp: converge_tol is a relative change >= 0 (or None: no early stop), got {self.converge_tol}"
+            )
+        if self.converge_window < 1 or self.converge_min_examples < 0:
+            raise CahpError(
+                f"cahp: converge_window must be >= 1 batch and converge_min_examples >= 0, got {self.converge_window} "
+                f"and {self.converge_min_examples}"
+            )
+        scorer = (
+            self.salience_scorer()
+        )  # an unknown scorer, a budget-aware one or bad settings fail here, before any work
+        if self.sweep == "shared":
+            if self.salience != REFERENCE_SALIENCE:
+                raise CahpError(
+                    f"cahp: sweep='shared' computes the gradient salience inside the signature pass; the salience "
+                    f"{self.salience!r} runs its own pass: use sweep='separate'"
+                )
+            if scorer.max_examples is not None:
+                raise CahpError(
+                    "cahp: sweep='shared' takes the gradient on the signature pass's batches, so the salience setting "
+                    "max_examples does not apply: drop it, or use sweep='separate'"
+                )
 
     def salience_scorer(self) -> Any:
         """The head scorer that gives the salience (built, not run)."""
@@ -135,20 +178,99 @@ class CAHP(PruningMethod):
         )
 
     def fit(self, model: Any, calibration: Calibration, *, progress: bool = False) -> CAHP:
+        from cahp.adapters import get_adapter
+        from cahp.evaluation.metrics import model_device
+        from cahp.scoring.gradient import normalize_layers
         from cahp.selection.cahp import CAHPSelector
-        from cahp.signatures.collector import collect_signatures
+        from cahp.signatures.collector import GateSalience, choose_batches, signature_sweep, sweep_batches
+        from cahp.surgery import is_pruned
 
         start = time.perf_counter()
         self.grid_ = HeadGrid.of(model)
         if self.grid_.total < 3:
             raise CahpError(f"CAHP clusters heads and needs at least 3, the model has {self.grid_.total}")
-        moments = collect_signatures(
-            model, calibration, size=self.signature_size, batch_size=self.batch_size, progress=progress
+        if is_pruned(model):
+            raise CahpError(
+                "cahp needs an unpruned model (signatures and salience cover every head); fit it before pruning"
+            )
+        scorer = self.salience_scorer()
+        order = "shuffled" if self.converge_tol is not None else "sorted"
+        consumers = []
+        if self.sweep == "shared":
+            total = len(sweep_batches(calibration.examples.lengths, self.batch_size, order=order, seed=self.seed))
+            adapter = get_adapter(model)
+            salience = GateSalience(
+                choose_batches(total, scorer.fraction, scorer.seed),
+                adapter.num_layers(model),
+                adapter.num_heads(model),
+                model_device(model),
+            )
+            consumers.append(salience)
+        convergence = self._convergence()
+        result = signature_sweep(
+            model,
+            calibration,
+            size=self.signature_size,
+            batch_size=self.batch_size,
+            order=order,
+            seed=self.seed,
+            consumers=consumers,
+            convergence=convergence,
+            progress=progress,
         )
-        self.salience_ = np.asarray(self.salience_scorer().score(model, calibration), dtype=np.float64)
-        self.selector_ = CAHPSelector(self._selector_settings()).fit(moments, self.salience_)
+        signature_seconds = result.seconds
+        if self.sweep == "shared":
+            raw = salience.result(reduce=getattr(calibration, "sharded", True))
+            self.salience_ = normalize_layers(raw) if scorer.normalize_layers else raw
+            salience_seconds = salience.seconds_
+            signature_seconds -= salience.seconds_
+            salience_batches = int(salience.batches)
+        else:
+            salience_start = time.perf_counter()
+            seen = calibration if result.examples == len(calibration) else _seen_examples(calibration, result.indices)
+            self.salience_ = np.asarray(scorer.score(model, seen), dtype=np.float64)
+            salience_seconds = time.perf_counter() - salience_start
+            fraction = getattr(scorer, "fraction", None)  # the gradient scorer's share of its batches
+            batches = seen.num_batches(getattr(scorer, "batch_size", None))
+            salience_batches = None if fraction is None else max(1, math.ceil(fraction * batches))
+        selection_start = time.perf_counter()
+        self.selector_ = CAHPSelector(self._selector_settings()).fit(result.moments, self.salience_)
+        self.stage_seconds_ = {
+            "signatures": round(signature_seconds, 2),
+            "salience": round(salience_seconds, 2),
+            "selection": round(time.perf_counter() - selection_start, 2),
+        }
+        self.calibration_ = {
+            "sweep": self.sweep,
+            "order": order,
+            "examples": int(result.examples),
+            "examples_total": len(calibration),
+            "batches": int(result.batches),
+            "batches_total": int(result.total_batches),
+            "salience_batches": salience_batches,
+            "converge_tol": self.converge_tol,
+            "converged": convergence is not None and convergence.converged_at is not None,
+            "converged_at": None if convergence is None else convergence.converged_at,
+            "change_history": [] if convergence is None else convergence.history,
+        }
         self.fit_seconds_ = round(time.perf_counter() - start, 2)
         return self
+
+    def _convergence(self) -> Any:
+        """The early stop of the signature sweep (``None`` without ``converge_tol``), on the JM profiles."""
+        from cahp.selection.cahp import profiles_from_moments
+        from cahp.signatures.collector import Convergence
+
+        if self.converge_tol is None:
+            return None
+        return Convergence(
+            tol=float(self.converge_tol),
+            window=self.converge_window,
+            min_examples=self.converge_min_examples,
+            statistic=lambda moments: profiles_from_moments(
+                moments, metric=self.metric, variance_ddof=self.variance_ddof
+            ),
+        )
 
     @property
     def k_star_(self) -> int:
@@ -200,5 +322,20 @@ class CAHP(PruningMethod):
             "embedding": selector.embedding_.tolist(),
             "profile_dimensions": int(selector.profiles_.shape[1]),
             "head_space": selector.report()["head_space"],
+            "stage_seconds": dict(getattr(self, "stage_seconds_", {})),
+            "calibration": dict(getattr(self, "calibration_", {})),
         }
         return self._plan_from_priority(priority, k, budget, constraints, details)
+
+
+def _seen_examples(calibration: Calibration, indices: np.ndarray) -> Calibration:
+    """The calibration restricted to ``indices`` (the examples an early-stopped sweep saw), in example order, so
+    that the salience respects the same calibration budget."""
+    from dataclasses import replace
+
+    from cahp.data.batching import EncodedSplit
+
+    chosen = np.sort(np.asarray(indices, dtype=np.int64))
+    examples = EncodedSplit([calibration.examples.features[i] for i in chosen], calibration.examples.labels[chosen])
+    description = {**calibration.description, "examples_seen_by_signature_sweep": len(chosen)}
+    return replace(calibration, examples=examples, description=description)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from cahp import distributed
 from cahp.calibration import to_device
 from cahp.evaluation.metrics import model_device
 from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer
@@ -72,7 +73,7 @@ class AttentionAttributionScorer(HeadScorer):
                         total[layer] += self._layer_attribution(model, examples, batch, layer, probabilities, extra)
         finally:
             handle.remove()
-        return (total / max(1, len(examples))).numpy()
+        return (distributed.all_reduce_sum(total) / max(1, len(examples))).numpy()  # every process's batches
 
     def _layer_attribution(
         self,

@@ -9,7 +9,8 @@ FROZEN model, only the logits are trained (Adam) on the calibration objective's 
 classification), and ``tau`` is annealed geometrically from ``tau_start`` to ``tau_end`` so the mask approaches
 a hard K-subset. Heads are ranked by their logits (global top-K over all heads). ``K`` is the pruning budget
 (``keep``; default half of the heads). The seed draws the Gumbel noise, the batch order and
-(``max_examples``) the subset.
+(``max_examples``) the subset. Under several processes each step's batch is split across them and the logit
+gradients summed (data parallelism, as for :mod:`cahp.scoring.l0`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from cahp import distributed
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import model_device
 from cahp.scoring.base import HeadScorer, head_grid, register_scorer
-from cahp.scoring.l0 import endless_batches
-from cahp.surgery import head_mask
+from cahp.scoring.l0 import data_parallel_loss, endless_batches
 
 if TYPE_CHECKING:
     from cahp.calibration import Calibration
@@ -96,9 +97,9 @@ class DSPScorer(HeadScorer):
             uniform = torch.rand(n_heads, generator=generator).clamp(1e-6, 1 - 1e-6).to(device)
             gumbel = -torch.log(-torch.log(uniform))
             mask = soft_top_k(logits + gumbel, keep, self.tau_start * decay**step)
-            with head_mask(model, mask.view(layers, heads)):
-                loss = examples.loss(model, next(batches))
+            loss = data_parallel_loss(model, examples, next(batches), mask.view(layers, heads))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients([logits])  # data parallel: the gradient of the whole batch's loss
             optimizer.step()
         return logits.detach().view(layers, heads).double().cpu().numpy()

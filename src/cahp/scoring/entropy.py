@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from cahp import distributed
 from cahp.evaluation.metrics import model_device
 from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer
 
@@ -38,7 +39,8 @@ def mean_normalized_entropy(
     """``[layers, heads]`` mean over examples of the mean normalised attention entropy of the real rows.
 
     Every example of ``calibration`` is used, in batches of ``batch_size`` (``None``: the calibration's)
-    sorted by length.
+    sorted by length; under several processes each takes its share of the batches and the sums and counts are
+    reduced before the division.
     """
     layers, heads = head_grid(model)
     device = model_device(model)
@@ -58,7 +60,8 @@ def mean_normalized_entropy(
                 per_example = rows.sum(-1) / real.clamp(min=1.0)[:, None]  # [b, h]
                 total[layer] += (per_example * usable[:, None]).sum(0).cpu()
             examples += int(usable.sum())
-    return (total / max(1, examples)).numpy()
+    total, count = distributed.all_reduce_sums(total, torch.tensor(float(examples), dtype=torch.float64))
+    return (total / max(1.0, float(count))).numpy()
 
 
 @register_scorer("entropy")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from cahp import distributed
 from cahp.evaluation.metrics import model_device
 from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.surgery import head_mask
@@ -52,4 +53,4 @@ class FisherScorer(HeadScorer):
             for batch in examples.batches(self.batch_size):
                 (gradient,) = torch.autograd.grad(examples.loss(model, batch), gates)
                 fisher += gradient.double().pow(2).cpu()
-        return fisher.numpy()
+        return distributed.all_reduce_sum(fisher).numpy()  # this process's batches -> every process's

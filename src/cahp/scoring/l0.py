@@ -13,6 +13,10 @@ trained (Adam) on
 summed over heads as in the paper). Heads are ranked by that open probability. Voita et al. also update the
 weights; here the model stays frozen so every method scores the same network. The seed draws the gate noise,
 the batch order and (``max_examples``) the subset.
+
+Under several processes this is data parallelism: every process draws the same gates and the same global batch,
+computes the loss of its share of the batch's rows, and the gate gradients are summed over processes before
+each step, so the gates follow the one-process trajectory (up to float summation order).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from cahp import distributed
+from cahp.calibration import local_share
 from cahp.evaluation.metrics import model_device
 from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.surgery import head_mask
@@ -36,11 +42,31 @@ BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
 def endless_batches(calibration: Calibration, batch_size: int | None, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Seeded shuffled batches of ``calibration``, epoch after epoch (each epoch its own permutation)."""
+    """Seeded shuffled batches of ``calibration``, epoch after epoch (each epoch its own permutation): the
+    GLOBAL batches, the same in every process (each step splits its batch's rows with :func:`gate_step_loss`)."""
     epoch = 0
+    whole = calibration.whole()
     while True:
-        yield from calibration.batches(batch_size, shuffle=True, seed=seed, epoch=epoch)
+        yield from whole.batches(batch_size, shuffle=True, seed=seed, epoch=epoch)
         epoch += 1
+
+
+def data_parallel_loss(
+    model: PreTrainedModel, calibration: Calibration, batch: dict[str, torch.Tensor], gates: torch.Tensor
+) -> torch.Tensor:
+    """The calibration loss of one global ``batch`` under ``gates`` ``[layers, heads]``, as this process's part.
+
+    Under several processes each computes the mean loss of its rows of the batch
+    (:func:`cahp.calibration.local_share`) weighted by their share, so that gradients SUMMED over processes
+    (:func:`cahp.distributed.all_reduce_gradients`) are the gradient of the one-process mean loss; a process
+    without rows returns a zero that still depends on ``gates``. In a single process: the plain loss.
+    """
+    rows, share = local_share(batch)
+    if rows is None:
+        return gates.sum() * 0.0
+    with head_mask(model, gates):
+        loss = calibration.loss(model, rows)
+    return loss * share if share != 1.0 else loss
 
 
 def hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -95,12 +121,13 @@ class L0GateScorer(HeadScorer):
         optimizer = torch.optim.Adam([log_alpha], lr=self.learning_rate)
         examples = calibration.subset(self.max_examples, self.seed)
         batches = endless_batches(examples, self.batch_size, self.seed)
+        processes = distributed.world_size()
         for _ in range(self.steps):
-            gates = hard_concrete(log_alpha, generator)
-            with head_mask(model, gates):
-                loss = examples.loss(model, next(batches))
-            loss = loss + self.penalty * open_probability(log_alpha).sum()
+            gates = hard_concrete(log_alpha, generator)  # the same draw in every process (same seed)
+            loss = data_parallel_loss(model, examples, next(batches), gates)
+            loss = loss + self.penalty * open_probability(log_alpha).sum() / processes  # summed once over processes
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients([log_alpha])
             optimizer.step()
         return open_probability(log_alpha.detach()).double().cpu().numpy()

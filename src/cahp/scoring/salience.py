@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from cahp import distributed
 from cahp.adapters import get_adapter
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import model_device
@@ -57,7 +58,9 @@ def gradient_salience(
     batches in a seeded shuffled order.
 
     The seed matters even with ``fraction=1``: it decides which examples share a batch, and the absolute
-    value is taken per batch. Frozen weights, eval mode; both restored afterwards.
+    value is taken per batch. Frozen weights, eval mode; both restored afterwards. Under several processes each
+    takes its share of those batches (:meth:`Calibration.indexed_batches`) and the sums are reduced: every process
+    returns the one-process salience (up to float summation order).
 
     Args:
         model: an unpruned model with a registered adapter.
@@ -80,9 +83,10 @@ def gradient_salience(
     used = max(1, math.ceil(fraction * calibration.num_batches(batch_size)))
     accumulated = torch.zeros_like(gates, dtype=torch.float64)
     with preserved_model(model), head_mask(model, gates):  # eval mode: no dropout
-        batches = calibration.batches(batch_size, shuffle=True, seed=seed)
-        bar = tqdm(range(used), desc="salience", disable=not progress, leave=False)
-        for _, batch in zip(bar, batches, strict=False):  # the first `used` batches
+        # the first `used` batches of the global sequence; under several processes, this process's share of them
+        batches = calibration.batches(batch_size, shuffle=True, seed=seed, limit=used)
+        total = calibration.local_num_batches(batch_size, limit=used)
+        for batch in tqdm(batches, total=total, desc="salience", disable=not progress, leave=False):
             (gradient,) = torch.autograd.grad(calibration.loss(model, batch), gates)
             accumulated += gradient.abs().double()
-    return (accumulated / used).cpu().numpy()
+    return (distributed.all_reduce_sum(accumulated) / used).cpu().numpy()

@@ -68,6 +68,25 @@ class CAHPSettings:
         return "keep" if self.keep is not None else "sparsity" if self.sparsity is not None else "auto"
 
 
+def profiles_from_moments(moments: StreamingMoments, *, metric: str = "jm", variance_ddof: int = 1) -> np.ndarray:
+    """The separability profiles CAHP clusters on, from per-class signature moments.
+
+    Args:
+        moments: per-class statistics with features ``[heads, D]``.
+        metric: ``"jm"`` or ``"bhattacharyya"``.
+        variance_ddof: 1 = sample variance (the reference).
+
+    Returns:
+        ``[heads, P * D]`` float64 (``P`` class pairs; pairs with an unseen class are 0).
+    """
+    return separability_profiles(
+        moments.mean_,
+        moments.variance(ddof=variance_ddof),
+        metric=metric,  # type: ignore[arg-type]
+        counts=moments.count_,  # type: ignore[arg-type]
+    )
+
+
 class CAHPSelector:
     """Choose complementary heads. ``fit`` sets ``kept_heads_by_layer_`` and everything the report shows.
 
@@ -124,14 +143,7 @@ class CAHPSelector:
                 f"{counts.tolist()}); CAHP measures how heads separate classes and needs at least two. Use a "
                 "calibration split with examples of at least two classes."
             )
-        means = moments.mean_
-        variances = moments.variance(ddof=settings.variance_ddof)
-        self.profiles_ = separability_profiles(
-            means,
-            variances,
-            metric=settings.metric,
-            counts=moments.count_,  # type: ignore[arg-type]
-        )
+        self.profiles_ = profiles_from_moments(moments, metric=settings.metric, variance_ddof=settings.variance_ddof)
         bad = np.flatnonzero(~np.isfinite(self.profiles_).all(axis=1))
         if bad.size:
             ids = [divmod(int(g), heads) for g in bad[:5]]

@@ -93,8 +93,29 @@ def resize_attention_maps(
             f"[batch={batch}, L={seq_len}]."
         )
     compute_dtype = torch.float64 if attentions.dtype == torch.float64 else torch.float32
-    maps = attentions.to(compute_dtype)
     matrices = interpolation_matrices(attention_mask.to(attentions.device), size, compute_dtype)
+    return resize_with_matrices(attentions, matrices)
+
+
+def resize_with_matrices(attentions: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """:func:`resize_attention_maps` with the interpolation matrices given (build them once per batch with
+    :func:`interpolation_matrices` and reuse them for every layer: they depend only on the attention mask).
+
+    Args:
+        attentions: ``[batch, heads, L, L]`` attention probabilities.
+        matrices: ``[batch, size, L]`` from :func:`interpolation_matrices` (any float dtype).
+
+    Returns:
+        ``[batch, heads, size * size]`` float32 (float64 if the input is float64).
+    """
+    if matrices.ndim != 3 or matrices.shape[0] != attentions.shape[0] or matrices.shape[2] != attentions.shape[-1]:
+        raise CahpError(
+            f"interpolation matrices of shape {tuple(matrices.shape)} do not fit attentions "
+            f"{tuple(attentions.shape)}: build them from this batch's attention mask."
+        )
+    compute_dtype = torch.float64 if attentions.dtype == torch.float64 else torch.float32
+    maps = attentions.to(compute_dtype)
+    matrices = matrices.to(device=maps.device, dtype=compute_dtype)
     rows = torch.matmul(matrices[:, None], maps)  # [batch, heads, size, L]
     resized = torch.matmul(rows, matrices.transpose(1, 2)[:, None])  # [batch, heads, size, size]
     return resized.flatten(2)

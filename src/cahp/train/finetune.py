@@ -234,7 +234,9 @@ def _finetune_into(
     )
     train_seconds = time.perf_counter() - start
     results = {
-        name: evaluate_split(model, tokenizer, data, config.training.eval_batch_size, progress, f"evaluate {name}")
+        name: _final_validation(history)
+        if name == "validation" and _final_validation(history) is not None
+        else evaluate_split(model, tokenizer, data, config.training.eval_batch_size, progress, f"evaluate {name}")
         for name, data in encoded_eval.items()
     }
     metrics = {
@@ -257,6 +259,13 @@ def _finetune_into(
     (staged.path / "checkpoint.pt").unlink(missing_ok=True)
     staged.commit()
     return metrics
+
+
+def _final_validation(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The validation metrics the training loop computed on the final model (its last history row is written
+    after the last step, with :func:`evaluate_split` and the same batch size), so that the validation split is
+    not evaluated a second time; ``None`` when it computed none."""
+    return history[-1].get("validation") if history else None
 
 
 def is_finished_run(folder: str | os.PathLike[str]) -> bool:

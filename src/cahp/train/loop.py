@@ -2,7 +2,15 @@
 seeded shuffling, a progress bar, and checkpoints that let an interrupted run resume where it stopped.
 
 A resumed run reports the same per-epoch training loss as an uninterrupted one (the running sums are
-checkpointed), and each history row says how many of its steps this run did (``steps_this_run``)."""
+checkpointed), and each history row says how many of its steps this run did (``steps_this_run``).
+
+Under several processes (``torchrun`` / ``accelerate launch``, :mod:`cahp.distributed`) the loop is data parallel
+with plain ``torch.distributed`` collectives (no ``DistributedDataParallel`` wrapper, so loss functions and hooks
+see the model itself): every process walks the same global batch sequence, takes its contiguous share of each
+batch's rows, weighs its mean loss by that share, and the gradients are summed over processes before clipping
+and the optimiser step. One step therefore sees the same global batch as one process, and (without dropout) the
+weights follow the one-process run up to float summation order. Only the main process writes checkpoints and
+evaluates; it reads a checkpoint to resume and hands it to the others."""
 
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cahp import distributed
 from cahp.data.batching import EncodedSplit, iter_batches, num_batches
 from cahp.errors import ConfigError
 from cahp.evaluation.metrics import evaluate_split, model_device
@@ -174,8 +183,14 @@ def train_model(
     running_loss, running_count = 0.0, 0  # over the current epoch's steps, checkpointed
     running_parts: dict[str, float] = {}  # sums of the loss_fn's parts over the epoch's steps, checkpointed
     checkpoint = Path(checkpoint_path) if checkpoint_path is not None else None
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    parallel = distributed.is_distributed()
+    state = None
+    if checkpoint is not None and checkpoint.is_file() and distributed.is_main():
+        state = torch.load(checkpoint, map_location="cpu" if parallel else device, weights_only=False)
+    if parallel:
+        distributed.sync_parameters(model)  # every process starts from the main process's weights
+        state = distributed.broadcast_object(state)  # and resumes from its checkpoint
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -186,7 +201,7 @@ def train_model(
     steps_this_epoch = 0
 
     def save() -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             _save_checkpoint(
                 checkpoint,
                 {
@@ -203,6 +218,8 @@ def train_model(
             )
 
     model.train()
+    progress = progress and distributed.is_main()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -218,21 +235,25 @@ def train_model(
             group_by_length=config.group_by_length,
             skip_batches=skip,
         ):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if loss_fn is None:
-                loss = model(**batch).loss
+            if parallel:
+                loss_value, parts = _parallel_backward(model, batch, indices, loss_fn, trainable, device)
             else:
-                loss, parts = loss_fn(model, batch, indices)
-                for name, value in parts.items():
-                    running_parts[name] = running_parts.get(name, 0.0) + value
-            loss.backward()
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if loss_fn is None:
+                    loss, parts = model(**batch).loss, {}
+                else:
+                    loss, parts = loss_fn(model, batch, indices)
+                loss.backward()
+                loss_value = loss.item()
+            for name, value in parts.items():
+                running_parts[name] = running_parts.get(name, 0.0) + value
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_this_epoch += 1
-            running_loss += loss.item()
+            running_loss += loss_value
             running_count += 1
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{running_loss / running_count:.4f}")
@@ -247,17 +268,53 @@ def train_model(
         if running_parts:
             row["loss_parts"] = {name: round(total / max(1, running_count), 5) for name, total in running_parts.items()}
         running_loss, running_count, steps_this_epoch, running_parts = 0.0, 0, 0, {}
-        if validation is not None and len(validation):
+        if validation is not None and len(validation) and distributed.is_main():
             row["validation"] = evaluate_split(
                 model, tokenizer, validation, config.eval_batch_size, progress, "validate"
             )
             model.train()
         history.append(row)
-        bar.write(
-            f"{desc}: epoch {row['epoch']:g} loss {row['train_loss']:.4f}"
-            + (f" validation accuracy {row['validation']['accuracy']:.4f}" if "validation" in row else "")
-        )
+        if distributed.is_main():  # one line per epoch, not one per process
+            bar.write(
+                f"{desc}: epoch {row['epoch']:g} loss {row['train_loss']:.4f}"
+                + (f" validation accuracy {row['validation']['accuracy']:.4f}" if "validation" in row else "")
+            )
         save()
     bar.close()
     model.eval()
     return history
+
+
+def _parallel_backward(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    indices: np.ndarray,
+    loss_fn: LossFn | None,
+    trainable: list[torch.Tensor],
+    device: torch.device,
+) -> tuple[float, dict[str, float]]:
+    """One data-parallel backward pass over a GLOBAL batch: this process's rows, its mean loss weighted by its
+    share of the rows, gradients summed over processes (= the gradient of the global batch's mean loss).
+
+    Returns:
+        The global batch's loss and its named parts (share-weighted sums over processes, the same everywhere).
+    """
+    rows = distributed.local_rows(len(indices))
+    share = (rows.stop - rows.start) / len(indices)
+    loss_value, parts = 0.0, {}
+    if share > 0:
+        local = {key: value[rows].to(device) for key, value in batch.items()}
+        if loss_fn is None:
+            loss = model(**local).loss
+        else:
+            loss, local_parts = loss_fn(model, local, indices[rows])
+            parts = {name: value * share for name, value in local_parts.items()}
+        (loss * share).backward()
+        loss_value = loss.item() * share
+    distributed.all_reduce_gradients(trainable)  # a process without rows contributes zeros
+    gathered = distributed.all_gather_object((loss_value, parts))
+    total_parts: dict[str, float] = {}
+    for _, process_parts in gathered:
+        for name, value in process_parts.items():
+            total_parts[name] = total_parts.get(name, 0.0) + value
+    return sum(value for value, _ in gathered), total_parts
