@@ -18,6 +18,11 @@ structure, not the method, sets the speed).
 
     OMP_NUM_THREADS=1 CAHP_DATA_DIR=../shared/data nice python benchmarks/llm.py
     OMP_NUM_THREADS=1 CAHP_DATA_DIR=../shared/data nice python benchmarks/llm.py --eval-blocks 8 --sst2-examples 40
+    OMP_NUM_THREADS=1 CAHP_DATA_DIR=../shared/data nice python benchmarks/llm.py --methods hies   # one more method
+
+Every registered method but CAHP runs on the LM objective; ``attattr``, ``l0`` and ``dsp`` cost hours at their
+default settings (:data:`SLOW`) and run only when ``--methods`` names them. CAHP compares classes: its row says so
+and points to the fine-tuned classifier (benchmarks/llm_classifier.py).
 
 Cells are cached in ``benchmarks/results/llm_cells.json`` (rerun to resume; ``--fresh`` to recompute). Writes
 ``benchmarks/results/llm.json``, ``llm.md`` and ``llm.png``.
@@ -61,7 +66,21 @@ BUDGETS: list[tuple[str, str, bool, int, str]] = [
     ("uniform-6of9", "uniform", True, 180, "6 of 9 query heads kept per layer (2 per group; all KV heads kept)"),
     ("uniform-3of9", "uniform", True, 90, "3 of 9 query heads kept per layer (1 per group; all KV heads kept)"),
 ]
-METHODS = ("random", "magnitude", "gradient", "fisher", "entropy")
+METHODS = ("random", "magnitude", "gradient", "fisher", "entropy", "hies", "attattr", "l0", "dsp")
+#: Methods that run on the LM objective (tests/unit/test_language_modeling.py) but cost hours here at their default
+#: settings, so ``--methods`` leaves them out unless named. Estimates from one fwd+bwd pass over the 16 calibration
+#: blocks (~28 s on one thread: fisher's fit, from its cell time minus an evaluation-only cell's).
+SLOW: dict[str, str] = {
+    "attattr": "integrated gradients: layers x steps = 30 x 20 = 600 fwd+bwd passes over the calibration blocks, "
+    "about 4.7 h",
+    "l0": "150 gate-training steps of 16 blocks x 256 tokens (one fwd+bwd each), about 70 min",
+    "dsp": "150 training steps of 16 blocks (one fwd+bwd each) per head count, two head counts (180, 90): about 2.3 h",
+}
+#: Methods that cannot run on the LM objective at all.
+NOT_APPLICABLE: dict[str, str] = {
+    "cahp": "compares classes, and the language-modelling objective has none; see the fine-tuned classifier rows in "
+    "llm_classifier.md (CAHP vs random on SmolLM2 with an SST-2 head)",
+}
 TIMED_METHOD = "fisher"  # whose pruned model is timed against the dense one, per budget
 
 #: Published anchor (different model, corpus and tokenizer: only the shape of the effect compares).
@@ -73,7 +92,11 @@ ANCHOR = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument(
+        "--methods",
+        default=",".join(m for m in METHODS if m not in SLOW),
+        help=f"comma-separated methods (default: all but the slow {', '.join(SLOW)})",
+    )
     parser.add_argument("--calibration-blocks", type=int, default=16)
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--context-length", type=int, default=256)
@@ -244,6 +267,13 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{cell['parameters'] / 1e6:.1f} | {cell['perplexity']:.2f} | {cell['sst2_accuracy']:.3f} | "
                 f"{cell['sst2_macro_f1']:.3f} |"
             )
+    for method, why in NOT_APPLICABLE.items():
+        lines.append(f"| {method} | - | does not apply: {why} | | | | | | |")
+    measured = {cell.get("method") for cell in cells.values()}
+    for method, cost in SLOW.items():
+        if method not in measured:
+            lines.append(f"| {method} | - | not run (too slow for this budget at its default settings: {cost}) "
+                         "| | | | | | |")  # fmt: skip
     lines += ["", "Budgets:", ""] + [f"- `{b['name']}`: {b['meaning']}" for b in result["budgets"]]
     lines += [
         "",
