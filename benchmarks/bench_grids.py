@@ -26,8 +26,9 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 RESULTS = HERE / "results" / "bench"
 PUBLISHED = ["summary.md", "summary.json", "bench_config.json", "dense.json"]
-#: What a variant grid may change: it reruns some methods of a grid with other settings, same recipe.
-VARIANT_KEYS = {"out", "methods", "budgets", "method_settings", "focus"}
+#: What a variant grid may change: it runs some methods of a grid (other ones, or with other settings, budgets or
+#: seeds) under the same recipe.
+VARIANT_KEYS = {"out", "methods", "budgets", "seeds", "method_settings", "focus"}
 
 
 def run_grid(name: str) -> None:
@@ -66,7 +67,10 @@ def publish(name: str) -> Path:
 
 
 def _variant_label(method: str, config: dict, base: dict) -> str:
-    """``cahp (salience: fisher)`` for a grid that reruns a method with settings other than its base grid's."""
+    """``cahp (salience: fisher)`` for a grid that reruns a method with settings other than its base grid's; a
+    method the base grid does not run keeps its name (its settings are in its grid's summary)."""
+    if method not in base["methods"]:
+        return method
     settings = config["method_settings"].get(method, {})
     base_settings = base["method_settings"].get(method, {})
     changed = {key: value for key, value in settings.items() if base_settings.get(key) != value}
