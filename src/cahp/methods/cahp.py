@@ -279,24 +279,12 @@ class CAHP(PruningMethod):
         return int(self.selector_.k_)
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
-        from cahp.selection.representatives import default_head_ids, select_representatives
 
         grid = self._check_fitted()
         selector = self.selector_
         k = self.k_star_ if budget.is_auto else budget.heads(grid.total)
         clustering = selector.sweep_.clustering(k)
-        chosen = select_representatives(
-            clustering.labels,
-            selector.salience_,
-            medoids=clustering.medoids,
-            representative=self.representative,  # type: ignore[arg-type]
-            allow_empty_layers=True,
-            head_ids=default_head_ids(grid.layers, grid.heads),
-        )
-        # representatives first (a bonus above any unit's mean salience), then normalised salience
-        bonus = np.zeros(grid.total)
-        bonus[chosen.representatives] = grid.total + 1.0
-        priority = selector.salience_ + bonus.reshape(grid.layers, grid.heads)
+        chosen, priority = cluster_priority(clustering, selector.salience_, self.representative, grid)
         knee = selector.knee_
         how = (
             f"{k} clusters: "
@@ -339,3 +327,33 @@ def _seen_examples(calibration: Calibration, indices: np.ndarray) -> Calibration
     examples = EncodedSplit([calibration.examples.features[i] for i in chosen], calibration.examples.labels[chosen])
     description = {**calibration.description, "examples_seen_by_signature_sweep": len(chosen)}
     return replace(calibration, examples=examples, description=description)
+
+
+def cluster_priority(
+    clustering: Any, salience: np.ndarray, representative: str, grid: HeadGrid
+) -> tuple[Any, np.ndarray]:
+    """One representative per cluster and the heads' keep priority ``[layers, heads]``: the representatives
+    first (a bonus above any head's normalised salience), then the normalised ``salience`` ``[layers, heads]``.
+
+    Args:
+        clustering: a clustering of the ``grid.total`` heads (``labels``, ``medoids``).
+        salience: ``[layers, heads]`` normalised salience.
+        representative: ``"salience"`` or ``"medoid"``.
+        grid: the head grid.
+
+    Returns:
+        ``(representatives chosen, priority)``.
+    """
+    from cahp.selection.representatives import default_head_ids, select_representatives
+
+    chosen = select_representatives(
+        clustering.labels,
+        salience,
+        medoids=clustering.medoids,
+        representative=representative,  # type: ignore[arg-type]
+        allow_empty_layers=True,
+        head_ids=default_head_ids(grid.layers, grid.heads),
+    )
+    bonus = np.zeros(grid.total)
+    bonus[chosen.representatives] = grid.total + 1.0
+    return chosen, salience + bonus.reshape(grid.layers, grid.heads)

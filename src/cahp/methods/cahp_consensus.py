@@ -32,7 +32,7 @@ import numpy as np
 from cahp.calibration import Calibration
 from cahp.errors import CahpError
 from cahp.methods.base import register_method
-from cahp.methods.cahp import CAHP
+from cahp.methods.cahp import CAHP, cluster_priority
 from cahp.methods.plan import Budget, Constraints, KeepPlan
 from cahp.selection.clustering import Clustering, cluster_heads, distinct_points, embed_heads, head_distances, sweep_k
 from cahp.selection.knee import find_knee
@@ -363,7 +363,6 @@ class CAHPConsensus(CAHP):
         return self._consensus_by_k[k]
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
-        from cahp.selection.representatives import default_head_ids, select_representatives
 
         grid = self._check_fitted()
         k = self.k_star_ if budget.is_auto else budget.heads(grid.total)
@@ -371,19 +370,7 @@ class CAHPConsensus(CAHP):
             matrix, clustering, agreement = self.co_association_, self.clustering_, self.run_agreement_
         else:
             matrix, clustering, agreement = self.consensus_at(k)
-        salience = self.selector_.salience_
-        chosen = select_representatives(
-            clustering.labels,
-            salience,
-            medoids=clustering.medoids,
-            representative=self.representative,  # type: ignore[arg-type]
-            allow_empty_layers=True,
-            head_ids=default_head_ids(grid.layers, grid.heads),
-        )
-        # as CAHP: representatives first (a bonus above any unit's mean salience), then normalised salience
-        bonus = np.zeros(grid.total)
-        bonus[chosen.representatives] = grid.total + 1.0
-        priority = salience + bonus.reshape(grid.layers, grid.heads)
+        chosen, priority = cluster_priority(clustering, self.selector_.salience_, self.representative, grid)
         source = "the budget" if not budget.is_auto else f"median knee of {self.runs} runs"
         linkage = "average linkage" if self.consensus == "average" else "k-medoids"
         details = {
@@ -405,7 +392,7 @@ class CAHPConsensus(CAHP):
             "clusters": clustering.labels.tolist(),
             "medoids": clustering.medoids.tolist(),
             "representatives": [int(i) for i in chosen.representatives],
-            "salience": salience.tolist(),
+            "salience": self.selector_.salience_.tolist(),
             "profile_dimensions": int(self.selector_.profiles_.shape[1]),
         }
         return self._plan_from_priority(priority, k, budget, constraints, details)
