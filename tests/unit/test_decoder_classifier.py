@@ -218,3 +218,41 @@ def test_prune_a_decoder_classifier_in_groups_mode(
     with torch.no_grad():
         reloaded_accuracy = float((model(**batch).logits.argmax(-1) == labels).float().mean())
     assert reloaded_accuracy == pytest.approx(accuracy), "the saved model is the one the report measured"
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_compares_methods_on_a_decoder_classifier_in_groups_mode(
+    finetuned: dict[str, Path], base_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """``cahp bench`` on a fine-tuned Llama classifier: CAHP at its knee and random at the same budget keep whole
+    key-value groups, and every cell's accuracy is measured after recovery."""
+    from cahp.bench import BenchConfig, run_bench
+    from cahp.train.finetune import TaskOptions
+    from cahp.train.loop import TrainingConfig
+
+    config = BenchConfig(
+        model=str(finetuned["llama"]),
+        out=str(tmp_path / "bench"),
+        task=TaskOptions(str(base_folders["task"]), max_length=MAX_LENGTH),
+        methods=["cahp", "random"],
+        budgets=["knee"],
+        seeds=[0],
+        calibration_size=None,
+        method_settings={"cahp": {"tsne_iterations": 250}},
+        resample_calibration=False,
+        recovery=TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=8),
+        recovery_max_examples=24,
+        gqa_mode="groups",
+    )
+    assert run_bench(config, progress=False)["computed"] == 2
+    cells = {
+        path.stem.split("__")[0]: json.loads(path.read_text()) for path in (tmp_path / "bench" / "cells").glob("*")
+    }
+    assert set(cells) == {"cahp", "random"}
+    for cell in cells.values():
+        assert all(heads in ([0, 1], [2, 3], [0, 1, 2, 3]) for heads in cell["kept_heads_by_layer"].values())
+        assert 0.0 <= next(iter(cell["accuracy"]["after_recovery"].values()))["accuracy"] <= 1.0
+    assert cells["random"]["keep"] == cells["cahp"]["keep"], "random runs at CAHP's head count"
+    assert (tmp_path / "bench" / "summary.md").is_file() and (tmp_path / "bench" / "report.html").is_file()
