@@ -53,20 +53,10 @@ from cahp.methods.plan import Budget, Constraints
 from cahp.models import resolve_model_path
 from cahp.surgery import export_onnx, heads_to_remove, prune_heads
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speedup import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def magnitude_variants(dense: Any, fractions: list[float]) -> tuple[dict[str, Any], dict[str, dict[str, list[int]]]]:

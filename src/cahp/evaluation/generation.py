@@ -103,13 +103,16 @@ def _cache_bytes(cache: Any, dtype: torch.dtype) -> float:
     return float(sum(tensor.numel() * element for tensor in tensors if isinstance(tensor, torch.Tensor)))
 
 
-def _generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens (EOS does not stop it); returns ``[batch, L + new]``."""
+def _generate(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int, *, exact: bool = True
+) -> torch.Tensor:
+    """Greedy generation of ``new_tokens`` tokens with the KV cache; returns ``[batch, L + new]``. ``exact``: exactly
+    that many (EOS does not stop it, as timing needs); otherwise at most that many (EOS stops it)."""
     return model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        min_new_tokens=new_tokens if exact else None,
         do_sample=False,
         use_cache=True,
         pad_token_id=pad_token_id,
@@ -216,14 +219,7 @@ def greedy_continuations(
     try:
         for prompt in prompts:
             input_ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad,
-            )
+            output = _generate(model, input_ids, max_new_tokens, pad, exact=False)
             new = output[0, input_ids.shape[1] :].tolist()
             results.append(
                 {
