@@ -110,6 +110,9 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
     for name, (summary, config) in grids.items():
         if any(name in members for members in variants.values()):
             continue  # shown in its grid's table
+        if summary.get("metric", "accuracy") != "accuracy":
+            lines += [f"## {name}", "", f"Ranked by {summary['metric']}: see `{name}/summary.md`.", ""]
+            continue
         budgets = [budget_label(b) for b in config["budgets"]]
         budgets = [b for b in budgets if b == "knee" or float(b) <= max_fraction]
         rows = [(m, summary["table"][m]) for m in config["methods"] if m in summary["table"]]

@@ -33,6 +33,7 @@ STUDIES: dict[str, dict[str, str]] = {
         "kd-relations": "recovery_pilot_minilm_sst5_kd_relations",
     },
     "sst5": {"ce": "recovery_minilm_sst5_ce", "kd": "recovery_minilm_sst5_kd"},
+    "aim-sst5": {"ce": "recovery_aim_minilm_sst5_ce", "kd": "recovery_aim_minilm_sst5_kd"},
 }
 ABOUT = {
     "pilot": "Which objective: CAHP at its knee on MiniLM-L6 / SST-5, the demo-size recipe (calibration 2,000 "
@@ -41,6 +42,9 @@ ABOUT = {
     "(every method gets it; attattr caps itself at 200 examples, DSP trains 150 steps); recovery 1 epoch on the "
     "whole training split (lr 5e-5, length-grouped batches), `ce` vs `kd`, same steps; seeds 0-2 planned, n says how "
     "many each row has (the grids resume where they stopped).",
+    "aim-sst5": "The aim row: CAHP at its knee on MiniLM-L6 / SST-5 with the reference recovery (3 epochs on the "
+    "whole training split, lr 5e-5, length-grouped batches), `ce` vs `kd` (the pilot's best distillation objective), "
+    "same steps; CAHP's signatures on the whole training split; seeds 0-2.",
 }
 
 

@@ -62,20 +62,11 @@ OFFLINE_CORPUS_NOTE = "offline stand-in for WikiText-2: other text, not comparab
 
 
 @dataclass
-class DecoderPruneConfig:
-    """Everything that defines a ``cahp prune-lm`` run (written to ``run_config.json``; ``--config`` replays it).
+class LMOptions:
+    """The text a causal-LM run learns from and is measured on: ``cahp prune-lm``'s (flat in its config) and
+    ``cahp bench``'s (the ``lm`` object of a grid whose ``objective`` is ``causal-lm``).
 
     Attributes:
-        model: a causal LM: an alias (``smollm2-135m``), a folder or a hub id.
-        method: a registered method that runs without classes (``cahp methods``; every one but CAHP).
-        method_settings: that method's settings; ``seed`` defaults to :attr:`seed`.
-        budget: ``"keep=K"`` or ``"sparsity=S"`` (share of query heads removed); made expressible under the
-            constraints (whole key-value groups, or the same count per group) before selection.
-        allow_empty_layers: let a layer lose every head.
-        uniform_layers: keep the same number of heads in every layer (a stock-config export).
-        gqa_mode: ``groups`` (whole key-value groups: shrinks the KV cache) or ``uniform`` (the same number of
-            query heads in every group: the KV cache stays).
-        seed: the method's seed (and the recovery's).
         corpus: ``mnli-premises`` (offline default), a local ``.txt/.jsonl/.csv/.tsv`` file (``.gz`` too) or a hub
             dataset ``path[:config]``, e.g. ``wikitext:wikitext-2-raw-v1``.
         corpus_column: the text column of a record file or hub dataset (default ``text``).
@@ -89,6 +80,145 @@ class DecoderPruneConfig:
         prompted_split: the split of each prompted task that is evaluated.
         prompted_examples: a seeded, stratified subset of that split (``None``: all of it).
         prompted_batch_size: prompts per forward.
+        sample_seed: the seed of that subset (``None``: the run's: ``cahp prune-lm``'s ``seed``, a bench grid's
+            ``calibration_seed``).
+    """
+
+    corpus: str = DEFAULT_CORPUS
+    corpus_column: str | None = None
+    data_dir: str | None = None
+    context_length: int = 256
+    stride: int | None = None
+    calibration_blocks: int = 32
+    eval_blocks: int = 32
+    calibration_batch_size: int = 4
+    eval_batch_size: int = 8
+    prompted: tuple[str, ...] = ("sst2",)
+    prompted_split: str = "validation"
+    prompted_examples: int | None = 200
+    prompted_batch_size: int = 16
+    sample_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> LMOptions:
+        """Check every setting; returns self.
+
+        Raises:
+            CahpError: the first bad setting, named.
+        """
+        for name in ("corpus", "prompted_split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise CahpError(f"{name} must be a non-empty text, got {value!r}")
+        for name in ("corpus_column", "data_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise CahpError(f"{name} must be a non-empty text or null, got {value!r}")
+        check_counts(self, ("stride", "prompted_examples"), optional=True)
+        check_counts(
+            self,
+            (
+                "context_length",
+                "calibration_blocks",
+                "eval_blocks",
+                "calibration_batch_size",
+                "eval_batch_size",
+                "prompted_batch_size",
+            ),
+            optional=False,
+        )
+        if self.context_length < 2:
+            raise CahpError(f"context_length must be at least 2 tokens, got {self.context_length}")
+        if self.stride is not None and self.stride > self.context_length:
+            raise CahpError(
+                f"stride {self.stride} is longer than context_length {self.context_length}: it would skip tokens; "
+                "give a stride of at most the context length"
+            )
+        if isinstance(self.prompted, str) or not isinstance(self.prompted, tuple):
+            raise CahpError(f"prompted must be a list of texts, got {self.prompted!r}")
+        for task in self.prompted:
+            if not isinstance(task, str):
+                raise CahpError(f"prompted must be a list of texts, got {self.prompted!r}")
+            default_prompt(task)  # refuses a task without a built-in prompt, naming the ones there are
+        if self.sample_seed is not None and not is_seed(self.sample_seed):
+            raise CahpError(f"sample_seed must be a whole number in 0..{SEEDS - 1} or null, got {self.sample_seed!r}")
+        return self
+
+    def load(self, tokenizer: Any, run_seed: int) -> LMData:
+        """The calibration and evaluation blocks and the prompted tasks' examples (subset drawn with
+        ``sample_seed``, else ``run_seed``)."""
+        from cahp.data import load_task
+        from cahp.train.finetune import subsample
+
+        blocks = {
+            role: load_blocks(
+                tokenizer,
+                self.corpus,
+                role,  # type: ignore[arg-type]
+                context_length=self.context_length,
+                stride=self.stride,
+                max_blocks=count,
+                column=self.corpus_column,
+                data_dir=self.data_dir,
+            )
+            for role, count in (("calibration", self.calibration_blocks), ("evaluation", self.eval_blocks))
+        }
+        prompted = {}
+        for name in self.prompted:
+            task = load_task(name, self.data_dir)
+            seed = run_seed if self.sample_seed is None else self.sample_seed
+            split = subsample(task.split(self.prompted_split), self.prompted_examples, seed)
+            prompted[name] = (split, task.text_columns)
+        return LMData(blocks["calibration"], blocks["evaluation"], prompted)
+
+
+@dataclass
+class LMData:
+    """What :meth:`LMOptions.load` reads: blocks to learn from, blocks to measure perplexity on, and
+    ``{task: (examples, text columns)}`` of the prompted tasks."""
+
+    calibration: LMBlocks
+    evaluation: LMBlocks
+    prompted: dict[str, tuple[Any, list[str]]]
+
+
+def measure_lm(model: Any, tokenizer: Any, data: LMData, options: LMOptions, progress: bool = False) -> dict[str, Any]:
+    """``{"perplexity": ..., "prompted": {task: ...}}`` of a causal LM: perplexity on the evaluation blocks and the
+    zero-shot results of each prompted task (its prompt recorded)."""
+    result = {"perplexity": perplexity(model, tokenizer, data.evaluation, options.eval_batch_size, progress)}
+    result["prompted"] = {
+        name: evaluate_prompted(
+            model,
+            tokenizer,
+            split,
+            default_prompt(name),
+            text_columns,
+            batch_size=options.prompted_batch_size,
+            progress=progress,
+        )
+        for name, (split, text_columns) in data.prompted.items()
+    }
+    return result
+
+
+@dataclass(kw_only=True)
+class DecoderPruneConfig(LMOptions):
+    """Everything that defines a ``cahp prune-lm`` run (written to ``run_config.json``; ``--config`` replays it).
+
+    Attributes:
+        model: a causal LM: an alias (``smollm2-135m``), a folder or a hub id.
+        method: a registered method that runs without classes (``cahp methods``; every one but CAHP).
+        method_settings: that method's settings; ``seed`` defaults to :attr:`seed`.
+        budget: ``"keep=K"`` or ``"sparsity=S"`` (share of query heads removed); made expressible under the
+            constraints (whole key-value groups, or the same count per group) before selection.
+        allow_empty_layers: let a layer lose every head.
+        uniform_layers: keep the same number of heads in every layer (a stock-config export).
+        gqa_mode: ``groups`` (whole key-value groups: shrinks the KV cache) or ``uniform`` (the same number of
+            query heads in every group: the KV cache stays).
+        seed: the method's seed (and the recovery's).
+        corpus ... sample_seed: the text and the measurements (inherited from :class:`LMOptions`).
         recovery: the recovery on the LM loss of the calibration blocks (``epochs=0``: retraining-free).
         recovery_lora_rank: ``None``: the recovery trains every weight; a rank ``R``: it trains rank-``R`` LoRA
             adapters (scale ``alpha / R`` = 2) on every linear projection of the attention and MLP blocks, the
@@ -110,19 +240,6 @@ class DecoderPruneConfig:
     uniform_layers: bool = False
     gqa_mode: str = "groups"
     seed: int = 42
-    corpus: str = DEFAULT_CORPUS
-    corpus_column: str | None = None
-    data_dir: str | None = None
-    context_length: int = 256
-    stride: int | None = None
-    calibration_blocks: int = 32
-    eval_blocks: int = 32
-    calibration_batch_size: int = 4
-    eval_batch_size: int = 8
-    prompted: tuple[str, ...] = ("sst2",)
-    prompted_split: str = "validation"
-    prompted_examples: int | None = 200
-    prompted_batch_size: int = 16
     recovery: TrainingConfig = field(default_factory=lambda: copy.deepcopy(DECODER_RECOVERY_DEFAULT))
     recovery_lora_rank: int | None = None
     continuation_prompts: tuple[str, ...] = CONTINUATION_PROMPTS
@@ -131,9 +248,6 @@ class DecoderPruneConfig:
     prompt_tokens: int = 128
     new_tokens: int = 32
     latency_repeats: int = 3
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +264,7 @@ class DecoderPruneConfig:
         Raises:
             CahpError: the first bad setting, named.
         """
-        for name in ("model", "method", "corpus", "prompted_split"):
+        for name in ("model", "method"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise CahpError(f"{name} must be a non-empty text, got {value!r}")
@@ -165,40 +279,12 @@ class DecoderPruneConfig:
             raise CahpError(f"gqa_mode must be 'groups' or 'uniform', got {self.gqa_mode!r}")
         if not is_seed(self.seed):
             raise CahpError(f"seed must be a whole number in 0..{SEEDS - 1}, got {self.seed!r}")
-        for name in ("corpus_column", "data_dir"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise CahpError(f"{name} must be a non-empty text or null, got {value!r}")
-        check_counts(self, ("stride", "prompted_examples", "recovery_lora_rank"), optional=True)
-        check_counts(
-            self,
-            (
-                "context_length",
-                "calibration_blocks",
-                "eval_blocks",
-                "calibration_batch_size",
-                "eval_batch_size",
-                "prompted_batch_size",
-                "continuation_tokens",
-                "prompt_tokens",
-                "new_tokens",
-                "latency_repeats",
-            ),
-            optional=False,
-        )
-        if self.context_length < 2:
-            raise CahpError(f"context_length must be at least 2 tokens, got {self.context_length}")
-        if self.stride is not None and self.stride > self.context_length:
-            raise CahpError(
-                f"stride {self.stride} is longer than context_length {self.context_length}: it would skip tokens; "
-                "give a stride of at most the context length"
-            )
-        for name in ("prompted", "continuation_prompts"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-                raise CahpError(f"{name} must be a list of texts, got {value!r}")
-        for task in self.prompted:
-            default_prompt(task)  # refuses a task without a built-in prompt, naming the ones there are
+        super().validate()  # the text and measurement settings
+        check_counts(self, ("recovery_lora_rank",), optional=True)
+        check_counts(self, ("continuation_tokens", "prompt_tokens", "new_tokens", "latency_repeats"), optional=False)
+        prompts = self.continuation_prompts
+        if isinstance(prompts, str) or not isinstance(prompts, tuple) or not all(isinstance(p, str) for p in prompts):
+            raise CahpError(f"continuation_prompts must be a list of texts, got {prompts!r}")
         sizes = self.generation_batch_sizes
         if not isinstance(sizes, tuple) or not sizes or not all(_is_count(size) for size in sizes):
             raise CahpError(f"generation_batch_sizes must list positive whole numbers, got {sizes!r}")
@@ -381,47 +467,6 @@ def check_decoder_config(config: DecoderPruneConfig) -> tuple[Budget, Constraint
     return budget, config.constraints()
 
 
-def _quality(
-    model: Any,
-    tokenizer: Any,
-    blocks: LMBlocks,
-    prompted: dict[str, Any],
-    config: DecoderPruneConfig,
-    progress: bool,
-) -> dict[str, Any]:
-    """Perplexity, zero-shot prompted results and greedy continuations of ``model`` (one stage's value)."""
-    result = {"perplexity": perplexity(model, tokenizer, blocks, config.eval_batch_size, progress)}
-    result["prompted"] = {
-        name: evaluate_prompted(
-            model,
-            tokenizer,
-            split,
-            default_prompt(name),
-            text_columns,
-            batch_size=config.prompted_batch_size,
-            progress=progress,
-        )
-        for name, (split, text_columns) in prompted.items()
-    }
-    result["continuations"] = greedy_continuations(
-        model, tokenizer, config.continuation_prompts, config.continuation_tokens
-    )
-    return result
-
-
-def _prompted_splits(config: DecoderPruneConfig) -> dict[str, Any]:
-    """``{task: (split subset, text columns)}`` of the prompted tasks."""
-    from cahp.data import load_task
-    from cahp.train.finetune import subsample
-
-    splits = {}
-    for name in config.prompted:
-        task = load_task(name, config.data_dir)
-        split = subsample(task.split(config.prompted_split), config.prompted_examples, config.seed)
-        splits[name] = (split, task.text_columns)
-    return splits
-
-
 def lm_loss_fn(objective: CausalLanguageModeling | None = None) -> Any:
     """A ``train_model`` loss: the mean next-token cross-entropy of the scored tokens of a batch of blocks."""
     objective = objective or CausalLanguageModeling()
@@ -455,22 +500,9 @@ def prune_lm(
     grid = HeadGrid.of(model)
     budget.heads(grid.total)  # keep=K above the head count is refused now
     say = print_line if progress else None
-    blocks = {
-        role: load_blocks(
-            tokenizer,
-            config.corpus,
-            role,  # type: ignore[arg-type]
-            context_length=config.context_length,
-            stride=config.stride,
-            max_blocks=count,
-            column=config.corpus_column,
-            data_dir=config.data_dir,
-        )
-        for role, count in (("calibration", config.calibration_blocks), ("evaluation", config.eval_blocks))
-    }
-    calibration = lm_calibration(blocks["calibration"], tokenizer, config.calibration_batch_size, progress)
+    data = config.load(tokenizer, config.seed)
+    calibration = lm_calibration(data.calibration, tokenizer, config.calibration_batch_size, progress)
     engine = Engine(model, calibration, say=say)
-    prompted = _prompted_splits(config)
     if torch.cuda.is_available():
         model.cuda()
     inputs = {"model_path": str(config.model), **engine.fingerprints}
@@ -491,7 +523,11 @@ def prune_lm(
         plan = KeepPlan.from_dict(plan_dict)
 
         def quality() -> dict[str, Any]:
-            return _quality(model, tokenizer, blocks["evaluation"], prompted, config, progress)
+            result = measure_lm(model, tokenizer, data, config, progress)
+            result["continuations"] = greedy_continuations(
+                model, tokenizer, config.continuation_prompts, config.continuation_tokens
+            )
+            return result
 
         stages.say("evaluating the dense model")
         dense_quality = stages.json("quality_dense", quality)
@@ -515,7 +551,7 @@ def prune_lm(
                 history = train_model(
                     trained,
                     tokenizer,
-                    blocks["calibration"].examples,
+                    data.calibration.examples,
                     config.recovery,
                     checkpoint_path=checkpoint,
                     desc="recovery" if rank is None else f"recovery (LoRA rank {rank})",
@@ -538,8 +574,8 @@ def prune_lm(
             if recovered.is_file():
                 model.load_state_dict(torch.load(recovered, weights_only=False)["model"])
             model.eval()
-            recovery_record.update(objective="causal-lm", data=corpus_label(blocks["calibration"].describe()))
-            recovery_record["blocks"] = len(blocks["calibration"])
+            recovery_record.update(objective="causal-lm", data=corpus_label(data.calibration.describe()))
+            recovery_record["blocks"] = len(data.calibration)
             recovered_quality = stages.json("quality_recovered", quality)
 
         stages.say("measuring the KV cache, prefill and generation (dense vs pruned, one run)")
@@ -556,7 +592,7 @@ def prune_lm(
         )
         export = _save_model(model, tokenizer, staged.path / "model")
         after = recovered_quality if recovered_quality is not None else pruned_quality
-        evaluation_corpus = blocks["evaluation"].describe()
+        evaluation_corpus = data.evaluation.describe()
         report = {
             "model": config.model,
             "method": config.method,
@@ -565,7 +601,7 @@ def prune_lm(
                 "evaluation": {**evaluation_corpus, "label": corpus_label(evaluation_corpus)},
                 "calibration": {
                     **calibration.description,
-                    "label": corpus_label(blocks["calibration"].describe()),
+                    "label": corpus_label(data.calibration.describe()),
                     "fingerprint": engine.fingerprints["calibration"],
                 },
             },

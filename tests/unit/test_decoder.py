@@ -144,7 +144,7 @@ def test_an_interrupted_run_resumes_from_its_cached_stages(
     import cahp.decoder as decoder
 
     config = tiny_config(lm_folders, prompted=())
-    real_quality, calls = decoder._quality, []
+    real_quality, calls = decoder.measure_lm, []
 
     def fail_after_dense(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
@@ -152,11 +152,11 @@ def test_an_interrupted_run_resumes_from_its_cached_stages(
             raise KeyboardInterrupt
         return real_quality(*args, **kwargs)
 
-    monkeypatch.setattr(decoder, "_quality", fail_after_dense)
+    monkeypatch.setattr(decoder, "measure_lm", fail_after_dense)
     with pytest.raises(KeyboardInterrupt):
         prune_lm(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() and (tmp_path / ".run.partial" / "stages" / "plan.json").is_file()
-    monkeypatch.setattr(decoder, "_quality", real_quality)
+    monkeypatch.setattr(decoder, "measure_lm", real_quality)
     report = prune_lm(config, tmp_path / "run", progress=False)
     assert report["stages_cached"] == ["plan", "quality_dense"]
 

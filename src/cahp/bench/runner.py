@@ -35,8 +35,10 @@ from typing import Any
 import torch
 
 from cahp import distributed
+from cahp.calibration import Calibration
 from cahp.config import check_counts, config_from_dict, read_config_file
 from cahp.data import EncodedSplit, encode_split
+from cahp.decoder import LMData, LMOptions, corpus_label, lm_loss_fn, load_causal_lm, measure_lm
 from cahp.engine import Engine, task_calibration
 from cahp.errors import CahpError
 from cahp.evaluation.metrics import evaluate_split
@@ -45,17 +47,21 @@ from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import cahp_home, check_max_length, load_classifier, load_model_config
 from cahp.outputs import write_json
 from cahp.reporting.bench_report import budget_label, method_seeds, planned_cells, write_bench_report
-from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
+from cahp.surgery import heads_to_remove, kept_heads_by_layer, kept_kv_heads_by_layer, prune_heads
 from cahp.train.distill import Distillation, RecoveryObjective, build_recovery_loss
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
 
 Budget_ = float | str
 KNEE = "knee"
+#: What a grid's cells are measured on: a fine-tuned classifier's accuracy, or a causal LM's perplexity.
+OBJECTIVES = ("classification", "causal-lm")
 
 #: Settings that change results: a folder whose cells were computed with other values is refused.
 RESULT_KEYS = (
     "model",
+    "objective",
+    "lm",
     "task",
     "calibration_size",
     "calibration_seed",
@@ -99,6 +105,16 @@ class BenchConfig:
         eval_splits: splits evaluated after pruning and after recovery.
         eval_max_examples: evaluate on a stratified subset of each split (``None`` = all).
         allow_empty_layers, uniform_layers, gqa_mode: the constraints of every plan (see ``cahp prune``).
+        objective: ``classification`` (the default: ``model`` is a fine-tuned classifier, cells report accuracy) or
+            ``causal-lm`` (``model`` is a causal LM: every method is fitted on the language-modelling loss of
+            ``lm``'s calibration blocks, cells report perplexity on its evaluation blocks and the zero-shot accuracy
+            of its prompted tasks, and the recovery trains on the LM loss of the calibration blocks). A
+            ``causal-lm`` grid reads its text from ``lm`` and ignores ``task``, ``calibration_size``,
+            ``resample_calibration`` (every seed sees the same blocks), ``recovery_max_examples``,
+            ``eval_splits`` and ``eval_max_examples``; it refuses methods that compare classes (CAHP), the
+            ``knee`` budget and distillation.
+        lm: the text and measurements of a ``causal-lm`` grid (:class:`cahp.decoder.LMOptions`; default: its
+            defaults, MNLI premises offline).
     """
 
     model: str
@@ -122,9 +138,15 @@ class BenchConfig:
     allow_empty_layers: bool = False
     uniform_layers: bool = False
     gqa_mode: str = "groups"
+    objective: str = "classification"
+    lm: LMOptions | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.objective == "causal-lm"
 
     def constraints(self) -> Constraints:
         return Constraints.from_options(self.allow_empty_layers, self.uniform_layers, self.gqa_mode)
@@ -144,6 +166,13 @@ class BenchConfig:
             config.task.data_dir = expand_path(config.task.data_dir)
         if config.task.task.startswith(("~", "$")):
             config.task.task = expand_path(config.task.task)
+        if config.is_lm and config.lm is None:
+            config.lm = LMOptions()
+        if config.lm is not None:
+            for name in ("data_dir", "corpus"):
+                value = getattr(config.lm, name)
+                if value is not None and value.startswith(("~", "$")):
+                    setattr(config.lm, name, expand_path(value))
         return config
 
     @classmethod
@@ -204,6 +233,12 @@ def expand_path(value: str) -> str:
 
 def _validate(config: BenchConfig) -> None:
     """Refuse a grid that cannot run, before anything is loaded, with messages that name the key."""
+    if config.objective not in OBJECTIVES:
+        raise CahpError(f'bench config: "objective" must be one of {", ".join(OBJECTIVES)}, got {config.objective!r}')
+    if not config.is_lm and config.lm is not None:
+        raise CahpError(
+            'bench config: "lm" sets the text of a "causal-lm" grid; give "objective": "causal-lm" or drop "lm"'
+        )
     if not isinstance(config.methods, list) or not config.methods:
         raise CahpError('bench config: "methods" must list at least one method (`cahp methods` lists them)')
     registered = available_methods()
@@ -253,6 +288,28 @@ def _validate(config: BenchConfig) -> None:
             raise CahpError(f'bench config: "method_settings"."{method}" sets {sorted(forbidden)}: the bench sets them')
         get_method(method, **settings, **({"keep": 1} if registered[method].budget_aware else {}))
     config.constraints()
+    if config.is_lm:
+        _validate_lm(config)
+
+
+def _validate_lm(config: BenchConfig) -> None:
+    """What a ``causal-lm`` grid cannot run: methods that compare classes, the knee, distillation."""
+    classes = [m for m in config.methods if method_info(m).needs_classes]
+    if classes:
+        others = [m for m in available_methods() if not method_info(m).needs_classes]
+        raise CahpError(
+            f"bench config: {classes} compare classes, and the causal-lm objective has none; choose among "
+            f"{', '.join(others)}, or bench a fine-tuned classifier head"
+        )
+    if KNEE in config.budgets:
+        raise CahpError('bench config: budget "knee" needs classes; a "causal-lm" grid takes fractions of heads kept')
+    if config.recovery_objective.uses_teacher:
+        raise CahpError(
+            f'bench config: recovery_objective {config.recovery_objective.loss!r} is not available for "causal-lm" '
+            'grids; their recovery trains on the language-modelling loss ("ce")'
+        )
+    if config.lm is None:
+        config.lm = LMOptions()
 
 
 def _check_folder(out: Path, config: BenchConfig) -> dict[str, Any]:
@@ -278,48 +335,38 @@ def _kept_fraction_heads(fraction: float, total: int) -> int:
     return max(1, min(total, math.floor((1.0 - (1.0 - float(fraction))) * total + 0.5)))
 
 
-class _Bench:
-    """The state of one run: model, per-seed calibration sets and engines, recovery data."""
+class _ClassifierWork:
+    """A fine-tuned classifier: calibration = a stratified sample of the task's calibration split, results =
+    accuracy and macro-F1 per evaluated split, recovery = the grid's objective on the training split."""
 
-    def __init__(self, config: BenchConfig, record: dict[str, Any], progress: bool):
+    results_key = "accuracy"
+
+    def __init__(self, config: BenchConfig, progress: bool):
         self.config = config
-        self.record = record
         self.progress = progress
-        self.out = Path(config.out)
         check_max_length(config.task.max_length, load_model_config(config.model))
         self.task = config.task.load(model=config.model)  # labels numbered as the model numbers them
         set_seed(config.calibration_seed)
         self.model, self.tokenizer = load_classifier(config.model, self.task.num_labels, self.task.label_names)
         check_max_length(config.task.max_length, self.model, self.tokenizer)
-        if torch.cuda.is_available():
-            self.model.cuda()
-        self.grid = HeadGrid.of(self.model)
-        self.n_heads = self.grid.total
-        self.constraints = config.constraints()
         self.evaluation = encode_eval_splits(
             self.tokenizer, self.task, config.eval_splits, config.eval_max_examples, config.task.max_length
         )
         if not self.evaluation:
             raise CahpError(f"none of the eval_splits {config.eval_splits} exists; the task has {self.task.splits}")
-        self._engines: dict[int, Engine] = {}
         self._recovery_data: EncodedSplit | None = None
         self._distillation: Distillation | None = None
-        self._distillation_setup: dict[str, Any] = {}
+        self.distillation_setup: dict[str, Any] = {}
 
-    def say(self, message: str) -> None:
-        if self.progress:
-            print(message, flush=True)
+    def describe(self) -> dict[str, Any]:
+        return self.task.describe()
 
-    def engine(self, seed: int) -> Engine:
-        """The engine of ``seed``: its calibration sample (shared by every seed without resampling)."""
-        sample_seed = self.config.calibration_seed + (seed if self.config.resample_calibration else 0)
-        if sample_seed not in self._engines:
-            calibration = task_calibration(
-                self.task, self.tokenizer, self.config.calibration_size, sample_seed, self.config.task.max_length
-            )
-            fitted = Path(self.config.fitted_dir) if self.config.fitted_dir else self.out / "fitted"
-            self._engines[sample_seed] = Engine(self.model, calibration, fitted, say=self.say)
-        return self._engines[sample_seed]
+    def calibration(self, sample_seed: int) -> Calibration:
+        config = self.config
+        return task_calibration(self.task, self.tokenizer, config.calibration_size, sample_seed, config.task.max_length)
+
+    def evaluate(self, model: Any) -> dict[str, Any]:
+        return {name: evaluate_split(model, self.tokenizer, data, 64, False) for name, data in self.evaluation.items()}
 
     @property
     def recovery_data(self) -> EncodedSplit:
@@ -335,11 +382,110 @@ class _Bench:
             self._distillation = build_recovery_loss(
                 self.config.recovery_objective, self.model, self.tokenizer, self.recovery_data, 64, self.progress
             )
-            self._distillation_setup = self._distillation.costs() if self._distillation else {}
+            self.distillation_setup = self._distillation.costs() if self._distillation else {}
         return self._distillation
 
+    def recover(self, model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Recover ``model`` in place; returns its history and the teacher's costs in this cell."""
+        loss = self.recovery_loss()
+        before = loss.costs() if loss is not None else {}
+        history = train_model(
+            model,
+            self.tokenizer,
+            self.recovery_data,
+            self.config.recovery,
+            desc="recovery",
+            progress=False,
+            loss_fn=loss,
+        )
+        teacher: dict[str, Any] = {}
+        if loss is not None:  # this cell's teacher work, and the one-time logit pass shared by every cell
+            teacher = {key: round(value - before[key], 2) for key, value in loss.costs().items()}
+            teacher["shared_setup"] = self.distillation_setup
+        return history, teacher
+
+
+class _LanguageModelWork:
+    """A causal LM: calibration = the LM loss of ``lm``'s calibration blocks (the same for every seed), results =
+    perplexity on its evaluation blocks and the zero-shot accuracy of its prompted tasks, recovery = the LM loss
+    of the calibration blocks."""
+
+    results_key = "quality"
+
+    def __init__(self, config: BenchConfig, progress: bool):
+        assert config.lm is not None  # set by _validate_lm
+        self.config, self.options, self.progress = config, config.lm, progress
+        set_seed(config.calibration_seed)
+        self.model, self.tokenizer = load_causal_lm(config.model)
+        self.data: LMData = self.options.load(self.tokenizer, config.calibration_seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "task": "causal-lm",
+            "calibration_split": corpus_label(self.data.calibration.describe()),
+            "evaluation": {**self.data.evaluation.describe(), "label": corpus_label(self.data.evaluation.describe())},
+            "calibration": self.data.calibration.describe(),
+            "prompted": {name: len(split) for name, (split, _) in self.data.prompted.items()},
+        }
+
+    def calibration(self, sample_seed: int) -> Calibration:
+        from cahp.calibration import lm_calibration
+
+        return lm_calibration(self.data.calibration, self.tokenizer, self.options.calibration_batch_size)
+
+    def evaluate(self, model: Any) -> dict[str, Any]:
+        """``{"perplexity": {...}, "<task>-zero-shot": {accuracy, macro_f1, prompt, ...}}``."""
+        measured = measure_lm(model, self.tokenizer, self.data, self.options)
+        return {
+            "perplexity": measured["perplexity"],
+            **{f"{name}-zero-shot": result for name, result in measured["prompted"].items()},
+        }
+
+    def recover(self, model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        history = train_model(
+            model,
+            self.tokenizer,
+            self.data.calibration.examples,
+            self.config.recovery,
+            desc="recovery",
+            progress=False,
+            loss_fn=lm_loss_fn(),
+        )
+        model.eval()
+        return history, {}
+
+
+class _Bench:
+    """The state of one run: the work (model, its calibration and evaluation data) and per-seed engines."""
+
+    def __init__(self, config: BenchConfig, record: dict[str, Any], progress: bool):
+        self.config = config
+        self.record = record
+        self.progress = progress
+        self.out = Path(config.out)
+        self.work = (_LanguageModelWork if config.is_lm else _ClassifierWork)(config, progress)
+        self.model, self.tokenizer = self.work.model, self.work.tokenizer
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.grid = HeadGrid.of(self.model)
+        self.n_heads = self.grid.total
+        self.constraints = config.constraints()
+        self._engines: dict[int, Engine] = {}
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(message, flush=True)
+
+    def engine(self, seed: int) -> Engine:
+        """The engine of ``seed``: its calibration sample (shared by every seed without resampling)."""
+        sample_seed = self.config.calibration_seed + (seed if self.config.resample_calibration else 0)
+        if sample_seed not in self._engines:
+            fitted = Path(self.config.fitted_dir) if self.config.fitted_dir else self.out / "fitted"
+            self._engines[sample_seed] = Engine(self.model, self.work.calibration(sample_seed), fitted, say=self.say)
+        return self._engines[sample_seed]
+
     def accuracy(self, model: Any) -> dict[str, Any]:
-        return {name: evaluate_split(model, self.tokenizer, data, 64, False) for name, data in self.evaluation.items()}
+        return self.work.evaluate(model)
 
     def settings(self, method: str, seed: int) -> dict[str, Any]:
         return {**self.config.method_settings.get(method, {}), "seed": seed}
@@ -365,6 +511,17 @@ class _Bench:
         method_object = engine.fit(method, self.settings(method, seed), asked)
         return method_object.plan(asked, self.constraints), method_object, engine.last_fit_cached
 
+    def _kv_record(self, model: Any) -> dict[str, Any]:
+        """Key-value heads kept and the KV cache's bytes per token of a pruned causal LM."""
+        from cahp.evaluation.generation import kv_cache_bytes_per_token
+
+        kept = sum(len(heads) for heads in kept_kv_heads_by_layer(model).values())
+        return {
+            "kv_kept": kept,
+            "kv_total": self.grid.layers * self.grid.kv_heads,
+            "kv_bytes_per_token": kv_cache_bytes_per_token(model)["bytes_per_token"],
+        }
+
     # ---- cells -------------------------------------------------------------------------------------------
 
     def run_cell(self, method: str, seed: int, budget: Budget_) -> dict[str, Any]:
@@ -381,21 +538,8 @@ class _Bench:
         after_recovery, teacher_costs = after_pruning, {}
         if self.config.recovery.epochs > 0:
             set_seed(self.config.recovery.seed)
-            loss = self.recovery_loss()
-            before = loss.costs() if loss is not None else {}
-            history = train_model(
-                model,
-                self.tokenizer,
-                self.recovery_data,
-                self.config.recovery,
-                desc="recovery",
-                progress=False,
-                loss_fn=loss,
-            )
+            history, teacher_costs = self.work.recover(model)
             after_recovery = self.accuracy(model)
-            if loss is not None:  # this cell's teacher work, and the one-time logit pass shared by every cell
-                teacher_costs = {key: round(value - before[key], 2) for key, value in loss.costs().items()}
-                teacher_costs["shared_setup"] = self._distillation_setup
         end = time.perf_counter()
         record = plan.to_dict()
         record.pop("details")
@@ -412,11 +556,12 @@ class _Bench:
             "kept_heads_by_layer": {str(layer): hs for layer, hs in kept.items()},
             "selected_heads_by_layer": {str(layer): hs for layer, hs in plan.kept_heads_by_layer.items()},
             "guardrail_heads": [list(h) for h in plan.guardrail_heads],
+            **(self._kv_record(model) if self.config.is_lm else {}),
             "plan": record,
             "calibration": self.engine(seed).calibration.description,
             "budget_aware": bool(fitted.budget_aware),
             "fit_cached": bool(cached),
-            "accuracy": {"after_pruning": after_pruning, "after_recovery": after_recovery},
+            self.work.results_key: {"after_pruning": after_pruning, "after_recovery": after_recovery},
             "recovery_history": history,
             "recovery_objective": self.config.recovery_objective.loss,
             "teacher": teacher_costs,
@@ -427,6 +572,18 @@ class _Bench:
                 "recovery_and_evaluate": round(end - pruned, 2),
             },
         }
+
+
+def _headline(cell: dict[str, Any]) -> str:
+    """``test accuracy 0.4512 pruned, 0.4730 recovered`` (a causal LM: its perplexity)."""
+    stages = cell.get("quality") or cell["accuracy"]
+    split = next(iter(stages["after_pruning"]))
+    measure = "perplexity" if "quality" in cell else "accuracy"
+    pruned = stages["after_pruning"][split][measure]
+    what = measure if split == measure else f"{split} {measure}"
+    if not cell["recovery_history"]:
+        return f"{what} {pruned:.4f} pruned (retraining-free)"
+    return f"{what} {pruned:.4f} pruned, {stages['after_recovery'][split][measure]:.4f} recovered"
 
 
 def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -446,9 +603,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     if main and not dense.is_file():
         bench.say(f"{config.model}: evaluating the dense model")
         dense_record = {
-            "accuracy": bench.accuracy(bench.model),
+            bench.work.results_key: bench.accuracy(bench.model),
             "heads_total": bench.n_heads,
-            "task": bench.task.describe(),
+            "task": bench.work.describe(),
         }
         write_json(dense, dense_record)
     planned = planned_cells(record)
@@ -462,13 +619,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         if main:
             write_json(path, cell)
         computed += 1
-        test = next(iter(cell["accuracy"]["after_recovery"]))
-        recovered = cell["accuracy"]["after_recovery"][test]["accuracy"]
-        bench.say(
-            f"{method} seed {seed} budget {label}: {cell['kept']}/{bench.n_heads} heads, "
-            f"{test} accuracy {cell['accuracy']['after_pruning'][test]['accuracy']:.4f} pruned"
-            + (f", {recovered:.4f} recovered" if config.recovery.epochs > 0 else " (retraining-free)")
-        )
+        bench.say(f"{method} seed {seed} budget {label}: {cell['kept']}/{bench.n_heads} heads, {_headline(cell)}")
     summary = write_bench_report(out) if main else out / "summary.md"
     distributed.barrier()
     return {"cells": len(planned), "computed": computed, "summary": str(summary)}

@@ -17,6 +17,7 @@ import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,39 @@ from cahp.outputs import write_json
 from cahp.reporting.html_report import write_bench_html
 
 STAGES = {"after_pruning": "after pruning (no recovery)", "after_recovery": "after recovery"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a grid's summary ranks methods by: ``cell[results_key][stage][split][name]``."""
+
+    results_key: str
+    name: str
+    title: str
+    higher_is_better: bool
+    digits: int
+
+    def best(self, values: dict[str, float]) -> str:
+        """The key of the best value."""
+        return (max if self.higher_is_better else min)(values, key=lambda key: values[key])
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.higher_is_better else value < than
+
+    def versus(self, value: float, reference: float) -> str:
+        """Accuracy: the difference; perplexity: the ratio (it spans orders of magnitude)."""
+        return f"{value - reference:+.4f}" if self.higher_is_better else f"x{value / reference:.2f}"
+
+
+ACCURACY = Metric("accuracy", "accuracy", "Accuracy", True, 4)
+PERPLEXITY = Metric("quality", "perplexity", "Perplexity", False, 2)
+
+
+def grid_metric(config: dict[str, Any]) -> Metric:
+    """Perplexity for a ``causal-lm`` grid, accuracy otherwise."""
+    return PERPLEXITY if config.get("objective") == "causal-lm" else ACCURACY
+
+
 DEFAULT_CONTROL = "random"
 
 # Records of earlier versions (configs without "focus" / "method_settings", folders with ``scores/``) name the
@@ -185,8 +219,10 @@ def load_cells(out: Path) -> list[dict[str, Any]]:
     return [json.loads(path.read_text()) for path in sorted((Path(out) / "cells").glob("*.json"))]
 
 
-def report_split(cells: list[dict[str, Any]]) -> str:
-    """The split the summary reports: ``test`` when evaluated, else the first one."""
+def report_split(cells: list[dict[str, Any]], metric: Metric = ACCURACY) -> str:
+    """The split the summary reports: ``test`` when evaluated, else the first one (perplexity: its evaluation)."""
+    if metric is PERPLEXITY:
+        return "perplexity"
     splits = list(cells[0]["accuracy"]["after_pruning"]) if cells else []
     return "test" if "test" in splits else (splits[0] if splits else "test")
 
@@ -215,21 +251,30 @@ def jaccard(first: dict[str, list[int]], second: dict[str, list[int]]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def aggregate(cells: list[dict[str, Any]], split: str) -> dict[str, dict[str, dict[str, Any]]]:
+def aggregate(
+    cells: list[dict[str, Any]], split: str, metric: Metric = ACCURACY
+) -> dict[str, dict[str, dict[str, Any]]]:
     """``{method: {budget: {after_pruning, after_recovery, macro_f1, kept, depth, retention, seeds[, seed_overlap]}}}``
-    over seeds; ``macro_f1`` holds a stage only where every cell recorded it; ``seed_overlap`` (several seeds
-    only) is the mean pairwise Jaccard of the selected heads."""
+    over seeds (the stages hold ``metric``); ``macro_f1`` holds a stage only where every cell recorded it;
+    ``seed_overlap`` (several seeds only) is the mean pairwise Jaccard of the selected heads. A causal-LM grid
+    adds ``zero_shot`` (``{task: {stage: accuracy stats}}``) and ``kv_kept``."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         groups[(cell["method"], cell["budget"])].append(cell)
     table: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (method, budget), members in groups.items():
         layers, heads = members[0]["layers"], members[0]["heads_per_layer"]
-        row: dict[str, Any] = {
-            stage: _stats([c["accuracy"][stage][split]["accuracy"] for c in members]) for stage in STAGES
-        }
-        f1 = {stage: [c["accuracy"][stage][split].get("macro_f1") for c in members] for stage in STAGES}
+        results = [c[metric.results_key] for c in members]
+        row: dict[str, Any] = {stage: _stats([r[stage][split][metric.name] for r in results]) for stage in STAGES}
+        f1 = {stage: [r[stage][split].get("macro_f1") for r in results] for stage in STAGES}
         row["macro_f1"] = {stage: _stats(values) for stage, values in f1.items() if None not in values}
+        if metric is PERPLEXITY:
+            row["zero_shot"] = {
+                name: {stage: _stats([r[stage][name]["accuracy"] for r in results]) for stage in STAGES}
+                for name in results[0]["after_pruning"]
+                if name != split
+            }
+            row["kv_kept"] = _stats([c["kv_kept"] for c in members])
         row["kept"] = _stats([c["kept"] for c in members])
         row["kept_fraction"] = row["kept"]["mean"] / members[0]["heads_total"]
         row["depth"] = _stats([relative_depth(c["kept_heads_by_layer"], layers) for c in members])
@@ -323,24 +368,29 @@ def write_bench_report(out: str | Path) -> Path:
     config = json.loads((out / "bench_config.json").read_text())
     dense = json.loads((out / "dense.json").read_text())
     cells = load_cells(out)
-    split = report_split(cells)
-    table = aggregate(cells, split)
+    metric = grid_metric(config)
+    split = report_split(cells, metric)
+    table = aggregate(cells, split, metric)
     methods = _ordered(table, config.get("methods", []))
     budget_order = [budget_label(b) for b in config.get("budgets", [])]
     budgets = [b for b in budget_order if any(b in table[m] for m in methods)]
     timings = _timings(out, cells)
     focus, control = focus_method(config), control_method(config)
     resampled = bool(config.get("resample_calibration", False))
-    dense_accuracy = dense["accuracy"].get(split, {}).get("accuracy", float("nan"))
+    dense_value = dense[metric.results_key].get(split, {}).get(metric.name, float("nan"))
 
     recovery = config.get("recovery", {})
     retraining_free = not recovery.get("epochs")
     stages = {"after_pruning": STAGES["after_pruning"]} if retraining_free else STAGES
+    data = (
+        "the language-modelling loss of the calibration blocks"
+        if metric is PERPLEXITY
+        else f"{config.get('recovery_max_examples') or 'all'} training examples"
+    )
     recovery_text = (
-        "none: this grid is retraining-free, so accuracy is measured right after pruning"
+        f"none: this grid is retraining-free, so {metric.name} is measured right after pruning"
         if retraining_free
-        else f"{recovery.get('epochs')} epoch(s) at lr {recovery.get('learning_rate')} on "
-        f"{config.get('recovery_max_examples') or 'all'} training examples"
+        else f"{recovery.get('epochs')} epoch(s) at lr {recovery.get('learning_rate')} on {data}"
         f"{', length-grouped batches' if recovery.get('group_by_length') else ''}"
         f"{_objective_text(config.get('recovery_objective'))}, the same for every method"
     )
@@ -355,18 +405,40 @@ def write_bench_report(out: str | Path) -> Path:
     knee = knee_method(config)
     knee_text = f" (`knee` = {knee}'s k*, the head count it finds itself)" if knee and "knee" in budget_order else ""
     seeds_text = (
-        "every method runs every seed, each seed on its own calibration sample. Same recovery recipe"
+        "every method runs every seed on the same calibration blocks. Same recovery recipe"
+        if metric is PERPLEXITY
+        else "every method runs every seed, each seed on its own calibration sample. Same recovery recipe"
         if resampled
         else "methods without randomness of their own run one seed). Same calibration set, same recovery recipe"
     )
+    if metric is PERPLEXITY:
+        calibration = task.get("calibration", {})
+        evaluation = task.get("evaluation", {})
+        intro = [
+            f"# Head-pruning benchmark: {Path(config['model']).name} on causal-lm",
+            "",
+            f"Model `{_shown(config['model'])}`. Calibration: {calibration.get('blocks')} blocks of "
+            f"{calibration.get('context_length')} tokens of {task.get('calibration_split')}, the same for every "
+            f"method and seed. Recovery: {recovery_text}.",
+            "",
+            f"Perplexity (lower is better) on {evaluation.get('blocks')} blocks of {evaluation.get('context_length')} "
+            f"tokens of {evaluation.get('label')}; dense model {dense_value:.2f} with {dense['heads_total']} heads. "
+            "Zero-shot accuracy on "
+            + (", ".join(f"{n} examples of {t}" for t, n in task.get("prompted", {}).items()) or "no prompted task")
+            + ". ",
+        ]
+    else:
+        intro = [
+            f"# Head-pruning benchmark: {Path(config['model']).name} on {config['task']['task']}",
+            "",
+            f"Model `{_shown(config['model'])}`. Calibration: {config.get('calibration_size') or 'all'} examples "
+            f"of the `{task.get('calibration_split', 'train')}` split {drawn}{protocol}. Recovery: {recovery_text}.",
+            "",
+            f"Accuracy on `{split}`; dense model {dense_value:.4f} with {dense['heads_total']} heads. ",
+        ]
     lines = [
-        f"# Head-pruning benchmark: {Path(config['model']).name} on {config['task']['task']}",
-        "",
-        f"Model `{_shown(config['model'])}`. Calibration: {config.get('calibration_size') or 'all'} examples "
-        f"of the `{task.get('calibration_split', 'train')}` split {drawn}{protocol}. Recovery: {recovery_text}.",
-        "",
-        f"Accuracy on `{split}`; dense model {dense_accuracy:.4f} with {dense['heads_total']} heads. "
-        f"Budgets are fractions of heads kept{knee_text}; the one-head-per-layer guardrail may keep "
+        *intro[:-1],
+        intro[-1] + f"Budgets are fractions of heads kept{knee_text}; the one-head-per-layer guardrail may keep "
         "a few more (see the heads-kept table). Cells show mean ± sample std over seeds; a value without ± "
         f"comes from one seed ({seeds_text} and recovery seed for every method."
         f" `{control}` is the control.",
@@ -374,9 +446,9 @@ def write_bench_report(out: str | Path) -> Path:
     ]
     planned, missing = _missing_cells(config, cells)
     lines += missing
-    if cells:
+    if cells and metric is ACCURACY:
         examples = cells[0]["accuracy"]["after_pruning"][split]["examples"]
-        error = float(np.sqrt(dense_accuracy * (1 - dense_accuracy) / examples))
+        error = float(np.sqrt(dense_value * (1 - dense_value) / examples))
         lines += [
             f"Noise: one accuracy on these {examples} examples has a binomial standard error of about ±{error:.4f}, "
             "so differences below about twice that are within noise.",
@@ -390,28 +462,40 @@ def write_bench_report(out: str | Path) -> Path:
         row, reference = table[method].get(budget), table.get(control, {}).get(budget)
         if row is None or reference is None:
             return "–"
-        return " / ".join(f"{row[s]['mean'] - reference[s]['mean']:+.4f}" for s in stages)
+        return " / ".join(metric.versus(row[s]["mean"], reference[s]["mean"]) for s in stages)
 
     for stage, title in stages.items():
-        lines += _markdown_table(f"Accuracy {title}", methods, budgets, show(lambda r, s=stage: _fmt(r[s])))
+        lines += _markdown_table(
+            f"{metric.title} {title}", methods, budgets, show(lambda r, s=stage: _fmt(r[s], metric.digits))
+        )
 
     def macro_f1(method: str, budget: str) -> str:
         scores = table[method].get(budget, {}).get("macro_f1", {})
         return " / ".join(f"{scores[s]['mean']:.4f}" for s in stages) if all(s in scores for s in stages) else "–"
 
     stage_names = " / ".join(s.replace("_", " ") for s in stages)
-    lines += _markdown_table(f"Macro-F1 (mean, {stage_names})", methods, budgets, macro_f1)
-    lines += [
-        "A macro-F1 far below the accuracy means some class is rarely predicted or rarely right: a class the "
-        "model never predicts counts as 0 in the mean.",
-        "",
-    ]
+    if metric is PERPLEXITY:
+        lines += _zero_shot_tables(table, methods, budgets, stages, stage_names)
+    else:
+        lines += _markdown_table(f"Macro-F1 (mean, {stage_names})", methods, budgets, macro_f1)
+        lines += [
+            "A macro-F1 far below the accuracy means some class is rarely predicted or rarely right: a class the "
+            "model never predicts counts as 0 in the mean.",
+            "",
+        ]
     if control in table:
-        title = f"Gain over the {control} control (mean accuracy, {stage_names})"
+        title = (
+            f"Gain over the {control} control (mean accuracy, {stage_names})"
+            if metric is ACCURACY
+            else f"Perplexity relative to the {control} control (ratio of means, {stage_names}; below 1 is better)"
+        )
         lines += _markdown_table(title, [m for m in methods if m != control], budgets, gain)
     if focus in table and len(methods) > 1:
-        lines += _focus_vs_best(table, focus, methods, budgets, stages)
+        lines += _focus_vs_best(table, focus, methods, budgets, stages, metric)
     lines += _markdown_table("Heads kept (mean)", methods, budgets, show(lambda r: f"{r['kept']['mean']:.1f}"))
+    if metric is PERPLEXITY:
+        kv = show(lambda r: f"{r['kv_kept']['mean']:.1f}")
+        lines += _markdown_table("Key-value heads kept (mean; the KV cache shrinks with them)", methods, budgets, kv)
     lines += _markdown_table(
         "Mean relative depth of the kept heads (0 = first layer, 1 = last)",
         methods,
@@ -450,7 +534,8 @@ def write_bench_report(out: str | Path) -> Path:
         out / "summary.json",
         {
             "split": split,
-            "dense_accuracy": dense_accuracy,
+            "metric": metric.name,
+            f"dense_{metric.name}": dense_value,
             "table": table,
             "timings": timings,
             "cells": len(cells),
@@ -461,7 +546,9 @@ def write_bench_report(out: str | Path) -> Path:
     plots.mkdir(exist_ok=True)
     if cells:
         roles = {"focus": focus, "control": control}
-        plot_accuracy_vs_heads(table, methods, dense_accuracy, split, plots / "accuracy_vs_heads.png", stages, **roles)
+        plot_accuracy_vs_heads(
+            table, methods, dense_value, split, plots / "accuracy_vs_heads.png", stages, metric=metric, **roles
+        )
         plot_layer_retention(table, methods, plots / "layer_retention.png")
         plot_kept_depth(table, methods, plots / "kept_depth.png", **roles)
     write_bench_html(out)
@@ -469,13 +556,20 @@ def write_bench_report(out: str | Path) -> Path:
 
 
 def _focus_vs_best(
-    table: dict[str, Any], focus: str, methods: list[str], budgets: list[str], stages: dict[str, str]
+    table: dict[str, Any],
+    focus: str,
+    methods: list[str],
+    budgets: list[str],
+    stages: dict[str, str],
+    metric: Metric = ACCURACY,
 ) -> list[str]:
-    """Per budget and stage: the focus method's mean accuracy against the best other method's (by mean)."""
+    """Per budget and stage: the focus method's mean against the best other method's (by mean)."""
+    digits = metric.digits
     lines = [
-        f"## {focus} vs the best other method (mean accuracy)",
+        f"## {focus} vs the best other method (mean {metric.name})",
         "",
-        f"| budget | stage | {focus} | best other | difference | rank of {focus} |",
+        f"| budget | stage | {focus} | best other | {'difference' if metric.higher_is_better else 'ratio'} | "
+        f"rank of {focus} |",
         "|---|---|---|---|---|---|",
     ]
     for budget in budgets:
@@ -483,13 +577,29 @@ def _focus_vs_best(
             means = {m: table[m][budget][stage]["mean"] for m in methods if budget in table[m]}
             if focus not in means or len(means) < 2:
                 continue
-            best = max((m for m in means if m != focus), key=lambda m: means[m])
-            rank = 1 + sum(value > means[focus] for m, value in means.items() if m != focus)
+            best = metric.best({m: v for m, v in means.items() if m != focus})
+            rank = 1 + sum(metric.better(value, means[focus]) for m, value in means.items() if m != focus)
             lines.append(
-                f"| {budget} | {stage.replace('_', ' ')} | {means[focus]:.4f} | {best} {means[best]:.4f} | "
-                f"{means[focus] - means[best]:+.4f} | {rank} of {len(means)} |"
+                f"| {budget} | {stage.replace('_', ' ')} | {means[focus]:.{digits}f} | {best} "
+                f"{means[best]:.{digits}f} | {metric.versus(means[focus], means[best])} | {rank} of {len(means)} |"
             )
     return [*lines, ""]
+
+
+def _zero_shot_tables(
+    table: dict[str, Any], methods: list[str], budgets: list[str], stages: dict[str, str], stage_names: str
+) -> list[str]:
+    """A causal-LM grid: per prompted task, the mean zero-shot accuracy at each stage."""
+    tasks = sorted({task for method in methods for row in table[method].values() for task in row["zero_shot"]})
+    lines: list[str] = []
+    for task in tasks:
+
+        def accuracy(method: str, budget: str, task: str = task) -> str:
+            scores = table[method].get(budget, {}).get("zero_shot", {}).get(task)
+            return " / ".join(f"{scores[s]['mean']:.4f}" for s in stages) if scores else "–"
+
+        lines += _markdown_table(f"{task} accuracy (mean, {stage_names})", methods, budgets, accuracy)
+    return lines
 
 
 def _markdown_table(title: str, methods: list[str], budgets: list[str], cell: Callable[[str, str], str]) -> list[str]:
@@ -519,15 +629,17 @@ def _style(method: str, index: int, focus: str | None, control: str | None) -> d
 def plot_accuracy_vs_heads(
     table: dict[str, Any],
     methods: list[str],
-    dense_accuracy: float,
+    dense_value: float,
     split: str,
     path: Path,
     stages: dict[str, str] = STAGES,
     *,
     focus: str | None = None,
     control: str | None = DEFAULT_CONTROL,
+    metric: Metric = ACCURACY,
 ) -> Path:
-    """Accuracy against the share of heads kept, per method (mean line, ±std band), one panel per stage.
+    """Accuracy (or perplexity, on a log scale) against the share of heads kept, per method (mean line, ±std
+    band), one panel per stage.
 
     ``focus`` is drawn highlighted and ``control`` dashed black. A retraining-free grid passes only
     ``after_pruning``: a second panel would repeat the first under a title that claims a recovery.
@@ -539,11 +651,13 @@ def plot_accuracy_vs_heads(
             style = _style(method, index, focus, control)
             ax.plot(x, mean, label=method, **style)
             ax.fill_between(x, mean - std, mean + std, color=style["color"], alpha=0.15, lw=0)
-        ax.axhline(dense_accuracy, color="grey", ls=":", label="dense")
+        ax.axhline(dense_value, color="grey", ls=":", label="dense")
         ax.set_title(title)
         ax.set_xlabel("share of heads kept")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{split} accuracy")
+        if not metric.higher_is_better:
+            ax.set_yscale("log")
+    axes[0][0].set_ylabel(split if split == metric.name else f"{split} {metric.name}")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
