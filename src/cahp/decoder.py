@@ -47,7 +47,7 @@ from cahp.evaluation.prompted import default_prompt, evaluate_prompted
 from cahp.methods.base import available_methods, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.outputs import StagedOutput, atomic_write, check_output_target, write_json
-from cahp.pipeline import _Stages, check_config
+from cahp.pipeline import StageCache, check_config
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, kept_kv_heads_by_layer, prune_heads
 from cahp.surgery.autoload import save_pruned, stock_config_dict
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
@@ -509,7 +509,7 @@ def prune_lm(
     record = {"command": "prune-lm", **config.to_dict(), "inputs": inputs}
     with StagedOutput(out, record, overwrite, command=command) as staged:
         (staged.path / "stages").mkdir(exist_ok=True)
-        stages = _Stages(staged.path / "stages", progress)
+        stages = StageCache(staged.path / "stages", progress)
         engine.cache_dir = stages.folder / "methods"
         if staged.resumed:
             stages.say(f"resuming the unfinished run in {staged.path}")

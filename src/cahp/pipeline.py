@@ -201,7 +201,7 @@ def upgrade_prune_record(raw: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-class _Stages:
+class StageCache:
     """Run a stage once: its JSON result is cached in the staging folder, with its seconds (``folder`` ``None``:
     a non-main process, which keeps no cache and follows the main process's in :meth:`shared`)."""
 
@@ -337,7 +337,7 @@ def prune(
     record = {"command": "prune", **config.to_dict(), "inputs": inputs}
     with StagedOutput(out, record, overwrite, command=command) as staged:  # locked; released on exit
         (staged.path / "stages").mkdir(exist_ok=True)
-        stages = _Stages(staged.path / "stages", progress)
+        stages = StageCache(staged.path / "stages", progress)
         engine.cache_dir = stages.folder / "methods"
         if staged.resumed:
             stages.say(f"resuming the unfinished run in {staged.path}")
@@ -496,7 +496,7 @@ def _follow_main(
 ) -> dict[str, Any]:
     """A non-main process of a multi-process ``cahp prune``: the stages every process computes together (the
     method's fit, the recovery), in the main process's order, writing nothing; returns the main process's report."""
-    stages = _Stages(None, progress=False)
+    stages = StageCache(None, progress=False)
     plan = KeepPlan.from_dict(
         stages.shared("plan", lambda: engine.plan(config.method, config.settings(), budget, constraints).to_dict())
     )

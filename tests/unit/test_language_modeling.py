@@ -160,7 +160,7 @@ def test_a_hub_corpus_that_cannot_load_says_to_pass_a_local_file(monkeypatch: py
     def offline(path: str, config: str | None) -> Any:
         raise DataError("ConnectionError: no route to huggingface.co\nmore detail")
 
-    monkeypatch.setattr(tasks, "_hub_dataset", offline)
+    monkeypatch.setattr(tasks, "hub_dataset", offline)
     with pytest.raises(DataError) as caught:
         load_corpus("wikitext:wikitext-2-raw-v1")
     message = str(caught.value)

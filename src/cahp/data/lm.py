@@ -166,16 +166,16 @@ def _non_empty(texts: Iterable[Any]) -> list[str]:
 
 
 def _mnli_premises(role: Role, data_dir: str | Path | None) -> TextCorpus:
-    from cahp.data.tasks import _data_dirs, _find_split_file, _read_rows
+    from cahp.data.tasks import data_dirs, find_split_file, read_rows
 
     split = MNLI_PREMISE_SPLITS[role]
     looked = []
-    for folder in _data_dirs(data_dir):
+    for folder in data_dirs(data_dir):
         looked.append(str(folder / "mnli"))
-        path = _find_split_file(folder / "mnli", split)
+        path = find_split_file(folder / "mnli", split)
         if path is None:
             continue
-        premises = [str(row.get("premise") or "").strip() for row in _read_rows(path).rows]
+        premises = [str(row.get("premise") or "").strip() for row in read_rows(path).rows]
         unique = list(dict.fromkeys(p for p in premises if p))  # first occurrence order
         note = f"MNLI {split} premises, stripped and deduplicated ({len(premises)} rows -> {len(unique)} documents)"
         return TextCorpus(DEFAULT_CORPUS, split, unique, str(path), [note])
@@ -238,7 +238,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    from cahp.data.tasks import _read_rows
+    from cahp.data.tasks import read_rows
 
     if path.name.removesuffix(".gz").endswith(".tsv"):
         reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t")
@@ -246,15 +246,15 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
             return list(reader)
         except csv.Error as error:
             raise DataError(f"{path}, line {reader.line_num}: not valid TSV ({error})") from None
-    return _read_rows(path).rows
+    return read_rows(path).rows
 
 
 def _hub_corpus(name: str, role: Role, column: str) -> TextCorpus:
-    from cahp.data.tasks import _hub_dataset
+    from cahp.data.tasks import hub_dataset
 
     path, _, config = name.partition(":")
     try:
-        dataset = _hub_dataset(path, config or None)
+        dataset = hub_dataset(path, config or None)
     except DataError as error:
         reason = str(error).splitlines()[0][:200]
         raise DataError(

@@ -275,7 +275,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     return path.open("r", encoding="utf-8-sig", newline="")
 
 
-def _read_rows(path: Path) -> RawRows:
+def read_rows(path: Path) -> RawRows:
     """Read JSON lines, a JSON list, or CSV (optionally gzipped) into records.
 
     Raises:
@@ -344,7 +344,8 @@ def _read_csv(handle: io.TextIOBase, path: Path) -> RawRows:
     return RawRows(rows, str(path), lines)
 
 
-def _find_split_file(folder: Path, split: str) -> Path | None:
+def find_split_file(folder: Path, split: str) -> Path | None:
+    """The file of ``split`` in ``folder`` (``<split>.jsonl``, ``.json`` or ``.csv``, gzipped or not), else None."""
     for suffix in (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".csv.gz", ".csv"):
         candidate = folder / f"{split}{suffix}"
         if candidate.is_file():
@@ -454,7 +455,8 @@ def _check_labels(split: TextSplit, num_labels: int, where: str) -> None:
         )
 
 
-def _data_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+def data_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """Where local task data is looked for, in order: ``data_dir``, then ``$CAHP_DATA_DIR``."""
     dirs = []
     if data_dir is not None:
         dirs.append(Path(data_dir).expanduser())
@@ -469,13 +471,13 @@ def _load_local_builtin(spec: TaskSpec, folder: Path) -> dict[str, TextSplit] | 
         return None
     splits = {}
     for split, stem in spec.local_splits.items():
-        path = _find_split_file(task_folder, stem)
+        path = find_split_file(task_folder, stem)
         if path is not None:
-            splits[split] = _rows_to_split(_read_rows(path), split, spec.text_columns, "label", None)
+            splits[split] = _rows_to_split(read_rows(path), split, spec.text_columns, "label", None)
     return splits or None
 
 
-def _hub_dataset(path: str, config: str | None) -> Any:
+def hub_dataset(path: str, config: str | None) -> Any:
     """``datasets.load_dataset(path, config)``; when the hub cannot be reached, only the local cache is read
     (at once, instead of after ~30 s of retries).
 
@@ -498,7 +500,7 @@ def _load_hub(
     path: str, config: str | None, split_names: dict[str, str], text_columns: Sequence[str], label_column: str
 ) -> dict[str, TextSplit]:
     try:
-        dataset = _hub_dataset(path, config)
+        dataset = hub_dataset(path, config)
     except DataError as error:
         raise DataError(f"hub dataset {path!r}{f' ({config})' if config else ''}: {error}") from None
     splits = {}
@@ -565,7 +567,7 @@ def _load_builtin(spec: TaskSpec, data_dir: str | os.PathLike[str] | None, proto
     looked = []
     splits = None
     source = ""
-    for folder in _data_dirs(data_dir):
+    for folder in data_dirs(data_dir):
         looked.append(str(folder / spec.name))
         splits = _load_local_builtin(spec, folder)
         if splits:
@@ -603,11 +605,11 @@ def _load_custom(
 ) -> TaskData:
     folder = Path(task).expanduser()
     if folder.is_dir():
-        files = {split: _find_split_file(folder, split) for split in CANONICAL_SPLITS}
+        files = {split: find_split_file(folder, split) for split in CANONICAL_SPLITS}
         files = {split: path for split, path in files.items() if path is not None}
         if "train" not in files and "test" not in files and "validation" not in files:
             raise DataError(f"folder {folder} holds no train/validation/test file (.jsonl[.gz], .json[.gz], .csv[.gz])")
-        raw = {split: _read_rows(path) for split, path in files.items()}
+        raw = {split: read_rows(path) for split, path in files.items()}
         source = str(folder)
     elif folder.is_file():
         raise DataError(
@@ -617,7 +619,7 @@ def _load_custom(
     else:
         path, _, config = task.partition(":")
         try:
-            dataset = _hub_dataset(path, config or None)
+            dataset = hub_dataset(path, config or None)
         except DataError as error:
             raise DataError(
                 f"task {task!r} is not a built-in task ({', '.join(TASKS)}), not a local folder, and not "
