@@ -71,6 +71,17 @@ def check_counts(owner: Any, names: tuple[str, ...], *, optional: bool, where: s
             raise CahpError(f"{where}{name} must be {what}, got {value!r}")
 
 
+def check_texts(owner: Any, names: tuple[str, ...], *, optional: bool) -> None:
+    """Refuse any of ``owner``'s attributes ``names`` that is not a non-empty text (``None`` passes when
+    ``optional``)."""
+    for name in names:
+        value = getattr(owner, name)
+        if optional and value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise CahpError(f"{name} must be a non-empty text{' or null' if optional else ''}, got {value!r}")
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON object from ``path``, with errors that name the file."""
     file = Path(path).expanduser()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from cahp.calibration import CausalLanguageModeling, lm_calibration
-from cahp.config import check_counts, config_from_dict
+from cahp.config import check_counts, check_texts, config_from_dict
 from cahp.data.lm import DEFAULT_CORPUS, LMBlocks, load_blocks
 from cahp.engine import Engine, print_line
 from cahp.errors import CahpError, ModelNotFoundError, PrunedModelError
@@ -108,14 +108,8 @@ class LMOptions:
         Raises:
             CahpError: the first bad setting, named.
         """
-        for name in ("corpus", "prompted_split"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise CahpError(f"{name} must be a non-empty text, got {value!r}")
-        for name in ("corpus_column", "data_dir"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise CahpError(f"{name} must be a non-empty text or null, got {value!r}")
+        check_texts(self, ("corpus", "prompted_split"), optional=False)
+        check_texts(self, ("corpus_column", "data_dir"), optional=True)
         check_counts(self, ("stride", "prompted_examples"), optional=True)
         check_counts(
             self,
@@ -264,10 +258,7 @@ class DecoderPruneConfig(LMOptions):
         Raises:
             CahpError: the first bad setting, named.
         """
-        for name in ("model", "method"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise CahpError(f"{name} must be a non-empty text, got {value!r}")
+        check_texts(self, ("model", "method"), optional=False)
         if not isinstance(self.method_settings, dict):
             raise CahpError(f"method_settings must be an object {{setting: value}}, got {self.method_settings!r}")
         if not isinstance(self.budget, str):
