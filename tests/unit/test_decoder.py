@@ -199,6 +199,25 @@ def test_bad_settings_are_refused_before_any_work(
     assert not tmp_path.joinpath("run").exists()
 
 
+@pytest.mark.skipif(not HAS_SST2, reason="needs the shared SST-2 data")
+def test_the_prompted_subset_is_drawn_with_the_runs_seed_unless_sample_seed_says_otherwise(
+    lm_folders: dict[str, Path],
+) -> None:
+    """A run_config written before ``sample_seed`` existed replays with the same prompted examples."""
+    record = tiny_config(lm_folders, seed=7, prompted_examples=20).to_dict()
+    record.pop("sample_seed")
+    replayed = DecoderPruneConfig.from_dict(record)
+    tokenizer = tiny_tokenizer()
+
+    def texts(config: DecoderPruneConfig) -> list[tuple[str, ...]]:
+        split, _ = config.load(tokenizer, config.seed).prompted["sst2"]
+        return split.texts
+
+    assert replayed.sample_seed is None
+    assert texts(replayed) == texts(tiny_config(lm_folders, seed=0, prompted_examples=20, sample_seed=7))
+    assert texts(replayed) != texts(tiny_config(lm_folders, seed=7, prompted_examples=20, sample_seed=8))
+
+
 def test_a_sequence_classifier_is_refused(tmp_path: Path) -> None:
     from tests.unit.tiny_models import build_model
 
