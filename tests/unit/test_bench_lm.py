@@ -36,9 +36,9 @@ def grid(folders: dict[str, Path], out: Path, **changes: Any) -> dict[str, Any]:
             "data_dir": str(SHARED_DATA),
             "prompted_examples": 6,
         },
-        "methods": ["fisher", "random"],
+        "methods": ["fisher", "magnitude", "random"],
         "budgets": [0.5],
-        "seeds": [0],
+        "seeds": [0, 1],
         "recovery": {"epochs": 1.0, "learning_rate": 1e-3, "batch_size": 3},
         "gqa_mode": "groups",
         "uniform_layers": True,  # one whole group per layer (else the guardrail may keep a group more)
@@ -53,10 +53,17 @@ def test_a_causal_lm_grid_measures_the_models_its_plans_describe(
 ) -> None:
     out = tmp_path / "bench"
     config = BenchConfig.from_dict(grid(lm_folders, out))
-    assert run_bench(config, progress=False)["computed"] == 2
+    # every seed sees the same blocks: magnitude (no randomness of its own) runs one seed, the others both
+    assert run_bench(config, progress=False)["computed"] == 5
+    assert sorted(path.stem.split("__")[0] for path in (out / "cells").glob("*.json")) == [
+        "fisher",
+        "fisher",
+        "magnitude",
+        "random",
+        "random",
+    ]
     dense = json.loads((out / "dense.json").read_text())
-    cells = {path.stem.split("__")[0]: json.loads(path.read_text()) for path in (out / "cells").glob("*.json")}
-    assert set(cells) == {"fisher", "random"}
+    cells = {path.stem.split("__")[0]: json.loads(path.read_text()) for path in (out / "cells").glob("*seed0*")}
 
     model, tokenizer = load_causal_lm(str(lm_folders["llama"]))
     blocks = config.lm.load(tokenizer, config.calibration_seed).evaluation  # type: ignore[union-attr]
@@ -85,7 +92,7 @@ def test_a_causal_lm_grid_measures_the_models_its_plans_describe(
     assert ("## sst2-zero-shot accuracy (mean" in summary) == HAS_SST2
     record = json.loads((out / "summary.json").read_text())
     assert record["metric"] == "perplexity"
-    assert record["table"]["random"]["0.5"]["after_pruning"]["mean"] == pytest.approx(expected)
+    assert record["table"]["random"]["0.5"]["after_pruning"]["n"] == 2
     assert (out / "report.html").is_file() and (out / "plots" / "accuracy_vs_heads.png").is_file()
     assert run_bench(BenchConfig.from_dict(grid(lm_folders, out)), progress=False)["computed"] == 0
 

@@ -110,7 +110,8 @@ class BenchConfig:
             ``lm``'s calibration blocks, cells report perplexity on its evaluation blocks and the zero-shot accuracy
             of its prompted tasks, and the recovery trains on the LM loss of the calibration blocks). A
             ``causal-lm`` grid reads its text from ``lm`` and ignores ``task``, ``calibration_size``,
-            ``resample_calibration`` (every seed sees the same blocks), ``recovery_max_examples``,
+            ``resample_calibration`` (every seed sees the same blocks, so a method without randomness of its own
+            runs its first ``deterministic_seeds`` seeds only), ``recovery_max_examples``,
             ``eval_splits`` and ``eval_max_examples``; it refuses methods that compare classes (CAHP), the
             ``knee`` budget and distillation.
         lm: the text and measurements of a ``causal-lm`` grid (:class:`cahp.decoder.LMOptions`; default: its

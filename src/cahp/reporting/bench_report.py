@@ -124,8 +124,11 @@ def method_seeds(method: str, config: dict[str, Any]) -> list[int]:
 
 
 def _seeds(info: MethodInfo, config: dict[str, Any]) -> list[int]:
+    """A method's seeds: all of them, or the first ``deterministic_seeds`` for a method without randomness of its
+    own when every seed sees the same calibration data (no resampling, or a causal-LM grid's fixed blocks)."""
     seeds = list(config.get("seeds", []))
-    if config.get("resample_calibration", False) or not info.deterministic:
+    resampled = config.get("resample_calibration", False) and config.get("objective") != "causal-lm"
+    if resampled or not info.deterministic:
         return seeds
     return seeds[: max(1, int(config.get("deterministic_seeds", 1)))]
 
@@ -405,10 +408,8 @@ def write_bench_report(out: str | Path) -> Path:
     knee = knee_method(config)
     knee_text = f" (`knee` = {knee}'s k*, the head count it finds itself)" if knee and "knee" in budget_order else ""
     seeds_text = (
-        "every method runs every seed on the same calibration blocks. Same recovery recipe"
-        if metric is PERPLEXITY
-        else "every method runs every seed, each seed on its own calibration sample. Same recovery recipe"
-        if resampled
+        "every method runs every seed, each seed on its own calibration sample. Same recovery recipe"
+        if resampled and metric is ACCURACY
         else "methods without randomness of their own run one seed). Same calibration set, same recovery recipe"
     )
     if metric is PERPLEXITY:
