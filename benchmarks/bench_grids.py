@@ -115,6 +115,14 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
             continue
         budgets = [budget_label(b) for b in config["budgets"]]
         budgets = [b for b in budgets if b == "knee" or float(b) <= max_fraction]
+        if not budgets:
+            lines += [
+                f"## {name}",
+                "",
+                f"No budget at {max_fraction:.0%} of the heads or fewer: see `{name}/summary.md`.",
+                "",
+            ]
+            continue
         rows = [(m, summary["table"][m]) for m in config["methods"] if m in summary["table"]]
         for variant in variants[name]:
             variant_summary, variant_config = grids[variant]
