@@ -209,7 +209,9 @@ def main() -> None:
             if not args.publish_only:
                 run_grid(grid)
             if args.publish_only and not grid_started(grid):
-                print(f"{grid}: not run yet (python benchmarks/recovery.py --studies {study})")
+                print(
+                    f"{grid}: nothing to publish on this machine (run: python benchmarks/recovery.py --studies {study})"
+                )
                 continue
             publish(grid)
     tables = {study: study_table(study) for study in STUDIES}
