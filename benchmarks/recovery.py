@@ -6,7 +6,8 @@
 
 A study is a set of ``cahp bench`` grids (``configs/recovery_*.json``) that differ ONLY in
 ``recovery_objective``: same model, methods, budgets, seeds, calibration samples (one shared ``fitted_dir``, so
-each method is fitted once per seed for all objectives) and recovery recipe. Each grid runs through
+each method is fitted once per seed for all objectives) and recovery recipe; a column whose label names another
+setting (``kd at lr 2e-5``) changes that setting too. Each grid runs through
 ``bench_grids.py`` (resumable cell by cell) and is published to ``results/bench/<grid>/``; this script then writes
 ``results/recovery.md`` / ``.json`` and ``results/recovery_<study>.png``: accuracy and macro-F1 after recovery per
 method, budget and objective (mean ± sd over seeds), the difference distillation makes, and the wall time of the
@@ -33,7 +34,11 @@ STUDIES: dict[str, dict[str, str]] = {
         "kd-relations": "recovery_pilot_minilm_sst5_kd_relations",
     },
     "sst5": {"ce": "recovery_minilm_sst5_ce", "kd": "recovery_minilm_sst5_kd"},
-    "aim-sst5": {"ce": "recovery_aim_minilm_sst5_ce", "kd": "recovery_aim_minilm_sst5_kd"},
+    "aim-sst5": {
+        "ce": "recovery_aim_minilm_sst5_ce",
+        "kd": "recovery_aim_minilm_sst5_kd",
+        "kd at lr 2e-5": "recovery_aim_minilm_sst5_kd_lr2e-5",
+    },
     "mnli": {"ce": "recovery_minilm_mnli_ce", "kd": "recovery_minilm_mnli_kd"},
 }
 ABOUT = {
@@ -45,7 +50,8 @@ ABOUT = {
     "many each row has (the grids resume where they stopped).",
     "aim-sst5": "The aim row: CAHP at its knee on MiniLM-L6 / SST-5 with the reference recovery (3 epochs on the "
     "whole training split, lr 5e-5, length-grouped batches), `ce` vs `kd` (the pilot's best distillation objective), "
-    "same steps; CAHP's signatures on the whole training split; seeds 0-2.",
+    "same steps; CAHP's signatures on the whole training split; seeds 0-2. `kd at lr 2e-5` also changes the "
+    "learning rate to the reference run's (`results/cahp.md`).",
     "mnli": "The comparison under a fuller recipe on MiniLM-L6 / MNLI (offline protocol): the recipe of the SST-5 "
     "study, calibration on the whole calibration split, recovery 1 epoch on the whole training split.",
 }
