@@ -82,6 +82,14 @@ def check_texts(owner: Any, names: tuple[str, ...], *, optional: bool) -> None:
             raise CahpError(f"{name} must be a non-empty text{' or null' if optional else ''}, got {value!r}")
 
 
+def check_text_lists(owner: Any, names: tuple[str, ...]) -> None:
+    """Refuse any of ``owner``'s attributes ``names`` that is not a list (tuple) of texts."""
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, str) or not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise CahpError(f"{name} must be a list of texts, got {value!r}")
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON object from ``path``, with errors that name the file."""
     file = Path(path).expanduser()

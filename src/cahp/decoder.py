@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from cahp.calibration import CausalLanguageModeling, lm_calibration
-from cahp.config import check_counts, check_texts, config_from_dict
+from cahp.config import check_counts, check_text_lists, check_texts, config_from_dict
 from cahp.data.lm import DEFAULT_CORPUS, LMBlocks, load_blocks
 from cahp.engine import Engine, print_line
 from cahp.errors import CahpError, ModelNotFoundError, PrunedModelError
@@ -130,11 +130,8 @@ class LMOptions:
                 f"stride {self.stride} is longer than context_length {self.context_length}: it would skip tokens; "
                 "give a stride of at most the context length"
             )
-        if isinstance(self.prompted, str) or not isinstance(self.prompted, tuple):
-            raise CahpError(f"prompted must be a list of texts, got {self.prompted!r}")
+        check_text_lists(self, ("prompted",))
         for task in self.prompted:
-            if not isinstance(task, str):
-                raise CahpError(f"prompted must be a list of texts, got {self.prompted!r}")
             default_prompt(task)  # refuses a task without a built-in prompt, naming the ones there are
         if self.sample_seed is not None and not is_seed(self.sample_seed):
             raise CahpError(f"sample_seed must be a whole number in 0..{SEEDS - 1} or null, got {self.sample_seed!r}")
@@ -159,10 +156,10 @@ class LMOptions:
             )
             for role, count in (("calibration", self.calibration_blocks), ("evaluation", self.eval_blocks))
         }
+        seed = run_seed if self.sample_seed is None else self.sample_seed
         prompted = {}
         for name in self.prompted:
             task = load_task(name, self.data_dir)
-            seed = run_seed if self.sample_seed is None else self.sample_seed
             split = subsample(task.split(self.prompted_split), self.prompted_examples, seed)
             prompted[name] = (split, task.text_columns)
         return LMData(blocks["calibration"], blocks["evaluation"], prompted)
@@ -273,9 +270,7 @@ class DecoderPruneConfig(LMOptions):
         super().validate()  # the text and measurement settings
         check_counts(self, ("recovery_lora_rank",), optional=True)
         check_counts(self, ("continuation_tokens", "prompt_tokens", "new_tokens", "latency_repeats"), optional=False)
-        prompts = self.continuation_prompts
-        if isinstance(prompts, str) or not isinstance(prompts, tuple) or not all(isinstance(p, str) for p in prompts):
-            raise CahpError(f"continuation_prompts must be a list of texts, got {prompts!r}")
+        check_text_lists(self, ("continuation_prompts",))
         sizes = self.generation_batch_sizes
         if not isinstance(sizes, tuple) or not sizes or not all(_is_count(size) for size in sizes):
             raise CahpError(f"generation_batch_sizes must list positive whole numbers, got {sizes!r}")

@@ -46,7 +46,14 @@ from cahp.methods.base import PruningMethod, available_methods, get_method, meth
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import cahp_home, check_max_length, load_classifier, load_model_config
 from cahp.outputs import write_json
-from cahp.reporting.bench_report import budget_label, method_seeds, planned_cells, write_bench_report
+from cahp.reporting.bench_report import (
+    Metric,
+    budget_label,
+    grid_metric,
+    method_seeds,
+    planned_cells,
+    write_bench_report,
+)
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, kept_kv_heads_by_layer, prune_heads
 from cahp.train.distill import Distillation, RecoveryObjective, build_recovery_loss
 from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
@@ -167,8 +174,6 @@ class BenchConfig:
             config.task.data_dir = expand_path(config.task.data_dir)
         if config.task.task.startswith(("~", "$")):
             config.task.task = expand_path(config.task.task)
-        if config.is_lm and config.lm is None:
-            config.lm = LMOptions()
         if config.lm is not None:
             for name in ("data_dir", "corpus"):
                 value = getattr(config.lm, name)
@@ -340,8 +345,6 @@ class _ClassifierWork:
     """A fine-tuned classifier: calibration = a stratified sample of the task's calibration split, results =
     accuracy and macro-F1 per evaluated split, recovery = the grid's objective on the training split."""
 
-    results_key = "accuracy"
-
     def __init__(self, config: BenchConfig, progress: bool):
         self.config = config
         self.progress = progress
@@ -411,11 +414,10 @@ class _LanguageModelWork:
     perplexity on its evaluation blocks and the zero-shot accuracy of its prompted tasks, recovery = the LM loss
     of the calibration blocks."""
 
-    results_key = "quality"
-
     def __init__(self, config: BenchConfig, progress: bool):
+        del progress  # the LM measurements show no progress bars
         assert config.lm is not None  # set by _validate_lm
-        self.config, self.options, self.progress = config, config.lm, progress
+        self.config, self.options = config, config.lm
         set_seed(config.calibration_seed)
         self.model, self.tokenizer = load_causal_lm(config.model)
         self.data: LMData = self.options.load(self.tokenizer, config.calibration_seed)
@@ -465,6 +467,7 @@ class _Bench:
         self.progress = progress
         self.out = Path(config.out)
         self.work = (_LanguageModelWork if config.is_lm else _ClassifierWork)(config, progress)
+        self.metric = grid_metric(record)  # what the cells record, under which key
         self.model, self.tokenizer = self.work.model, self.work.tokenizer
         if torch.cuda.is_available():
             self.model.cuda()
@@ -484,9 +487,6 @@ class _Bench:
             fitted = Path(self.config.fitted_dir) if self.config.fitted_dir else self.out / "fitted"
             self._engines[sample_seed] = Engine(self.model, self.work.calibration(sample_seed), fitted, say=self.say)
         return self._engines[sample_seed]
-
-    def accuracy(self, model: Any) -> dict[str, Any]:
-        return self.work.evaluate(model)
 
     def settings(self, method: str, seed: int) -> dict[str, Any]:
         return {**self.config.method_settings.get(method, {}), "seed": seed}
@@ -533,14 +533,14 @@ class _Bench:
         gqa_mode = self.config.gqa_mode
         prune_heads(model, heads_to_remove(model, plan.kept_heads_by_layer, gqa_mode), gqa_mode=gqa_mode)
         kept = kept_heads_by_layer(model)
-        after_pruning = self.accuracy(model)
+        after_pruning = self.work.evaluate(model)
         pruned = time.perf_counter()
         history: list[dict[str, Any]] = []
         after_recovery, teacher_costs = after_pruning, {}
         if self.config.recovery.epochs > 0:
             set_seed(self.config.recovery.seed)
             history, teacher_costs = self.work.recover(model)
-            after_recovery = self.accuracy(model)
+            after_recovery = self.work.evaluate(model)
         end = time.perf_counter()
         record = plan.to_dict()
         record.pop("details")
@@ -562,7 +562,7 @@ class _Bench:
             "calibration": self.engine(seed).calibration.description,
             "budget_aware": bool(fitted.budget_aware),
             "fit_cached": bool(cached),
-            self.work.results_key: {"after_pruning": after_pruning, "after_recovery": after_recovery},
+            self.metric.results_key: {"after_pruning": after_pruning, "after_recovery": after_recovery},
             "recovery_history": history,
             "recovery_objective": self.config.recovery_objective.loss,
             "teacher": teacher_costs,
@@ -575,11 +575,11 @@ class _Bench:
         }
 
 
-def _headline(cell: dict[str, Any]) -> str:
+def _headline(cell: dict[str, Any], metric: Metric) -> str:
     """``test accuracy 0.4512 pruned, 0.4730 recovered`` (a causal LM: its perplexity)."""
-    stages = cell.get("quality") or cell["accuracy"]
+    stages = cell[metric.results_key]
     split = next(iter(stages["after_pruning"]))
-    measure = "perplexity" if "quality" in cell else "accuracy"
+    measure = metric.name
     pruned = stages["after_pruning"][split][measure]
     what = measure if split == measure else f"{split} {measure}"
     if not cell["recovery_history"]:
@@ -604,7 +604,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     if main and not dense.is_file():
         bench.say(f"{config.model}: evaluating the dense model")
         dense_record = {
-            bench.work.results_key: bench.accuracy(bench.model),
+            bench.metric.results_key: bench.work.evaluate(bench.model),
             "heads_total": bench.n_heads,
             "task": bench.work.describe(),
         }
@@ -620,7 +620,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         if main:
             write_json(path, cell)
         computed += 1
-        bench.say(f"{method} seed {seed} budget {label}: {cell['kept']}/{bench.n_heads} heads, {_headline(cell)}")
+        heads = f"{cell['kept']}/{bench.n_heads} heads"
+        bench.say(f"{method} seed {seed} budget {label}: {heads}, {_headline(cell, bench.metric)}")
     summary = write_bench_report(out) if main else out / "summary.md"
     distributed.barrier()
     return {"cells": len(planned), "computed": computed, "summary": str(summary)}

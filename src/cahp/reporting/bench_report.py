@@ -415,31 +415,30 @@ def write_bench_report(out: str | Path) -> Path:
     if metric is PERPLEXITY:
         calibration = task.get("calibration", {})
         evaluation = task.get("evaluation", {})
-        intro = [
-            f"# Head-pruning benchmark: {Path(config['model']).name} on causal-lm",
-            "",
-            f"Model `{_shown(config['model'])}`. Calibration: {calibration.get('blocks')} blocks of "
-            f"{calibration.get('context_length')} tokens of {task.get('calibration_split')}, the same for every "
-            f"method and seed. Recovery: {recovery_text}.",
-            "",
+        prompted = ", ".join(f"{n} examples of {t}" for t, n in task.get("prompted", {}).items())
+        subject = "causal-lm"
+        setting = (
+            f"Calibration: {calibration.get('blocks')} blocks of {calibration.get('context_length')} tokens of "
+            f"{task.get('calibration_split')}, the same for every method and seed"
+        )
+        measured = (
             f"Perplexity (lower is better) on {evaluation.get('blocks')} blocks of {evaluation.get('context_length')} "
             f"tokens of {evaluation.get('label')}; dense model {dense_value:.2f} with {dense['heads_total']} heads. "
-            "Zero-shot accuracy on "
-            + (", ".join(f"{n} examples of {t}" for t, n in task.get("prompted", {}).items()) or "no prompted task")
-            + ". ",
-        ]
+            f"Zero-shot accuracy on {prompted or 'no prompted task'}. "
+        )
     else:
-        intro = [
-            f"# Head-pruning benchmark: {Path(config['model']).name} on {config['task']['task']}",
-            "",
-            f"Model `{_shown(config['model'])}`. Calibration: {config.get('calibration_size') or 'all'} examples "
-            f"of the `{task.get('calibration_split', 'train')}` split {drawn}{protocol}. Recovery: {recovery_text}.",
-            "",
-            f"Accuracy on `{split}`; dense model {dense_value:.4f} with {dense['heads_total']} heads. ",
-        ]
+        subject = config["task"]["task"]
+        setting = (
+            f"Calibration: {config.get('calibration_size') or 'all'} examples of the "
+            f"`{task.get('calibration_split', 'train')}` split {drawn}{protocol}"
+        )
+        measured = f"Accuracy on `{split}`; dense model {dense_value:.4f} with {dense['heads_total']} heads. "
     lines = [
-        *intro[:-1],
-        intro[-1] + f"Budgets are fractions of heads kept{knee_text}; the one-head-per-layer guardrail may keep "
+        f"# Head-pruning benchmark: {Path(config['model']).name} on {subject}",
+        "",
+        f"Model `{_shown(config['model'])}`. {setting}. Recovery: {recovery_text}.",
+        "",
+        measured + f"Budgets are fractions of heads kept{knee_text}; the one-head-per-layer guardrail may keep "
         "a few more (see the heads-kept table). Cells show mean ± sample std over seeds; a value without ± "
         f"comes from one seed ({seeds_text} and recovery seed for every method."
         f" `{control}` is the control.",
