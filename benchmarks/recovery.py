@@ -38,8 +38,10 @@ STUDIES: dict[str, dict[str, str]] = {
         "ce": "recovery_aim_minilm_sst5_ce",
         "kd": "recovery_aim_minilm_sst5_kd",
         "kd at lr 2e-5": "recovery_aim_minilm_sst5_kd_lr2e-5",
+        "kd-relations": "recovery_aim_minilm_sst5_kd_relations",
     },
     "mnli": {"ce": "recovery_minilm_mnli_ce", "kd": "recovery_minilm_mnli_kd"},
+    "aim-mnli": {"ce": "recovery_aim_minilm_mnli_ce", "kd": "recovery_aim_minilm_mnli_kd"},
 }
 ABOUT = {
     "pilot": "Which objective: CAHP at its knee on MiniLM-L6 / SST-5, the demo-size recipe (calibration 2,000 "
@@ -51,9 +53,13 @@ ABOUT = {
     "aim-sst5": "The aim row: CAHP at its knee on MiniLM-L6 / SST-5 with the reference recovery (3 epochs on the "
     "whole training split, lr 5e-5, length-grouped batches), `ce` vs `kd` (the pilot's best distillation objective), "
     "same steps; CAHP's signatures on the whole training split; seeds 0-2. `kd at lr 2e-5` also changes the "
-    "learning rate to the reference run's (`results/cahp.md`).",
+    "learning rate to the reference run's (`results/cahp.md`); `kd-relations` adds the self-attention relation "
+    "terms to `kd` (every layer, 8 relation heads).",
     "mnli": "The comparison under a fuller recipe on MiniLM-L6 / MNLI (offline protocol): the recipe of the SST-5 "
     "study, calibration on the whole calibration split, recovery 1 epoch on the whole training split.",
+    "aim-mnli": "The aim row on MiniLM-L6 / MNLI (offline protocol): CAHP at its knee with the reference recovery "
+    "(3 epochs on the whole training split, lr 5e-5, length-grouped batches), `ce` vs `kd`, same steps; CAHP's "
+    "signatures on the whole calibration split; seeds 0-2 planned, n says how many each row has.",
 }
 
 
