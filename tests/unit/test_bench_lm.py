@@ -92,7 +92,12 @@ def test_a_causal_lm_grid_measures_the_models_its_plans_describe(
     assert ("## sst2-zero-shot accuracy (mean" in summary) == HAS_SST2
     record = json.loads((out / "summary.json").read_text())
     assert record["metric"] == "perplexity"
+    random_pruned = [
+        json.loads(path.read_text())["quality"]["after_pruning"]["perplexity"]["perplexity"]
+        for path in (out / "cells").glob("random__*.json")
+    ]
     assert record["table"]["random"]["0.5"]["after_pruning"]["n"] == 2
+    assert record["table"]["random"]["0.5"]["after_pruning"]["mean"] == pytest.approx(sum(random_pruned) / 2)
     assert (out / "report.html").is_file() and (out / "plots" / "accuracy_vs_heads.png").is_file()
     assert run_bench(BenchConfig.from_dict(grid(lm_folders, out)), progress=False)["computed"] == 0
 
