@@ -41,7 +41,12 @@ def config_from_dict(cls: type[T], raw: Any, where: str = "config") -> T:
             continue
         nested = _dataclass_in(hints.get(name))
         if nested is not None and value is not None:
-            values[name] = config_from_dict(nested, value, f"{where}.{name}")
+            inner = f"{where}.{name}"
+            try:
+                values[name] = config_from_dict(nested, value, inner)
+            except CahpError as error:  # a nested object's own check: say which object it was
+                message = str(error)
+                raise CahpError(message if message.startswith(inner) else f"{inner}: {message}") from error
         elif _is_tuple(hints.get(name)) and isinstance(value, list):
             values[name] = tuple(value)
         else:

@@ -110,6 +110,7 @@ def test_a_causal_lm_grid_measures_the_models_its_plans_describe(
         ({"recovery_objective": {"loss": "kd"}}, "not available for"),
         ({"objective": "classification"}, 'give "objective": "causal-lm"'),
         ({"objective": "lm"}, '"objective" must be one of'),
+        ({"lm": {"context_length": 1}}, r"^bench config\.lm: context_length must be at least 2"),
     ],
 )
 def test_settings_a_causal_lm_grid_cannot_run_are_refused_before_any_work(
