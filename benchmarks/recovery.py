@@ -42,6 +42,7 @@ STUDIES: dict[str, dict[str, str]] = {
     },
     "mnli": {"ce": "recovery_minilm_mnli_ce", "kd": "recovery_minilm_mnli_kd"},
     "aim-mnli": {"ce": "recovery_aim_minilm_mnli_ce", "kd": "recovery_aim_minilm_mnli_kd"},
+    "mpnet-mnli": {"ce": "recovery_mpnet_mnli_ce", "kd": "recovery_mpnet_mnli_kd"},
 }
 ABOUT = {
     "pilot": "Which objective: CAHP at its knee on MiniLM-L6 / SST-5, the demo-size recipe (calibration 2,000 "
@@ -60,6 +61,9 @@ ABOUT = {
     "aim-mnli": "The aim row on MiniLM-L6 / MNLI (offline protocol): CAHP at its knee with the reference recovery "
     "(3 epochs on the whole training split, lr 5e-5, length-grouped batches), `ce` vs `kd`, same steps; CAHP's "
     "signatures on the whole calibration split; seeds 0-2 planned, n says how many each row has.",
+    "mpnet-mnli": "MPNet-base / MNLI (offline protocol) at CAHP's knee with the recipe of its `results/cahp.md` row "
+    "(signatures on the whole calibration split, recovery 1 epoch on the whole training split at lr 2e-5, "
+    "length-grouped batches, 2,000 stratified mismatched pairs evaluated), `ce` vs `kd`, one seed.",
 }
 
 

@@ -338,3 +338,30 @@ def test_a_short_bench_config_gets_defaults_and_a_task_name() -> None:
     assert config.recovery == BenchConfig(model="m", out="o").recovery and config.task.task == "sst5"
     with pytest.raises(CahpError, match=r"bench config\.task must be a JSON object, got int"):
         BenchConfig.from_dict({"model": "m", "out": "o", "task": 5})
+
+
+def test_every_committed_grid_config_is_valid_and_each_recovery_study_varies_only_the_objective() -> None:
+    import importlib.util
+
+    from cahp.bench.runner import _validate
+
+    configs = sorted((REPO / "benchmarks" / "configs").glob("*.json"))
+    assert len(configs) > 20
+    for path in configs:
+        _validate(BenchConfig.from_file(path))
+    spec = importlib.util.spec_from_file_location("recovery_script", REPO / "benchmarks" / "recovery.py")
+    assert spec is not None and spec.loader is not None
+    recovery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recovery)
+    for study, grids in recovery.STUDIES.items():
+        records = {
+            label: BenchConfig.from_file(REPO / "benchmarks" / "configs" / f"{grid}.json").to_dict()
+            for label, grid in grids.items()
+        }
+        first = records["ce"]
+        for label, record in records.items():
+            differing = {key for key, value in record.items() if first[key] != value} - {"out"}
+            # a column may change one more setting, and then its label names it ("kd at lr 2e-5")
+            allowed = {"recovery_objective"} | ({"recovery"} if " at " in label else set())
+            assert differing <= allowed, (study, label, differing)
+            assert record["recovery_objective"]["loss"] == label.split(" ")[0], (study, label)
