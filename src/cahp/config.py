@@ -46,7 +46,8 @@ def config_from_dict(cls: type[T], raw: Any, where: str = "config") -> T:
                 values[name] = config_from_dict(nested, value, inner)
             except CahpError as error:  # a nested object's own check: say which object it was
                 message = str(error)
-                raise CahpError(message if message.startswith(inner) else f"{inner}: {message}") from error
+                named = message if message.startswith(inner) else f"{inner}: {message}"
+                raise type(error)(named) from error  # the same kind of error (ConfigError stays ConfigError)
         elif _is_tuple(hints.get(name)) and isinstance(value, list):
             values[name] = tuple(value)
         else:

@@ -213,7 +213,7 @@ def test_records_of_earlier_runs_replay_with_cross_entropy_and_new_runs_take_the
     hand_written = {"model": "m", "task": {"task": "sst5"}}
     assert PruneConfig.from_dict(hand_written).recovery_objective == PruneConfig(model="m").recovery_objective
     assert PruneConfig(model="m").recovery.group_by_length  # new runs recover on length-grouped batches
-    with pytest.raises(ConfigError, match="alpha"):
+    with pytest.raises(ConfigError, match=r"^prune config\.recovery_objective: .*alpha"):
         PruneConfig.from_dict({**hand_written, "recovery_objective": {"loss": "kd", "alpha": 2}})
 
 
