@@ -57,7 +57,8 @@ ABOUT = {
     "learning rate to the reference run's (`results/cahp.md`); `kd-relations` adds the self-attention relation "
     "terms to `kd` (every layer, 8 relation heads).",
     "mnli": "The comparison under a fuller recipe on MiniLM-L6 / MNLI (offline protocol): the recipe of the SST-5 "
-    "study, calibration on the whole calibration split, recovery 1 epoch on the whole training split.",
+    "study, calibration on the whole calibration split, recovery 1 epoch on the whole training split; seeds "
+    "0-2 planned, n says how many each row has (the grids resume where they stopped).",
     "aim-mnli": "The aim row on MiniLM-L6 / MNLI (offline protocol): CAHP at its knee with the reference recovery "
     "(3 epochs on the whole training split, lr 5e-5, length-grouped batches), `ce` vs `kd`, same steps; CAHP's "
     "signatures on the whole calibration split; seeds 0-2 planned, n says how many each row has.",
