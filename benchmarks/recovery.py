@@ -41,7 +41,11 @@ STUDIES: dict[str, dict[str, str]] = {
         "kd-relations": "recovery_aim_minilm_sst5_kd_relations",
     },
     "mnli": {"ce": "recovery_minilm_mnli_ce", "kd": "recovery_minilm_mnli_kd"},
-    "aim-mnli": {"ce": "recovery_aim_minilm_mnli_ce", "kd": "recovery_aim_minilm_mnli_kd"},
+    "aim-mnli": {
+        "ce": "recovery_aim_minilm_mnli_ce",
+        "kd": "recovery_aim_minilm_mnli_kd",
+        "kd-relations": "recovery_aim_minilm_mnli_kd_relations",
+    },
     "mpnet-mnli": {"ce": "recovery_mpnet_mnli_ce", "kd": "recovery_mpnet_mnli_kd"},
 }
 ABOUT = {
@@ -60,8 +64,9 @@ ABOUT = {
     "study, calibration on the whole calibration split, recovery 1 epoch on the whole training split; seeds "
     "0-2 planned, n says how many each row has (the grids resume where they stopped).",
     "aim-mnli": "The aim row on MiniLM-L6 / MNLI (offline protocol): CAHP at its knee with the reference recovery "
-    "(3 epochs on the whole training split, lr 5e-5, length-grouped batches), `ce` vs `kd`, same steps; CAHP's "
-    "signatures on the whole calibration split; seeds 0-2 planned, n says how many each row has.",
+    "(3 epochs on the whole training split, lr 5e-5, length-grouped batches), `ce`, `kd` and `kd-relations` (every "
+    "layer, 8 relation heads), same steps; CAHP's signatures on the whole calibration split; seeds 0-2 planned, n "
+    "says how many each row has.",
     "mpnet-mnli": "MPNet-base / MNLI (offline protocol) at CAHP's knee with the recipe of its `results/cahp.md` row "
     "(signatures on the whole calibration split, recovery 1 epoch on the whole training split at lr 2e-5, "
     "length-grouped batches, 2,000 stratified mismatched pairs evaluated), `ce` vs `kd`, one seed.",
