@@ -1,11 +1,12 @@
 """``cahp export --format onnx``: a saved classifier (pruned or not) as one ONNX file, checked against PyTorch.
 
 saved folder -> :func:`cahp.models.load_classifier` -> :func:`cahp.surgery.export_onnx` (dynamic batch and
-sequence axes) -> one self-contained ``.onnx`` file -> optionally ONNX Runtime's graph optimizations
+sequence axes) -> one self-contained ``.onnx`` file whose dynamic axes are named ``batch`` and ``sequence`` ->
+optionally ONNX Runtime's graph optimizations
 (``ORT_ENABLE_ALL``) saved as the model -> ONNX Runtime runs the file on real tokenized batches of other sizes
 than the export example, and the largest absolute logit difference to PyTorch must stay within a tolerance ->
 the file is written atomically (:func:`cahp.outputs.atomic_write`), so an error leaves no file and an earlier
-one untouched.
+one untouched. A full disk (or a folder without write permission) is reported as such, with the space needed.
 
 An optimized graph may contain fusions for the CPU it was optimized on (ONNX Runtime's own caveat for
 ``ORT_ENABLE_ALL``); export without ``--optimize`` for a file to run on other hardware.
@@ -13,9 +14,12 @@ An optimized graph may contain fusions for the CPU it was optimized on (ONNX Run
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import inspect
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +36,15 @@ DEFAULT_TOLERANCE = 1e-4
 
 #: Tokens per example of the longest check batch when no ``max_length`` is given (capped by the model's limit).
 DEFAULT_CHECK_LENGTH = 128
+
+#: The names of the graph inputs' dynamic axes, in axis order (every input is ``[batch, sequence]``).
+AXIS_NAMES: tuple[str, ...] = ("batch", "sequence")
+
+#: Errors of a write that failed for lack of space: no space left, or the disk quota exceeded.
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+#: Errors of a write that the file system refused: no permission, or a read-only file system.
+_NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 #: Sentences of different lengths for the export example and the checks (any text model's tokenizer reads them).
 _TEXTS: tuple[str, ...] = (
@@ -184,29 +197,44 @@ def export_classifier(
 
     example = batch(_TEXTS[:4], True)
     checks = [batch(_TEXTS[4:], True), batch(_TEXTS[:2], "max_length")]
-    with tempfile.TemporaryDirectory(prefix=".cahp-export-", dir=_existing_parent(path)) as scratch:
-        exported = Path(scratch) / "exported" / "model.onnx"
-        try:
-            export_onnx(classifier, exported, example, opset_version=opset)
-        except Exception as error:  # torch.export / onnxscript raise many types; the first line says what
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise OnnxExportError(
-                f"ONNX export of {model} failed ({type(error).__name__}: {first_line}); "
-                "try another --opset, or report the model type"
-            ) from error
-        candidate = _single_file(exported, Path(scratch) / "model.onnx")
-        if optimize:
-            candidate = _ort_optimize(candidate, Path(scratch) / "optimized.onnx")
-        results = tuple(_compare(classifier, candidate, inputs) for inputs in checks)
-        worst = max(check.max_abs_diff for check in results)
-        if not worst <= tolerance:  # NaN fails too
-            raise OnnxExportError(
-                f"ONNX Runtime's logits differ from PyTorch's by up to {worst:.3g} (tolerance {tolerance:g}); "
-                "nothing was written. Export without --optimize, try another --opset, or raise --tolerance if "
-                "the difference is expected"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda temporary: shutil.copyfile(candidate, temporary))
+    folder = _existing_parent(path)
+    # at the peak the scratch folder holds the exported graph, its single-file copy (and the optimized graph)
+    # while the final copy is written: each about the size of the weights
+    needed_bytes = (3 + int(optimize)) * sum(t.numel() * t.element_size() for t in classifier.state_dict().values())
+    try:
+        with tempfile.TemporaryDirectory(prefix=".cahp-export-", dir=folder) as scratch:
+            exported = Path(scratch) / "exported" / "model.onnx"
+            try:
+                export_onnx(classifier, exported, example, opset_version=opset)
+            except Exception as error:  # torch.export / onnxscript raise many types; the first line says what
+                _raise_if_unwritable(error, folder, path, needed_bytes, guess=True)
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise OnnxExportError(
+                    f"ONNX export of {model} failed ({type(error).__name__}: {first_line}); "
+                    "try another --opset, or report the model type"
+                ) from error
+            candidate = _single_file(exported, Path(scratch) / "model.onnx")
+            if optimize:
+                try:
+                    candidate = _ort_optimize(candidate, Path(scratch) / "optimized.onnx")
+                except Exception as error:  # ONNX Runtime's writer reports a full disk without an errno
+                    _raise_if_unwritable(error, folder, path, needed_bytes, guess=True)
+                    raise
+            results = tuple(_compare(classifier, candidate, inputs) for inputs in checks)
+            worst = max(check.max_abs_diff for check in results)
+            if not worst <= tolerance:  # NaN fails too
+                raise OnnxExportError(
+                    f"ONNX Runtime's logits differ from PyTorch's by up to {worst:.3g} (tolerance {tolerance:g}); "
+                    "nothing was written. Export without --optimize, try another --opset, or raise --tolerance if "
+                    "the difference is expected"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda temporary: shutil.copyfile(candidate, temporary))
+    except CahpError:
+        raise
+    except Exception as error:  # a write of the scratch files or of the result
+        _raise_if_unwritable(error, folder, path, needed_bytes)
+        raise
     return ExportResult(
         path=path,
         model=str(model),
@@ -228,11 +256,69 @@ def _existing_parent(path: Path) -> Path:
     return parent
 
 
+def _raise_if_unwritable(
+    error: BaseException, folder: Path, path: Path, needed_bytes: int, *, guess: bool = False
+) -> None:
+    """Raise a one-line :class:`OnnxExportError` when ``error`` (or an error it came from) is a write that failed
+    for lack of space or permission in ``folder``; return otherwise.
+
+    A full disk is recognised by its errno (``ENOSPC``, ``EDQUOT``) or by the system's message inside another
+    error's text (the exporter and ONNX Runtime re-raise it as their own); with ``guess``, for a step that mostly
+    writes (the export, ONNX Runtime's optimization), also by less free space in ``folder`` than the export needs
+    (``needed_bytes``), for errors that lost both.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    errnos = {cause.errno for cause in chain if isinstance(cause, OSError)}
+    needed_mb = math.ceil(needed_bytes / 1e6)
+    if errnos & _DISK_FULL_ERRNOS or any("no space left on device" in str(cause).lower() for cause in chain):
+        full = True
+    elif guess:
+        try:
+            full = shutil.disk_usage(folder).free < needed_bytes
+        except OSError:
+            full = False
+    else:
+        full = False
+    if full:
+        raise OnnxExportError(
+            f"no space left on device at {folder} while exporting {path.name} (it needs about {needed_mb} MB free "
+            "there while it works); free space or choose another --out"
+        ) from error
+    refused = next((c for c in chain if isinstance(c, OSError) and c.errno in _NOT_WRITABLE_ERRNOS), None)
+    if refused is not None:
+        where = refused.filename or folder
+        raise OnnxExportError(f"cannot write {where}: {refused.strerror}; choose another --out") from error
+
+
+def _name_dynamic_axes(graph: Any) -> None:
+    """Rename the exporter's symbols of the inputs' dynamic axes (``s0``, ``s87``, ...) to :data:`AXIS_NAMES`
+    (``batch``, ``sequence``) everywhere in ``graph`` (an ``onnx.GraphProto``): inputs, outputs, value infos."""
+    renames: dict[str, str] = {}
+    for value in graph.input:
+        for dim, name in zip(value.type.tensor_type.shape.dim, AXIS_NAMES, strict=False):
+            if dim.dim_param:  # the exporter may give each input's batch axis its own symbol: all are one size
+                renames.setdefault(dim.dim_param, name)
+    if not renames:
+        return
+    symbol = re.compile(r"[A-Za-z_]\w*")
+    for values in (graph.input, graph.output, graph.value_info):
+        for value in values:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param:  # may be an expression of symbols, e.g. "s87*4"
+                    dim.dim_param = symbol.sub(lambda found: renames.get(found[0], found[0]), dim.dim_param)
+
+
 def _single_file(exported: Path, target: Path) -> Path:
-    """``exported`` (whose weights may sit in a ``.data`` file beside it) rewritten as one file ``target``."""
+    """``exported`` (whose weights may sit in a ``.data`` file beside it) rewritten as one file ``target``, with
+    its dynamic axes named ``batch`` and ``sequence``."""
     import onnx
 
     proto = onnx.load(str(exported), load_external_data=True)
+    _name_dynamic_axes(proto.graph)
     try:
         onnx.save_model(proto, str(target), save_as_external_data=False)
     except ValueError as error:  # protobuf's 2 GB limit

@@ -8,12 +8,16 @@ is then replaced only at the very end, once the new results are complete.
 
 While a run uses a staging folder it holds a lock file beside it (``.<name>.lock``: pid, host, command); a
 second run to the same output folder is refused with a message naming the holder. A lock left by a process
-that no longer runs on this host is taken over (with a notice).
+that no longer runs on this host is taken over (with a notice). A staging folder that holds nothing but the run
+record (a run that stopped before any work, e.g. on a refused setting) does not block a run with other settings:
+it is taken over with a notice. One that holds work is refused with a message saying what differs: the model,
+the data, or which settings.
 
 Every file a run may read back (JSON stages, ``.npz`` statistics, checkpoints) is written to a temporary file
-and renamed into place (:func:`atomic_write`), so a hard kill leaves either the old file or the new one; a
-cache entry that cannot be read anyway (e.g. written by an older version) is treated as missing by
-:func:`read_cache`.
+and renamed into place (:func:`atomic_write`), so a hard kill leaves either the old file or the new one (and,
+at worst, a temporary ``.<stem>.<pid>.tmp<suffix>`` file, which a resumed run deletes and which never reaches the
+output folder); a cache entry that cannot be read anyway (e.g. written by an older version) is treated as missing
+by :func:`read_cache`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -36,6 +41,11 @@ from cahp.errors import OutputError, OutputExistsError, OutputLockedError, notic
 RUN_CONFIG_FILE = "run_config.json"
 #: A lock file that cannot be parsed and is older than this is taken as left by a crash while it was written.
 UNREADABLE_LOCK_GRACE_SECONDS = 10.0
+#: The name :func:`atomic_write` gives its temporary files: ``.<stem>.<pid>.tmp<suffix>``.
+TEMPORARY_FILE_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp(\.[^.]*)?$")
+#: The (flattened) run-record keys that name the model: its path as given, resolved, and its weights' fingerprint.
+MODEL_KEYS = ("model", "inputs.model_path", "inputs.model")
+_ABSENT = object()  # a key one of two records lacks
 
 T = TypeVar("T")
 
@@ -43,19 +53,50 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------------- atomic files
 
 
+def temporary_path(path: str | os.PathLike[str]) -> Path:
+    """The temporary file :func:`atomic_write` writes for ``path`` in this process: ``.<stem>.<pid>.tmp<suffix>``
+    beside it (matched by :data:`TEMPORARY_FILE_NAME`)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def remove_temporary_files(folder: Path, only_dead: bool = True) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` (recursively) when its process was killed.
+
+    Args:
+        folder: the folder to clean (a staging folder).
+        only_dead: keep the files of processes still running on this host (this process's included); ``False``
+            deletes every one, for a folder nobody else writes (a finished run's staging folder, under its lock).
+
+    Returns:
+        The deleted files.
+    """
+    removed = []
+    for path in sorted(folder.rglob(".*.tmp*")) if folder.is_dir() else []:
+        match = TEMPORARY_FILE_NAME.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        if only_dead and (int(match["pid"]) == os.getpid() or _pid_is_running(int(match["pid"]))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
     """Write a file atomically: ``writer(temporary)`` writes a temporary file beside ``path`` that is then
     flushed to disk and renamed over ``path``. On any error the temporary file is removed and ``path`` is
     left as it was.
 
-    The temporary file's name ends with ``path``'s suffix (``.npz`` stays ``.npz``), for writers that add
-    or check one.
+    The temporary file's name (:func:`temporary_path`) ends with ``path``'s suffix (``.npz`` stays ``.npz``),
+    for writers that add or check one. A hard kill can leave it behind; :class:`StagedOutput` deletes such
+    files when it resumes and before it commits.
 
     Returns:
         ``path`` as a :class:`Path`.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    temporary = temporary_path(path)
     try:
         writer(temporary)
         with temporary.open("rb") as handle:
@@ -236,6 +277,84 @@ def check_output_target(out: str | os.PathLike[str], overwrite: bool) -> None:
         )
 
 
+def holds_only_run_record(staging: Path) -> bool:
+    """Whether a staging folder holds no work: only its run record (or the record set aside as unreadable),
+    empty folders and temporary files of killed writers."""
+    kept = {RUN_CONFIG_FILE, f"{RUN_CONFIG_FILE}.unreadable"}
+    for path in staging.rglob("*"):
+        if path.is_dir() or TEMPORARY_FILE_NAME.match(path.name):
+            continue
+        if path.parent == staging and path.name in kept:
+            continue
+        return False
+    return True
+
+
+def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}`` (lists and other values are leaves)."""
+    if not isinstance(record, dict):
+        return {prefix: record} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value for a message: JSON, cut to ``limit`` characters (``(none)`` for a key one record lacks)."""
+    if value is _ABSENT:
+        return "(none)"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def describe_record_changes(earlier: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, str]:
+    """Say how the run record of an unfinished run differs from a new one: the model (its path or its weights'
+    fingerprint), the data (its fingerprints), or which settings (dotted keys, with both values).
+
+    Args:
+        earlier: the stored record (``None`` when missing or unreadable).
+        now: the new record: the config fields plus ``"inputs"`` (``model_path``, ``model`` fingerprint,
+            ``calibration`` fingerprint, ``data`` fingerprints per split).
+
+    Returns:
+        ``{"summary": ..., "details": ...}``: e.g. ``"another model"`` and ``"model weights: fingerprint
+        1a2b3c4d, now 5e6f7a8b"``, or ``"other settings"`` and ``"recovery.epochs: 1, now 3"``.
+    """
+    if not isinstance(earlier, dict):
+        return {"summary": "other settings", "details": "its settings record is missing or unreadable"}
+    old, new = _flatten(earlier), _flatten(now)
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key, _ABSENT) != new.get(key, _ABSENT))
+    if not changed:  # equal after flattening but not before (e.g. {} against a missing key)
+        return {"summary": "other settings", "details": "the records differ in an empty field"}
+    model = [key for key in changed if key in MODEL_KEYS]
+    data = [key for key in changed if key == "inputs.calibration" or key.startswith("inputs.data")]
+    settings = [key for key in changed if key not in model and key not in data]
+    summary, details = [], []
+    if model:
+        summary.append("another model")
+        if "inputs.model_path" in model or "model" in model:
+            key = "inputs.model_path" if "inputs.model_path" in model else "model"
+            details.append(f"model path: {old.get(key)}, now {new.get(key)}")
+        if "inputs.model" in model:
+            before, after = (str(record.get("inputs.model", "?"))[:12] for record in (old, new))
+            details.append(f"model weights: fingerprint {before}, now {after}")
+    if data:
+        summary.append("other data")
+        names = [key.removeprefix("inputs.data.").removeprefix("inputs.") for key in data]
+        details.append(f"data fingerprints differ: {', '.join(names)}")
+    if settings:
+        summary.append("other settings")
+        shown = [f"{key}: {_short(old.get(key, _ABSENT))}, now {_short(new.get(key, _ABSENT))}" for key in settings[:6]]
+        more = f"; and {len(settings) - 6} more" if len(settings) > 6 else ""
+        details.append("; ".join(shown) + more)
+    return {"summary": " and ".join(summary), "details": "; ".join(details)}
+
+
 class StagedOutput:
     """The staging folder of one run, its lock, its resume check, and the final atomic swap.
 
@@ -274,7 +393,8 @@ class StagedOutput:
         Raises:
             OutputLockedError: another running process uses this output folder.
             OutputExistsError: the output folder holds results (without ``overwrite``), or an unfinished run
-                with other settings is in the staging folder.
+                with other settings (model, data or settings: the message says which) left work in the staging
+                folder. One that left nothing but its run record is discarded instead, with a notice.
         """
         if self.lock.held:
             return self
@@ -298,15 +418,24 @@ class StagedOutput:
         check_output_target(self.out, self.overwrite)
         config_file = self.staging / RUN_CONFIG_FILE
         if self.staging.exists():
+            remove_temporary_files(self.staging)  # half-written files of a killed run: never results
             earlier = read_cache(config_file, lambda p: json.loads(p.read_text()), "run settings")
             if earlier == self.run_config:
                 self.resumed = True
             elif self.overwrite:
                 shutil.rmtree(self.staging)
+            elif holds_only_run_record(self.staging):
+                changes = describe_record_changes(earlier, self.run_config)
+                notice(
+                    f"the unfinished run in {self.staging} wrote nothing but its settings ({changes['details']}); "
+                    "starting over with the new ones"
+                )
+                shutil.rmtree(self.staging)
             else:
+                changes = describe_record_changes(earlier, self.run_config)
                 raise OutputExistsError(
-                    f"an unfinished run with other settings is in {self.staging}: rerun it with the same "
-                    "settings to resume it, or pass --overwrite to discard it"
+                    f"an unfinished run with {changes['summary']} is in {self.staging} ({changes['details']}): "
+                    "rerun it exactly as before to resume it, or pass --overwrite to discard it"
                 )
         self.staging.mkdir(parents=True, exist_ok=True)
         write_json(config_file, self.run_config)
@@ -317,8 +446,13 @@ class StagedOutput:
         return self.staging
 
     def commit(self) -> Path:
-        """Move the finished staging folder into place (replacing an old output only now); release the lock."""
+        """Move the finished staging folder into place (replacing an old output only now); release the lock.
+
+        Temporary files left by killed writers (:func:`atomic_write`) are deleted first: the run is finished and
+        holds the lock, so no file in the staging folder is still being written.
+        """
         try:
+            remove_temporary_files(self.staging, only_dead=False)
             trash = self.out.parent / f".{self.out.name}.old"
             if trash.exists():
                 shutil.rmtree(trash)

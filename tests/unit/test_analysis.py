@@ -344,6 +344,7 @@ def test_cahp_analyze_writes_the_documented_json(tmp_path: Path, capsys: pytest.
     assert payload["format"] == "cahp-head-analysis" and payload["version"] == 1
     assert payload["grid"] == {"layers": 3, "heads": 4} and payload["causal"] is False
     assert payload["examples"] == 12 and payload["model_type"] == "bert"
+    assert payload["task"] == str(task) and (payload["task_name"], payload["num_labels"]) == (task.name, 3)
     assert {101, 102} <= set(payload["special_token_ids"])  # [CLS], [SEP] of MiniLM's tokenizer
     for key in ("sink_score", "special_token_share", "entropy", "output_norm", "separability", "is_sink"):
         assert np.asarray(payload["heads"][key]).shape == (3, 4), key

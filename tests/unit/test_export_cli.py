@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,9 @@ def test_pruned_folder_exports_and_matches_pytorch(
 
     graph = onnx.load(str(out)).graph
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input]
-    assert all(isinstance(batch, str) and isinstance(seq, str) for batch, seq in dims), "dynamic batch and sequence"
+    assert dims == [["batch", "sequence"]] * len(graph.input) and len(dims) >= 2, "named dynamic axes"
+    (logits,) = graph.output
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == ["batch", 3]
 
 
 def test_dense_folder_exports_an_optimized_graph(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -99,6 +103,52 @@ def test_a_graph_that_differs_from_pytorch_is_refused_and_nothing_written(
     )
     assert out.read_bytes() == b"an earlier export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"], "no temporary file or scratch folder left"
+
+
+@pytest.mark.parametrize("where", ["result", "export"])
+def test_a_full_disk_is_reported_as_such_and_nothing_written(
+    where: str,
+    folders: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import cahp.surgery
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "result":  # the copy of the checked graph to --out
+        monkeypatch.setattr(shutil, "copyfile", no_space)
+    else:  # the exporter's own write, re-raised by torch as another error
+
+        def export_fails(*args: object, **kwargs: object) -> None:
+            try:
+                no_space()
+            except OSError as error:
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from error
+
+        monkeypatch.setattr(cahp.surgery, "export_onnx", export_fails)
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    assert main(["export", "--model", str(folders["pruned"]), "--out", str(out), "--overwrite"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "OnnxExportError: no space left on device at " + str(tmp_path) in error
+    assert "free space or choose another --out" in error and "MB free" in error and "--opset" not in error
+    assert out.read_bytes() == b"an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"], "no temporary file or scratch folder left"
+
+
+def test_a_folder_without_write_permission_is_reported(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(source: object, target: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    monkeypatch.setattr(shutil, "copyfile", refused)
+    with pytest.raises(OnnxExportError, match=r"cannot write .*: Permission denied; choose another --out"):
+        export_classifier(folders["pruned"], tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_missing_onnx_packages_name_the_extra(

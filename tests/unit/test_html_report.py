@@ -213,7 +213,29 @@ def test_the_page_of_a_tiny_prune_run_maps_the_heads_of_its_plan(tmp_path: Path)
     assert len(parsed.head_cells) == 12
     embedded = parsed.images()
     assert (tmp_path / "out" / "plots" / "mss_curve.png").read_bytes() in embedded, "the run's own plot"
-    assert "No recovery (epochs 0)" in page
+    assert report["recovery"]["objective"]["loss"] == "kd", "the default distillation settings are recorded ..."
+    recovery = page.split('<section id="recovery">')[1].split("</section>")[0]
+    assert "No recovery (epochs 0)" in recovery
+    for word in ("objective", "kd", "temperature", "alpha", "teacher"):
+        assert word not in recovery, f"... but a run without recovery does not list them ({word})"
+
+    from cahp.analysis.run import analyze
+
+    analysis = analyze(str(model), task, tmp_path / "heads.json", calibration_size=12, progress=False)
+    analysis_text = (tmp_path / "heads.html").read_text(encoding="utf-8")
+    for text in (page, analysis_text):  # both pages name the task as the prune report records it
+        assert f"<title>cahp {'prune' if text is page else 'analyze'}: tiny on task</title>" in text
+        assert "<tr><th>task</th><td>task (3 classes)</td></tr>" in text
+    assert report["task"]["task"] == analysis["task_name"] == "task" and analysis["task"] == task.task
+
+
+def test_a_report_with_recovery_lists_its_objective() -> None:
+    report = synthetic_prune_report()
+    recovery = prune_page(report).split('<section id="recovery">')[1].split("</section>")[0]
+    assert "objective: loss" in recovery and "kd" in recovery and "objective: temperature" in recovery
+    report["config"]["recovery"]["epochs"] = 0
+    recovery = prune_page(report).split('<section id="recovery">')[1].split("</section>")[0]
+    assert "objective" not in recovery and "No recovery (epochs 0)" in recovery
 
 
 def test_a_scorer_run_has_no_mss_curve_nor_head_space_and_marks_guardrail_heads() -> None:
@@ -262,6 +284,42 @@ def test_the_analysis_page_shows_heat_maps_cahp_heads_and_the_layer_profile() ->
 
     without = PageParser(analysis_page(synthetic_analysis(layers=1, cahp=False)))
     assert without.section_ids == ["overview", "head-statistics", "command"]
+
+
+def test_heat_map_labels_carry_no_offset_and_cluster_ids_get_discrete_colours() -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from cahp.reporting.plots import head_statistics_figure
+
+    rng = np.random.default_rng(0)
+    statistics = {
+        "special_token_share": (0.9999 + rng.uniform(0, 1e-4, (3, 4))).tolist(),  # a default axis: "+9.999e-1"
+        "separability": (1e-7 * rng.uniform(0, 1, (3, 4))).tolist(),  # a default axis: "1e-7"
+        "cahp_cluster": [[0, 5, 9, 5], [9, 9, 0, 0], [5, 0, 9, 5]],
+    }
+    fig = head_statistics_figure(statistics, categorical=("cahp_cluster",))
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    bars = [panel.get_images()[0].colorbar.ax for panel in panels]
+    try:
+        assert [panel.get_title() for panel in panels] == [
+            "special token share",
+            "separability",
+            "cahp cluster (3 clusters)",
+        ]
+        for bar in bars[:2]:
+            assert bar.yaxis.get_offset_text().get_text() == "", "no offset label above the bar (over the title)"
+            labels = [label.get_text() for label in bar.get_yticklabels()]
+            assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+        image = panels[2].get_images()[0]
+        assert isinstance(image.cmap, ListedColormap) and image.cmap.N == 3, "one colour per cluster id"
+        assert [label.get_text() for label in bars[2].get_yticklabels()] == ["0", "5", "9"]
+        assert sorted(text.get_text() for text in panels[2].texts) == sorted(
+            str(v) for row in statistics["cahp_cluster"] for v in row
+        ), "the ids are printed in the cells"
+    finally:
+        plt.close(fig)
 
 
 def test_cahp_analyze_writes_its_page_beside_the_json(tmp_path: Path) -> None:

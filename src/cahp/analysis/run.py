@@ -99,6 +99,8 @@ def analyze(
         "model": resolve_model(model).location,
         "model_type": loaded.config.model_type,
         "task": task.task,
+        "task_name": task_data.name,  # as cahp prune's report names it (task.name)
+        "num_labels": task_data.num_labels,
         "max_length": task.max_length,
         "calibration": calibration.description,
         **analysis.to_dict(),

@@ -130,6 +130,12 @@ def _number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def task_label(name: Any, num_labels: Any = None) -> str:
+    """How both pages name a task: its name as the run records it (a built-in task's name, a data folder's
+    name, a hub id), with its class count when known: ``sst5 (5 classes)``."""
+    return f"{name} ({num_labels} classes)" if num_labels is not None else str(name)
+
+
 def _command_section(command: str | None) -> str:
     text = command or "(run from the Python API: no command line)"
     return section("command", "Command", f"<pre>{escape(text)}</pre>")
@@ -174,7 +180,7 @@ def _prune_overview(report: dict[str, Any]) -> str:
     task = report.get("task", {})
     rows = [
         ("model", report.get("model", "")),
-        ("task", f"{task.get('task', '')} ({task.get('num_labels', '?')} classes)"),
+        ("task", task_label(task.get("task", ""), task.get("num_labels"))),
         ("method", report.get("method", "cahp")),
         ("budget", f"{selection.get('budget', 'auto')}: {selection.get('how', '')}".rstrip(": ")),
         ("heads kept", f"{heads['kept']} of {heads['total']} ({heads['layers']} layers x {heads['heads_per_layer']})"),
@@ -238,6 +244,8 @@ def _recovery_section(report: dict[str, Any]) -> str:
     if recovery is None:
         return ""
     epochs = report.get("config", {}).get("recovery", {}).get("epochs", 0)
+    if not epochs:  # the recovery settings (e.g. the default distillation) were not used: none are listed
+        return section("recovery", "Recovery", "<p>No recovery (epochs 0): the run is retraining-free.</p>")
     objective = recovery.get("objective", {})
     rows = [["epochs", epochs], ["examples", recovery.get("examples", 0)]]
     relations = objective.get("loss") == "kd-relations"  # the relation settings only matter there
@@ -248,8 +256,7 @@ def _recovery_section(report: dict[str, Any]) -> str:
     for key in ("seconds", "teacher_seconds", "teacher_forwards"):
         if key in recovery:
             rows.append([key.replace("_", " "), recovery[key]])
-    body = "" if epochs else "<p>No recovery (epochs 0): the run is retraining-free.</p>"
-    body += fields(rows)
+    body = fields(rows)
     history = report.get("recovery_history") or []
     if history:
         body += "<h3>Training loss</h3>" + table(
@@ -280,7 +287,7 @@ def prune_page(report: dict[str, Any], plots_dir: str | os.PathLike[str] | None 
         row(_recovery_section(report), _command_section(report.get("command"))),
     ]
     task = report.get("task", {}).get("task", "")
-    title = f"cahp prune: {Path(str(report.get('model', 'model'))).name} on {task}"
+    title = f"cahp prune: {Path(str(report.get('model', 'model'))).name} on {task_label(task)}"
     subtitle = f"{report.get('method', 'cahp')}: {heads['kept']} of {heads['total']} heads kept"
     return page(title, subtitle, [part for part in sections if part])
 
@@ -352,9 +359,11 @@ def analysis_page(payload: dict[str, Any]) -> str:
     """The page of a ``cahp analyze`` JSON (schema: ``docs/analysis.md``): per-head heat maps and the
     adjacent-layer divergence profile."""
     grid, found = payload["grid"], payload.get("summary", {})
+    task = payload.get("task_name") or payload.get("task", "")  # files before task_name: the task as given
     overview = [
         ("model", f"{payload.get('model', '')} ({payload.get('model_type', '')})"),
-        ("task", f"{payload.get('task', '')}, {payload.get('max_length', '')} tokens"),
+        ("task", task_label(task, payload.get("num_labels"))),
+        ("max length", f"{payload.get('max_length', '')} tokens"),
         ("heads", f"{grid['layers']} layers x {grid['heads']} heads"),
         ("examples", payload.get("examples", "")),
         ("attention", "causal" if payload.get("causal") else "bidirectional"),
@@ -372,7 +381,7 @@ def analysis_page(payload: dict[str, Any]) -> str:
         body = (image(png, "adjacent-layer KL and JS divergence") if png else "") + table(["layers", "KL", "JS"], rows)
         sections.append(section("layer-redundancy", "Adjacent-layer redundancy", body))
     sections.append(_command_section(payload.get("command")))
-    title = f"cahp analyze: {Path(str(payload.get('model', 'model'))).name} on {payload.get('task', '')}"
+    title = f"cahp analyze: {Path(str(payload.get('model', 'model'))).name} on {task_label(task)}"
     subtitle = f"{grid['layers']} x {grid['heads']} heads, {payload.get('examples', '?')} examples"
     return page(title, subtitle, [part for part in sections if part])
 

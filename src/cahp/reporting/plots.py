@@ -8,8 +8,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import ticker
 
 
 def plot_mss_curve(selection: dict[str, Any], path: Path) -> Path:
@@ -85,39 +87,109 @@ def plot_head_space(selection: dict[str, Any], heads: int, path: Path) -> Path:
     return path
 
 
+class DistinctTickFormatter(ticker.Formatter):
+    """Tick labels with the fewest significant digits (at least 2) that tell the ticks apart, each label whole:
+    no offset or ``1e-5`` multiplier drawn above the axis, where it would overprint a panel's title."""
+
+    def __init__(self) -> None:
+        self.digits = 2
+
+    def set_locs(self, locs: Any) -> None:
+        """Choose the digits for the ticks ``locs`` (the axis calls this before labelling them)."""
+        super().set_locs(locs)
+        values = [float(value) for value in locs]
+        self.digits = next(
+            (digits for digits in range(2, 10) if len({f"{v:.{digits}g}" for v in values}) == len(values)), 10
+        )
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:.{self.digits}g}".replace("e+0", "e").replace("e-0", "e-")
+
+
+#: Colours of categorical panels (cluster ids): tab20, then tab20b and tab20c, 60 in all (then repeated).
+_CATEGORY_COLOURS = [
+    colour
+    for name in ("tab20", "tab20b", "tab20c")
+    for colour in plt.get_cmap(name).colors  # type: ignore[attr-defined]
+]
+#: Above this many cells a categorical panel does not print its ids inside the cells.
+_MAX_LABELLED_CELLS = 400
+
+
+def _categorical_panel(fig: Any, ax: Any, grid: np.ma.MaskedArray) -> None:
+    """Draw ``grid`` (``[layers, heads]`` category ids, masked = not measured) with one colour per id and a
+    colour bar of separate swatches, each labelled with its id; the ids are also printed in the cells."""
+    ids = np.unique(grid.compressed()).astype(int) if grid.count() else np.array([0])
+    index = np.ma.masked_array(np.searchsorted(ids, grid.filled(ids[0]).astype(int)), mask=np.ma.getmaskarray(grid))
+    colours = [_CATEGORY_COLOURS[i % len(_CATEGORY_COLOURS)] for i in range(len(ids))]
+    cmap = matplotlib.colors.ListedColormap(colours)
+    norm = matplotlib.colors.BoundaryNorm(np.arange(len(ids) + 1) - 0.5, len(ids))
+    image = ax.imshow(index, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    step = max(1, int(np.ceil(len(ids) / 20)))  # at most about 20 labels on the bar
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, ticks=np.arange(0, len(ids), step))
+    bar.ax.set_yticklabels([str(ids[i]) for i in range(0, len(ids), step)])
+    bar.ax.tick_params(labelsize=7, length=0)
+    bar.ax.minorticks_off()
+    if grid.size <= _MAX_LABELLED_CELLS:
+        for (layer, head), value in np.ndenumerate(grid.filled(-1)):
+            if not np.ma.getmaskarray(grid)[layer, head]:
+                red, green, blue = matplotlib.colors.to_rgb(colours[int(index[layer, head])])
+                ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+                ax.text(head, layer, str(int(value)), ha="center", va="center", fontsize=6, color=ink)
+
+
 def plot_head_statistics(
     statistics: dict[str, list[list[float | None]]],
     path: Path,
     columns: int = 3,
     categorical: tuple[str, ...] = (),
 ) -> Path:
+    """Save :func:`head_statistics_figure` as a PNG at ``path``."""
+    fig = head_statistics_figure(statistics, columns, categorical)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def head_statistics_figure(
+    statistics: dict[str, list[list[float | None]]], columns: int = 3, categorical: tuple[str, ...] = ()
+) -> Any:
     """One heat map per statistic, each ``[layers, heads]`` (``None`` = not measured, drawn blank), in a grid of
-    ``columns`` panels with their own colour scales (for ``cahp analyze``'s per-head tables); the statistics
-    named in ``categorical`` (cluster ids) get a qualitative palette."""
+    ``columns`` panels with their own colour scales (for ``cahp analyze``'s per-head tables). The statistics
+    named in ``categorical`` (cluster ids) get one colour per id, a bar of labelled swatches and the ids in the
+    cells; the others a continuous scale whose labels carry no offset or multiplier.
+
+    Returns:
+        The matplotlib figure (the caller saves and closes it).
+    """
     names = list(statistics)
     columns = max(1, min(columns, len(names)))
     rows = (len(names) + columns - 1) // columns
     first = np.array(statistics[names[0]], dtype=float)
     layers, heads = first.shape if first.ndim == 2 else (1, 1)
-    width, height = max(3.2, heads * 0.32 + 1.4), max(2.4, layers * 0.3 + 1.0)
+    width, height = max(3.4, heads * 0.32 + 1.8), max(2.6, layers * 0.3 + 1.2)
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         grid = np.ma.masked_invalid(np.array(statistics[name], dtype=float))
-        cmap = "tab20" if name in categorical else "viridis"
-        image = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest")
-        ax.set_title(name.replace("_", " "), fontsize=10)
+        title = name.replace("_", " ")
+        if name in categorical:
+            _categorical_panel(fig, ax, grid)
+            count = len(np.unique(grid.compressed()))
+            title += f" ({count} {'clusters' if 'cluster' in name else 'ids'})"
+        else:
+            image = ax.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest")
+            bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, format=DistinctTickFormatter())
+            bar.ax.tick_params(labelsize=7)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
         ax.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // 12)))
         ax.set_yticks(range(0, grid.shape[0], max(1, grid.shape[0] // 12)))
         ax.tick_params(labelsize=7)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_layer_divergence(adjacent_layers: list[dict[str, Any]], path: Path) -> Path:
