@@ -86,9 +86,10 @@ def speed_targets(calibration_size: int | None) -> dict:
     import torch
 
     from cahp.data import encode_split, iter_batches, load_task
+    from cahp.methods.cahp import CAHP
     from cahp.models import load_classifier
     from cahp.scoring.salience import gradient_salience
-    from cahp.selection.cahp import CAHPSelector, CAHPSettings
+    from cahp.selection.cahp import CAHPSelector
     from cahp.signatures.collector import collect_signatures, eager_attention
     from cahp.train.finetune import subsample
 
@@ -121,7 +122,7 @@ def speed_targets(calibration_size: int | None) -> dict:
     salience = gradient_salience(model, Calibration(train, tokenizer, objective), fraction=0.25, progress=False)
     timings["salience"] = time.perf_counter() - start
     start = time.perf_counter()
-    selector = CAHPSelector(CAHPSettings()).fit(moments, np.asarray(salience))
+    selector = CAHPSelector(CAHP()).fit(moments, np.asarray(salience))
     timings["clustering_and_knee"] = time.perf_counter() - start
     timings["selection_stage_total"] = timings["signatures"] + timings["salience"] + timings["clustering_and_knee"]
     return {

@@ -109,11 +109,10 @@ def perturbation_stability(fitted: Any, draws: int, runs: int, scale: float = 1e
     from cahp.selection.representatives import select_representatives
 
     profiles, salience = fitted.selector_.profiles_, fitted.selector_.salience_
-    settings = fitted._selector_settings()
 
     def kept_heads(values: np.ndarray, seeds: list[int]) -> dict[str, list[int]]:
-        labels = consensus_of_runs(values, settings, seeds).clustering.labels
-        chosen = select_representatives(labels, salience, representative=settings.representative)
+        labels = consensus_of_runs(values, fitted, seeds).clustering.labels
+        chosen = select_representatives(labels, salience, representative=fitted.representative)
         return {str(layer): heads for layer, heads in chosen.kept_heads_by_layer.items()}
 
     out: dict[str, list[float]] = {}

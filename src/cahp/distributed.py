@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 #: How long a process waits at a collective for the others (rank 0 evaluates alone while the others wait).
 DEFAULT_TIMEOUT_MINUTES = 120
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -214,6 +217,63 @@ def check_same(value: Any, what: str) -> None:
             f"the processes disagree on the {what} (ranks {differ} differ from rank 0): every process must load "
             "the same model and data with the same settings and seed"
         )
+
+
+def check_same_settings(settings: dict[str, Any], what: str = "run settings") -> None:
+    """Refuse a run whose processes were given different settings, naming the keys that differ.
+
+    Args:
+        settings: this process's resolved settings, a JSON-ready (nested) dictionary.
+
+    Raises:
+        CahpError: on every process, naming each dotted key whose value differs from rank 0's.
+    """
+    values = all_gather_object(settings)
+    differing = sorted({key for other in values[1:] for key in _differing_keys(values[0], other)})
+    if differing:
+        ranks = [index for index, other in enumerate(values) if other != values[0]]
+        raise CahpError(
+            f"the processes were given different {what} (ranks {ranks} differ from rank 0 in "
+            f"{', '.join(differing)}): start every process with the same command"
+        )
+
+
+def _differing_keys(first: Any, second: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dictionaries."""
+    if not isinstance(first, dict) or not isinstance(second, dict):
+        return [] if first == second else [prefix or "(the settings)"]
+    keys = sorted(set(first) | set(second))
+    return [
+        key
+        for name in keys
+        for key in _differing_keys(
+            first.get(name), second.get(name), f"{prefix}{name}" if not prefix else f"{prefix}.{name}"
+        )
+    ]
+
+
+def together(step: Callable[[], T]) -> T:
+    """Run ``step`` on every process; when it raises a :class:`CahpError` on any of them, every process raises it.
+
+    Without this, a process that fails early (a bad setting, an unreadable file) leaves the others waiting at the
+    next collective until its timeout. A single process runs ``step`` as it is.
+    """
+    if not is_distributed():
+        return step()
+    result: T | None = None
+    failure: tuple[int, str, str] | None = None
+    try:
+        result = step()
+    except CahpError as error:
+        failure = (rank(), type(error).__name__, str(error))
+        own = error
+    failures = [item for item in all_gather_object(failure) if item is not None]
+    if failure is not None:
+        raise own
+    if failures:
+        where, kind, message = failures[0]
+        raise CahpError(f"process {where} stopped with {kind}: {message}")
+    return result  # type: ignore[return-value]
 
 
 def sync_parameters(module: torch.nn.Module) -> None:

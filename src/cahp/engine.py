@@ -30,7 +30,7 @@ from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.outputs import atomic_write, read_cache
 
 #: Bumped when a cached fitted method of an earlier version must not be reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -44,10 +44,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def calibration_fingerprint(calibration: Calibration) -> str:
-    """A short hash of the calibration examples (token ids, labels), the objective and the batch size."""
+    """A short hash of the calibration examples (token ids or other features, labels), the objective and the batch
+    size."""
     digest = hashlib.sha256()
     for features in calibration.examples.features:
-        digest.update(json.dumps(features, sort_keys=True).encode())
+        arrays = {key: value for key, value in features.items() if isinstance(value, torch.Tensor | np.ndarray)}
+        if not arrays:  # token ids: hashed as they always were
+            digest.update(json.dumps(features, sort_keys=True).encode())
+            continue
+        for key in sorted(features):  # pixel values, say
+            digest.update(key.encode())
+            if key in arrays:
+                array = np.ascontiguousarray(torch.as_tensor(arrays[key]).detach().cpu().numpy())
+                digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
+            else:
+                digest.update(json.dumps(features[key]).encode())
     digest.update(np.asarray(calibration.examples.labels, dtype=np.int64).tobytes())
     digest.update(f"{calibration.objective!r}|{calibration.batch_size}".encode())
     return digest.hexdigest()[:16]

@@ -452,6 +452,9 @@ def load_classifier(
 
         model = load_pruned(source.location, **attn_kwargs)
     else:
+        from cahp.surgery.persistence import check_weights_readable
+
+        check_weights_readable(source.location)  # a file cut short is one line, not a loader's traceback
         kwargs = source.pretrained_kwargs() | attn_kwargs
         if not is_classifier and num_labels is not None:
             kwargs["num_labels"] = num_labels
@@ -470,6 +473,56 @@ def load_classifier(
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+#: ``model_type`` values of encoder-only families: they have no language-modelling head to prune on.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert", "mpnet", "vit", "xlm-roberta", "electra", "deberta-v2")
+
+
+def load_causal_lm(name_or_path: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a causal LM in fp32 eval mode: an alias, a folder (pruned ones too) or a hub id.
+
+    A GGUF checkpoint (``smollm2-135m``) is de-quantized to fp32 on load; its quantization marker is dropped so
+    that the (pruned) model saves like any other. A tokenizer without a pad token pads with EOS.
+
+    Raises:
+        ModelNotFoundError: a model that cannot be read, a sequence classifier or an encoder (both are pruned on
+            the classification objective).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name_or_path)
+    config = load_model_config(source)
+    model_type = str(getattr(config, "model_type", "")).removeprefix("cahp_")
+    if is_classifier_config(config) or model_type in ENCODER_MODEL_TYPES:
+        what = "a sequence classifier" if is_classifier_config(config) else f"an encoder ({model_type})"
+        raise ModelNotFoundError(
+            f"{name_or_path} is {what}, not a language model: prune it with `cahp prune` (the classification "
+            "objective), or give the causal-lm objective a decoder LLM (e.g. smollm2-135m)"
+        )
+    tokenizer = load_tokenizer(source)
+    try:
+        if getattr(config, "cahp_kept_heads", None) is not None:
+            from cahp.surgery import load_pruned
+
+            model = load_pruned(source.location, dtype=torch.float32)
+        else:
+            from cahp.surgery.persistence import check_weights_readable
+
+            check_weights_readable(source.location)
+            with _hub_guard(source):
+                model = AutoModelForCausalLM.from_pretrained(
+                    source.location, dtype=torch.float32, **source.pretrained_kwargs()
+                )
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"cannot load {source.location!r} as a causal language model: {error}") from error
+    drop_gguf_quantizer(model)  # GGUF: the weights are already de-quantized fp32
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
 
 
 def drop_gguf_quantizer(model: Any) -> None:

@@ -48,9 +48,10 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     classifier: tuple[Path, TaskOptions], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import cahp.bench.runner as runner
+    import cahp.run
 
     config = _config(classifier, tmp_path / "bench")
-    real_train = runner.train_model
+    real_train = cahp.run.train_model
     calls = {"train": 0, "signatures": 0}
 
     def dies_on_third_recovery(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
@@ -59,7 +60,7 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
             raise KeyboardInterrupt("killed")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_model", dies_on_third_recovery)
+    monkeypatch.setattr(cahp.run, "train_model", dies_on_third_recovery)
     with pytest.raises(KeyboardInterrupt):
         run_bench(config, progress=False)
     cells = tmp_path / "bench" / "cells"
@@ -76,7 +77,7 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     from cahp.methods.cahp import CAHP
 
     calls.clear()
-    monkeypatch.setattr(runner, "train_model", counting(real_train))
+    monkeypatch.setattr(cahp.run, "train_model", counting(real_train))
     monkeypatch.setattr(CAHP, "fit", counting(CAHP.fit))
     result = run_bench(config, progress=False)
     assert result == {"cells": 4, "computed": 2, "summary": str(tmp_path / "bench" / "summary.md")}
@@ -131,9 +132,9 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     order: list[str] = []
     real_run_cell = runner._Bench.run_cell
 
-    def recording(self, method, seed, budget):  # type: ignore[no-untyped-def]
+    def recording(self, method, seed, budget, dense):  # type: ignore[no-untyped-def]
         order.append(f"{method}:{seed}:{budget}")
-        return real_run_cell(self, method, seed, budget)
+        return real_run_cell(self, method, seed, budget, dense)
 
     monkeypatch.setattr(runner._Bench, "run_cell", recording)
     assert run_bench(config, progress=False)["computed"] == 6
@@ -285,7 +286,8 @@ def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     bad.write_text(json.dumps({"model": "m", "out": "o", "methodz": []}))
     with pytest.raises(CahpError, match="methodz"):
         BenchConfig.from_file(bad)
-    from cahp.cli import UsageError, _key_values, prune_config
+    from cahp.commands.options import UsageError
+    from cahp.commands.prune import key_values, prune_config
 
     parser = build_parser()
     args = parser.parse_args(["prune", "--model", "m", "--out", "o", "--method", "l0", "--sparsity", "0.5"])
@@ -295,10 +297,10 @@ def test_config_files_paths_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     args = parser.parse_args(
         ["prune", "--model", "m", "--out", "o", "--scorer-setting", "steps=400", "--scorer-setting", "anneal=false"]
     )
-    assert _key_values(args.method_setting) == {"steps": 400, "anneal": False}
-    assert _key_values(["name=fast mode", "x=null"]) == {"name": "fast mode", "x": None}
+    assert key_values(args.method_setting) == {"steps": 400, "anneal": False}
+    assert key_values(["name=fast mode", "x=null"]) == {"name": "fast mode", "x": None}
     with pytest.raises(UsageError, match="KEY=VALUE"):
-        _key_values(["steps"])
+        key_values(["steps"])
     assert parser.parse_args(["bench", "--config", "c.json"]).config == "c.json"
 
 

@@ -107,7 +107,7 @@ def test_a_causal_lm_grid_measures_the_models_its_plans_describe(
     [
         ({"methods": ["cahp", "random"]}, "compare classes"),
         ({"budgets": ["knee"]}, 'budget "knee"'),
-        ({"recovery_objective": {"loss": "kd"}}, "not available for"),
+        ({"recovery_objective": {"loss": "kd-relations", "hidden_weight": 0.5}}, "hidden_weight is not available"),
         ({"objective": "classification"}, 'give "objective": "causal-lm"'),
         ({"objective": "lm"}, '"objective" must be one of'),
         ({"lm": {"context_length": 1}}, r"^bench config\.lm: context_length must be at least 2"),

@@ -154,8 +154,8 @@ def test_config_roles_and_settings_of_current_and_earlier_records() -> None:
     assert focus_method(_config(["random", "gradient"], [0])) == "random", "else the first method"
     assert control_method(_config(["random"], [0])) == "random"
     assert control_method(_config(["magnitude"], [0], control="magnitude")) == "magnitude"
-    from cahp.bench.runner import upgrade_bench_record
     from cahp.errors import CahpError
+    from cahp.legacy import upgrade_bench_record
 
     earlier = _config(["cahp", "fisher"], [0], cahp={"salience": "fisher"}, scorer_settings={"fisher": {"a": 1}})
     assert upgrade_bench_record(earlier)["method_settings"] == {

@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from cahp.errors import CahpError
 from cahp.methods import Budget, Constraints, KeepPlan, get_method
+from cahp.methods.cahp import CAHP
 from cahp.methods.cahp_consensus import (
     CAHPConsensus,
     ambiguous_pair_share,
@@ -19,13 +20,12 @@ from cahp.methods.cahp_consensus import (
     consensus_clustering,
     consensus_of_runs,
 )
-from cahp.selection.cahp import CAHPSettings
 from cahp.selection.representatives import select_representatives
 from tests.unit.test_scorers import calibrate, make_data
 from tests.unit.tiny_models import build_model
 
 #: Converged t-SNE (250 iterations stop inside early exaggeration, where planted clusters are not yet apart).
-SETTINGS = CAHPSettings(tsne_iterations=1000)
+SETTINGS = CAHP(tsne_iterations=1000)
 
 
 @pytest.fixture(scope="module")

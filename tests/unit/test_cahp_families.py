@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerFast
 
 from cahp.calibration import Calibration, SequenceClassification
 from cahp.data.batching import EncodedSplit
-from cahp.selection.cahp import CAHPSelector, CAHPSettings
+from cahp.methods import Constraints, HeadGrid, select_heads
+from cahp.methods.cahp import CAHP, cluster_priority
+from cahp.selection.cahp import CAHPSelector
 from cahp.signatures.collector import collect_signatures
 from cahp.signatures.stats import StreamingMoments
 from tests.unit.tiny_models import HEADS, LABELS, LAYERS, SPECS, VOCAB, build_model
@@ -118,13 +120,16 @@ def test_selector_on_collected_signatures_keeps_representatives_and_guardrail(
 ) -> None:
     _, moments, _ = collected
     salience = np.random.default_rng(2).uniform(size=(LAYERS, HEADS))
-    selector = CAHPSelector(CAHPSettings(tsne_iterations=300, seed=0)).fit(moments, salience)
+    selector = CAHPSelector(CAHP(tsne_iterations=300, seed=0)).fit(moments, salience)
 
     assert selector.profiles_.shape == (LAYERS * HEADS, 3 * SIZE * SIZE)  # 3 class pairs x B*B
-    kept = selector.kept_heads_by_layer_
+    grid = HeadGrid(LAYERS, HEADS, HEADS)
+    chosen, priority = cluster_priority(selector.clustering_, selector.salience_, "salience", grid)
+    selection = select_heads(priority, selector.k_, grid, Constraints())  # CAHP's plan at the knee
+    kept = selection.kept_heads_by_layer
     assert sorted(kept) == list(range(LAYERS)) and all(len(heads) >= 1 for heads in kept.values())
-    representatives = {divmod(int(g), HEADS) for g in selector.selection_.representatives}
-    guardrail = set(selector.selection_.guardrail_heads)
+    representatives = {divmod(int(g), HEADS) for g in chosen.representatives}
+    guardrail = set(selection.guardrail_heads)
     kept_pairs = {(layer, head) for layer, heads in kept.items() for head in heads}
     assert kept_pairs == representatives | guardrail
     assert len(representatives) == selector.k_ == selector.clustering_.k
@@ -135,4 +140,4 @@ def test_selector_on_collected_signatures_keeps_representatives_and_guardrail(
         members = np.flatnonzero(selector.clustering_.labels == cluster)
         best = members[np.argmax(salience.reshape(-1)[members])]
         assert divmod(int(best), HEADS) in representatives
-    assert selector.report()["head_space"]["notes"] == []
+    assert selector.head_space_summary()["notes"] == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from cahp.errors import CahpError, DataError
+from cahp.methods import Budget, Constraints, HeadGrid, method_info, select_heads
+from cahp.methods.cahp import cluster_priority
 from cahp.scoring import (
     bhattacharyya_distance,
     class_pairs,
@@ -20,8 +24,6 @@ from cahp.scoring import (
 )
 from cahp.selection import (
     cluster_heads,
-    clusters_for_keep,
-    clusters_for_sparsity,
     effective_perplexity,
     embed_heads,
     find_knee,
@@ -31,8 +33,8 @@ from cahp.selection import (
     select_representatives,
     sweep_k,
 )
-from cahp.selection.cahp import CAHPSelector, CAHPSettings
-from cahp.selection.clustering import distinct_points
+from cahp.selection.cahp import CAHPSelector
+from cahp.selection.clustering import Clustering, distinct_points
 from cahp.signatures import StreamingMoments, interpolation_matrices, resize_attention_maps
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -406,15 +408,15 @@ def test_knee_when_kneeds_first_knee_is_the_endpoint() -> None:
 # ------------------------------------------------------------------------------------- representatives
 
 
-def test_budget_helpers_and_salience_normalisation() -> None:
-    assert clusters_for_sparsity(72, 0.5) == 36
-    assert clusters_for_sparsity(5, 0.5) == 3  # 2.5 rounds half up
-    assert clusters_for_sparsity(10, 0.99) == 1
-    assert clusters_for_keep(72, 20) == 20
+def test_budget_rules_and_salience_normalisation() -> None:
+    assert Budget.sparsity(0.5).heads(72) == 36
+    assert Budget.sparsity(0.5).heads(5) == 3  # 2.5 rounds half up
+    assert Budget.sparsity(0.99).heads(10) == 1
+    assert Budget.keep(20).heads(72) == 20
     with pytest.raises(CahpError):
-        clusters_for_keep(72, 0)
+        Budget.keep(0)
     with pytest.raises(CahpError):
-        clusters_for_sparsity(72, 1.0)
+        Budget.sparsity(1.0)
     normalised = normalize_salience(np.array([[2.0, 4.0], [3.0, 6.0]]))
     np.testing.assert_allclose(normalised, [[0.0, 0.5], [0.25, 1.0]])
     np.testing.assert_array_equal(normalize_salience(np.full((2, 3), 7.0)), np.ones((2, 3)))
@@ -433,7 +435,7 @@ def _grouped_heads(seed: int, n_layers: int = 4, heads_per_layer: int = 6, n_gro
 def test_duplicated_groups_keep_exactly_the_most_salient_head_of_each(embedding: str) -> None:
     groups, profiles, salience = _grouped_heads(8)
     points = embed_heads(profiles, method=embedding, perplexity=5, n_iter=500, seed=0)
-    clustering = cluster_heads(head_distances(points), clusters_for_keep(24, 6), seed=0)
+    clustering = cluster_heads(head_distances(points), 6, seed=0)
     selection = select_representatives(clustering.labels, salience, allow_empty_layers=True)
     flat = salience.reshape(-1)
     expected = {int(np.flatnonzero(groups == g)[np.argmax(flat[groups == g])]) for g in range(6)}
@@ -536,11 +538,23 @@ def _moments(class_values: list[np.ndarray]) -> StreamingMoments:
     return moments
 
 
+def _cahp_settings(**changes: Any) -> SimpleNamespace:
+    """CAHP's settings as the method declares them (the registry's defaults), with ``changes``."""
+    return SimpleNamespace(**{**method_info("cahp").defaults, **changes})
+
+
+def _kept_heads(selector: CAHPSelector, clustering: Clustering, layers: int, heads: int) -> dict[int, list[int]]:
+    """The heads CAHP keeps with ``clustering``: one per cluster, then the guardrail (as :meth:`CAHP.plan`)."""
+    grid = HeadGrid(layers, heads, heads)
+    _, priority = cluster_priority(clustering, selector.salience_, "salience", grid)
+    return select_heads(priority, clustering.k, grid, Constraints()).kept_heads_by_layer
+
+
 def test_cahp_selector_refuses_a_single_class() -> None:
     rng = np.random.default_rng(0)
     moments = _moments([rng.normal(size=(8, 24, 16)), np.zeros((0, 24, 16))])
     with pytest.raises(DataError, match=r"1 class.*at least two"):
-        CAHPSelector().fit(moments, rng.uniform(size=(4, 6)))
+        CAHPSelector(_cahp_settings()).fit(moments, rng.uniform(size=(4, 6)))
 
 
 def test_cahp_selector_on_identical_profiles_keeps_the_most_salient_heads() -> None:
@@ -550,44 +564,44 @@ def test_cahp_selector_on_identical_profiles_keeps_the_most_salient_heads() -> N
     values = rng.normal(size=(6, 24, 16))
     salience = rng.uniform(size=(4, 6))
     with pytest.warns(UserWarning, match="same separability profile"):
-        selector = CAHPSelector().fit(_moments([values, values]), salience)
+        selector = CAHPSelector(_cahp_settings()).fit(_moments([values, values]), salience)
     assert selector.k_ == 1 and selector.k_capped_from_ == selector.knee_.k
     expected = {layer: [int(np.argmax(salience[layer]))] for layer in range(4)}
-    assert selector.kept_heads_by_layer_ == expected
-    report = selector.report()
-    assert report["head_space"]["distinct_profiles"] == 1 and report["head_space"]["distinct_points"] == 1
-    assert any("one point" in note for note in report["head_space"]["notes"])
+    assert _kept_heads(selector, selector.clustering_, 4, 6) == expected
+    summary = selector.head_space_summary()
+    assert summary["distinct_profiles"] == 1 and summary["distinct_points"] == 1
+    assert any("one point" in note for note in summary["notes"])
 
 
-def test_cahp_selector_caps_an_explicit_budget_at_the_distinct_profiles() -> None:
+def test_an_explicit_budget_above_the_distinct_profiles_gets_one_cluster_per_profile() -> None:
     rng = np.random.default_rng(2)
     group_of_head = np.arange(24) % 3  # 3 distinct heads, each repeated 8 times
     class_a = rng.normal(size=(5, 3, 8))[:, group_of_head]
     class_b = rng.normal(size=(5, 3, 8))[:, group_of_head]
     salience = rng.uniform(size=(4, 6))
-    settings = CAHPSettings(embedding="none", keep=10)
-    with pytest.warns(UserWarning, match="capped at 3"):
-        selector = CAHPSelector(settings).fit(_moments([class_a, class_b]), salience)
-    assert selector.k_ == 3 and selector.k_capped_from_ == 10 and selector.distinct_profiles_ == 3
+    selector = CAHPSelector(_cahp_settings(embedding="none")).fit(_moments([class_a, class_b]), salience)
+    assert selector.distinct_profiles_ == 3 and selector.distinct_points_ == 3
+    clustering = selector.sweep_.clustering(10)  # what CAHP.plan uses for Budget.keep(10)
+    assert clustering.k == 3
     flat = salience.reshape(-1)
     expected = {int(np.flatnonzero(group_of_head == g)[np.argmax(flat[group_of_head == g])]) for g in range(3)}
-    assert set(selector.selection_.representatives) == expected
-    assert selector.report()["head_space"]["k_capped_from"] == 10
+    chosen, _ = cluster_priority(clustering, selector.salience_, "salience", HeadGrid(4, 6, 6))
+    assert set(chosen.representatives) == expected
 
 
 def test_cahp_selector_refuses_bad_inputs_with_what_to_do() -> None:
     rng = np.random.default_rng(3)
     values = rng.normal(size=(2, 5, 24, 16))
     with pytest.raises(CahpError, match="at least 3"):
-        CAHPSelector().fit(_moments([values[0][:, :2], values[1][:, :2]]), rng.uniform(size=(1, 2)))
+        CAHPSelector(_cahp_settings()).fit(_moments([values[0][:, :2], values[1][:, :2]]), rng.uniform(size=(1, 2)))
     salience = rng.uniform(size=(4, 6))
     salience[1, 2] = np.nan
     with pytest.raises(CahpError, match="salience has NaN"):
-        CAHPSelector().fit(_moments(list(values)), salience)
+        CAHPSelector(_cahp_settings()).fit(_moments(list(values)), salience)
     broken = values.copy()
     broken[0, :, 7] = np.inf  # head 7 = (layer 1, head 1)
     with pytest.raises(CahpError, match=r"NaN/inf separability profiles .*\(1, 1\)"):
-        CAHPSelector().fit(_moments(list(broken)), rng.uniform(size=(4, 6)))
+        CAHPSelector(_cahp_settings()).fit(_moments(list(broken)), rng.uniform(size=(4, 6)))
 
 
 def test_scikit_learn_lower_bound_admits_tsne_max_iter() -> None:

@@ -51,9 +51,12 @@ def reference_moments(model, calibration: Calibration, batch_size: int) -> Strea
 
 
 def assert_same_moments(actual: StreamingMoments, expected: StreamingMoments) -> None:
+    """Equal up to float32 rounding: the two sweeps batch the examples differently, so their attention maps come
+    from differently padded float32 forwards (equal to ~1e-7 relative; which kernel a CPU runs decides the last
+    digits: variances of maps near 0.02 then differ by a few 1e-8)."""
     np.testing.assert_array_equal(actual.count_, expected.count_)
     np.testing.assert_allclose(actual.mean_, expected.mean_, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(actual.variance(1), expected.variance(1), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(actual.variance(1), expected.variance(1), rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("family", ["bert", "mpnet"])  # MPNet returns its maps only with output_attentions
@@ -224,7 +227,8 @@ def test_each_process_sweeps_its_share_and_the_statistics_are_reduced(tokenizer,
 
 
 def test_cli_shortcuts_set_the_sweep_and_convergence_settings() -> None:
-    from cahp.cli import build_parser, prune_config
+    from cahp.cli import build_parser
+    from cahp.commands.prune import prune_config
 
     args = ["prune", "--model", "m", "--out", "o", "--sweep", "shared", "--converge-tol", "0.02"]
     settings = prune_config(build_parser().parse_args([*args, "--converge-window", "4"])).method_settings

@@ -24,6 +24,7 @@ from cahp.decoder import DecoderPruneConfig, lm_loss_fn, load_causal_lm, prune_l
 from cahp.errors import CahpError
 from cahp.evaluation.generation import greedy_continuations, kv_cache_bytes_per_token, measure_generation
 from cahp.evaluation.perplexity import perplexity
+from cahp.pipeline import PruneConfig
 from cahp.surgery import head_mask, heads_to_remove, kept_kv_heads_by_layer, prune_heads
 from cahp.surgery.autoload import save_pruned
 from cahp.train.loop import TrainingConfig
@@ -107,7 +108,7 @@ def test_prune_lm_end_to_end_in_every_mode(mode: str, lm_folders: dict[str, Path
         prompted = report["quality"]["pruned"]["prompted"]["sst2"]
         assert prompted["examples"] == 6 and "Sentiment" in prompted["prompt"]
     continuations = report["quality"]["dense"]["continuations"]
-    assert [c["prompt"] for c in continuations] == list(config.continuation_prompts)
+    assert [c["prompt"] for c in continuations] == list(config.lm.continuation_prompts)
     text = summary(report)
     assert "The capital of France is" in text and "KV cache" in text and "offline" not in text
 
@@ -117,7 +118,7 @@ def test_prune_lm_end_to_end_in_every_mode(mode: str, lm_folders: dict[str, Path
     assert perplexity(reloaded, tiny_tokenizer(), blocks)["perplexity"] == pytest.approx(
         report["perplexity"]["pruned"], rel=1e-5
     )
-    replayed = DecoderPruneConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+    replayed = PruneConfig.from_dict(json.loads((out / "run_config.json").read_text()))
     assert replayed == config
 
 
@@ -141,7 +142,7 @@ def test_prune_lm_runs_on_mistral_with_a_gradient_method(lm_folders: dict[str, P
 def test_an_interrupted_run_resumes_from_its_cached_stages(
     lm_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cahp.decoder as decoder
+    import cahp.workloads.causal_lm as decoder
 
     config = tiny_config(lm_folders, prompted=())
     real_quality, calls = decoder.measure_lm, []
@@ -158,7 +159,7 @@ def test_an_interrupted_run_resumes_from_its_cached_stages(
     assert not (tmp_path / "run").exists() and (tmp_path / ".run.partial" / "stages" / "plan.json").is_file()
     monkeypatch.setattr(decoder, "measure_lm", real_quality)
     report = prune_lm(config, tmp_path / "run", progress=False)
-    assert report["stages_cached"] == ["plan", "quality_dense"]
+    assert report["stages_cached"] == ["plan", "quality_before"]
 
 
 def test_recovery_on_the_lm_loss_lowers_the_perplexity(lm_folders: dict[str, Path], tmp_path: Path) -> None:
@@ -205,15 +206,16 @@ def test_the_prompted_subset_is_drawn_with_the_runs_seed_unless_sample_seed_says
 ) -> None:
     """A run_config written before ``sample_seed`` existed replays with the same prompted examples."""
     record = tiny_config(lm_folders, seed=7, prompted_examples=20).to_dict()
-    record.pop("sample_seed")
-    replayed = DecoderPruneConfig.from_dict(record)
+    record["lm"].pop("sample_seed")
+    replayed = PruneConfig.from_dict(record)
     tokenizer = tiny_tokenizer()
 
-    def texts(config: DecoderPruneConfig) -> list[tuple[str, ...]]:
-        split, _ = config.load(tokenizer, config.seed).prompted["sst2"]
+    def texts(config: PruneConfig) -> list[tuple[str, ...]]:
+        assert config.lm is not None
+        split, _ = config.lm.load(tokenizer, config.seed).prompted["sst2"]
         return split.texts
 
-    assert replayed.sample_seed is None
+    assert replayed.lm is not None and replayed.lm.sample_seed is None
     assert texts(replayed) == texts(tiny_config(lm_folders, seed=0, prompted_examples=20, sample_seed=7))
     assert texts(replayed) != texts(tiny_config(lm_folders, seed=7, prompted_examples=20, sample_seed=8))
 
@@ -253,21 +255,34 @@ def test_the_command_line_runs_and_replays(lm_folders: dict[str, Path], tmp_path
     assert "fisher" in capsys.readouterr().err
 
 
-def test_the_options_show_the_config_defaults_and_map_to_its_fields() -> None:
-    from cahp import cli
+def test_prune_lm_is_prune_with_the_causal_lm_objective_and_its_recipe() -> None:
+    from cahp.cli import build_parser
+    from cahp.commands.options import UsageError
+    from cahp.commands.prune import LM_FIELDS, prune_config
+    from cahp.workloads import RECOVERY_RECIPES
     from tests.unit.test_cli import _at, _subparsers
 
-    parser = _subparsers(cli.build_parser())["prune-lm"]
-    defaults = DecoderPruneConfig(model="m")
-    documented = {a.dest: a.config_default for a in parser._actions if hasattr(a, "config_default")}
-    assert set(documented) == set(cli.PRUNE_LM_FIELDS), "every config option maps to a config field, and only those"
-    for dest, paths in cli.PRUNE_LM_FIELDS.items():
-        for path in paths:
-            shown = documented[dest]
-            if dest != "model":  # required: no default
-                assert (tuple(shown) if isinstance(shown, list) else shown) == _at(defaults, path), f"--{dest}"
-        assert getattr(parser.parse_args(["--out", "o"]), dest) is None, f"--{dest} must default to None for replays"
-    assert cli.prune_lm_config(cli.build_parser().parse_args(["prune-lm", "--model", "m", "--out", "o"])) == defaults
+    parser = build_parser()
+    arguments = ["--model", "m", "--out", "o", "--method", "fisher", "--keep", "6", "--context-length", "16"]
+    alias = prune_config(parser.parse_args(["prune-lm", *arguments]))
+    assert alias == prune_config(parser.parse_args(["prune", "--objective", "causal-lm", *arguments]))
+    assert alias.objective == "causal-lm" and alias.lm is not None and alias.lm.context_length == 16
+    assert alias.recovery == TrainingConfig(**RECOVERY_RECIPES["causal-lm"]), (
+        "the causal-lm recipe, not the classifier's"
+    )
+    documented = {
+        a.dest: a.config_default for a in _subparsers(parser)["prune"]._actions if hasattr(a, "config_default")
+    }
+    defaults = PruneConfig(model="m", objective="causal-lm")
+    for dest, (path,) in LM_FIELDS.items():
+        shown = documented[dest]
+        assert (tuple(shown) if isinstance(shown, list) else shown) == _at(defaults, path), f"--{dest}"
+    help_text = _subparsers(parser)["prune"].format_help()
+    for name, value in RECOVERY_RECIPES["causal-lm"].items():  # the help shows the causal-lm recipe beside the other
+        if name in ("learning_rate", "batch_size", "weight_decay", "checkpoint_every"):
+            assert f"causal-lm: {value:g}" in help_text, name
+    with pytest.raises(UsageError, match="--objective causal-lm"):
+        prune_config(parser.parse_args(["prune", "--model", "m", "--out", "o", "--corpus", "x.txt"]))
 
 
 # ---------------------------------------------------------------------------------------------------- equivalences
@@ -463,7 +478,7 @@ def test_a_lora_run_killed_after_merging_resumes_to_the_same_model(
 ) -> None:
     """Regression: the merged weights overwrote the training checkpoint, so a run killed before its recovery
     stage was recorded wrapped the merged model in LoRA again and failed to load that checkpoint."""
-    import cahp.decoder as decoder
+    import cahp.run as decoder
 
     pytest.importorskip("peft")
     recovery = TrainingConfig(epochs=2.0, learning_rate=1e-2, batch_size=2, warmup_ratio=0.0, weight_decay=0.0)
@@ -498,6 +513,7 @@ def test_lora_recovery_without_peft_is_refused_in_one_line_before_any_work(
     assert "pip install 'cahp[lora]'" in str(refused.value) and "\n" not in str(refused.value)
     assert list(tmp_path.iterdir()) == []
     arguments = ["prune-lm", "--model", str(lm_folders["llama"]), "--corpus", str(lm_folders["corpus"])]
+    arguments += ["--method", "magnitude", "--sparsity", "0.5"]
     arguments += ["--recovery-epochs", "1", "--recovery-lora-rank", "4", "--out", str(tmp_path / "cli")]
     assert main(arguments) == 1
     assert "pip install 'cahp[lora]'" in capsys.readouterr().err and not (tmp_path / "cli").exists()

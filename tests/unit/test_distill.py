@@ -218,7 +218,8 @@ def test_records_of_earlier_runs_replay_with_cross_entropy_and_new_runs_take_the
 
 
 def test_cli_options_set_the_recovery_objective() -> None:
-    from cahp.cli import build_parser, prune_config
+    from cahp.cli import build_parser
+    from cahp.commands.prune import prune_config
 
     args = build_parser().parse_args(
         [

@@ -160,6 +160,7 @@ def _prune_cli(folder: Path) -> dict[str, Any]:
     writes atomically and whether it opened the output folder; ``folder/crash`` makes the recovery raise
     KeyboardInterrupt (a killed run), ``folder/count_fits`` counts the fits."""
     import cahp.pipeline
+    import cahp.run
     from cahp.cli import main
     from cahp.scoring.gradient import GradientScorer
 
@@ -185,8 +186,17 @@ def _prune_cli(folder: Path) -> dict[str, Any]:
         def crash(*args: Any, **kwargs: Any) -> None:
             raise KeyboardInterrupt
 
-        cahp.pipeline.train_model = crash  # type: ignore[attr-defined]
-    argv = (folder / "argv").read_text().split("\n")
+        cahp.run.train_model = crash  # type: ignore[attr-defined]
+    if (folder / f"unreadable_model_on_rank{os.environ['RANK']}").exists():
+        import cahp.workloads.classification
+        from cahp.errors import ModelNotFoundError
+
+        def unreadable(*args: Any, **kwargs: Any) -> None:
+            raise ModelNotFoundError("cannot read the model on this process")
+
+        cahp.workloads.classification.load_classifier = unreadable  # type: ignore[assignment]
+    own = folder / f"argv{os.environ['RANK']}"  # a rank's own command line, where a test gives one
+    argv = (own if own.is_file() else folder / "argv").read_text().split("\n")
     status = main(argv)
     return {"status": status, "written": written, "opened": opened, "fits": fits}
 
@@ -528,3 +538,75 @@ def test_two_process_bench_writes_cells_once_with_the_one_process_heads(tmp_path
         two_cell = json.loads((tmp_path / "two" / "cells" / name).read_text())
         one_cell = json.loads((tmp_path / "one" / "cells" / name).read_text())
         assert two_cell["kept_heads_by_layer"] == one_cell["kept_heads_by_layer"], name
+
+
+@two_processes
+def test_two_process_causal_lm_prune_with_distillation_equals_one_process(tmp_path: Path) -> None:
+    """``cahp prune --objective causal-lm`` with ``kd`` under 2 processes: the same heads and, up to float summation
+    order, the same recovered perplexity as one process; rank 0 alone writes."""
+    import json
+
+    from cahp.cli import main
+    from tests.unit.test_decoder import tiny_tokenizer
+    from tests.unit.test_language_modeling import causal_lm, random_corpus
+
+    causal_lm("llama").save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(random_corpus(documents=40).documents) + "\n")
+
+    def argv(out: Path) -> list[str]:
+        return [
+            *("prune", "--objective", "causal-lm", "--model", str(tmp_path / "llama")),
+            *("--corpus", str(tmp_path / "corpus.txt"), "--context-length", "16", "--calibration-blocks", "6"),
+            *("--eval-blocks", "6", "--prompted", "none", "--continuation-tokens", "2", "--prompt-tokens", "8"),
+            *("--new-tokens", "2", "--generation-batch-sizes", "1", "--latency-repeats", "1"),
+            *("--method", "fisher", "--keep", "6", "--recovery-loss", "kd", "--recovery-epochs", "2"),
+            *("--recovery-learning-rate", "1e-2", "--batch-size", "4", "--out", str(out)),
+        ]
+
+    (tmp_path / "argv").write_text("\n".join(argv(tmp_path / "two")))
+    main_result, other = run_two_processes("prune", tmp_path)
+    assert main_result["status"] == other["status"] == 0
+    assert other["written"] == [] and other["opened"] == [], "only rank 0 opens and writes the output"
+    with one_thread():
+        assert main(argv(tmp_path / "one")) == 0
+    two, one = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("two", "one"))
+    assert two["kept_heads_by_layer"] == one["kept_heads_by_layer"]
+    assert two["recovery"]["objective"] == one["recovery"]["objective"] == "causal-lm kd (T=2, alpha=0.5)"
+    losses = [[row["train_loss"] for row in report["recovery"]["history"]] for report in (two, one)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    assert two["perplexity"]["after"] == pytest.approx(one["perplexity"]["after"], rel=1e-4)
+    assert two["perplexity"]["after"] < two["perplexity"]["pruned"]
+
+
+@two_processes
+def test_processes_started_with_different_settings_stop_at_once_naming_them(
+    tiny_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: ranks given ``--recovery-epochs 1`` and ``3`` hung until the collective timeout."""
+    model, task = tiny_run
+    out = tmp_path / "out"
+    (tmp_path / "argv0").write_text("\n".join(_prune_argv(model, task, out)))
+    (tmp_path / "argv1").write_text("\n".join([*_prune_argv(model, task, out), "--recovery-epochs", "3"]))
+    results = run_two_processes("prune", tmp_path)
+    assert [result["status"] for result in results] == [1, 1], "both processes stop with an error"
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("cahp: error:")]
+    assert errors and all("recovery.epochs" in line and "different run settings" in line for line in errors)
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing written, no lock left"
+
+
+@two_processes
+def test_an_early_failure_on_one_process_is_every_process_error(
+    tiny_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 1 cannot read its model: both processes stop with that error instead of waiting for a timeout."""
+    model, task = tiny_run
+    out = tmp_path / "out"
+    (tmp_path / "argv").write_text("\n".join(_prune_argv(model, task, out)))
+    (tmp_path / "unreadable_model_on_rank1").touch()
+    results = run_two_processes("prune", tmp_path)
+    assert [result["status"] for result in results] == [1, 1]
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("cahp: error:")]
+    assert len(errors) == 2 and any("process 1 stopped with ModelNotFoundError" in line for line in errors)
+    assert all("cannot read the model on this process" in line for line in errors)
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing written, no lock left"

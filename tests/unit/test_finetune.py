@@ -145,7 +145,9 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_group_by_length_reaches_the_loop_from_both_commands(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
-    from cahp.cli import build_parser, finetune_config, prune_config
+    from cahp.cli import build_parser
+    from cahp.commands.finetune import finetune_config
+    from cahp.commands.prune import prune_config
 
     model, task = tiny_setup
     parser = build_parser()

@@ -15,9 +15,10 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from cahp.errors import PrunedModelError
+from cahp.errors import OldPrunedFolderError, PrunedModelError, PrunedRecordError, UnreadableWeightsError
 from cahp.surgery import load_pruned, prune_heads
 from cahp.surgery.autoload import MODELING_FILE, save_pruned, stock_config_dict, upgrade_pruned_folder
+from cahp.surgery.modeling_cahp import LAYOUT_KEY
 from tests.unit.tiny_models import FAMILIES, SPECS, VOCAB, build_model, make_inputs, plan_for
 
 STOCK_FAMILIES = ["llama", "mistral", "qwen2", "vit"]
@@ -48,6 +49,33 @@ def pruned_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         torch.save(_logits(load_pruned(folder).eval(), family), root / f"{family}-expected.pt")
         folders[family] = folder
     return folders
+
+
+@pytest.fixture(scope="module")
+def habit_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One folder per family written the transformers way: ``prune_heads`` then ``model.save_pretrained``, with
+    the logits of the pruned model in memory saved next to it."""
+    root = tmp_path_factory.mktemp("habit")
+    folders = {}
+    for family in FAMILIES:
+        model = prune_heads(build_model(family), plan_for(family))
+        model.save_pretrained(root / family)
+        torch.save(make_inputs(family), root / f"{family}-inputs.pt")
+        torch.save(_logits(model, family), root / f"{family}-expected.pt")
+        folders[family] = root / family
+    return folders
+
+
+def _old_format(folder: Path) -> Path:
+    """Turn a folder of save_pruned into what earlier cahp versions wrote: the stock model_type with the record,
+    no auto_map, no layout, no modeling file."""
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = config["model_type"].removeprefix("cahp_")
+    for key in ("auto_map", LAYOUT_KEY):
+        config.pop(key)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / MODELING_FILE).unlink()
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +122,102 @@ def test_text_classification_pipeline_loads_a_pruned_folder(pruned_folders: dict
     assert [by_label[f"LABEL_{index}"] for index in range(3)] == pytest.approx(expected[0].tolist(), abs=1e-5)
 
 
-def test_folder_of_save_pretrained_still_loads_and_upgrades(tmp_path: Path) -> None:
+def test_folder_of_an_earlier_version_still_loads_and_upgrades(tmp_path: Path) -> None:
     model = prune_heads(build_model("bert"), plan_for("bert"))
-    model.save_pretrained(tmp_path)  # the format of earlier cahp versions: stock model_type + record
-    expected = _logits(load_pruned(tmp_path).eval(), "bert")
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # the stock class refuses smaller weights
-        AutoModelForSequenceClassification.from_pretrained(tmp_path)
-    upgrade_pruned_folder(tmp_path)
-    upgraded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    folder = _old_format(save_pruned(model, tmp_path / "old"))
+    expected = _logits(load_pruned(folder).eval(), "bert")
+    torch.testing.assert_close(expected, _logits(model, "bert"), rtol=0, atol=1e-6)
+    for kwargs in ({}, {"ignore_mismatched_sizes": True}):  # the stock class cannot hold the smaller weights
+        with pytest.raises(OldPrunedFolderError, match="upgrade_pruned_folder") as refused:
+            AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+        assert isinstance(refused.value, RuntimeError), "still the RuntimeError transformers raised before"
+        assert "\n" not in str(refused.value) and "ignore_mismatched_sizes=True" in str(refused.value)
+    upgrade_pruned_folder(folder)
+    upgraded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     torch.testing.assert_close(_logits(upgraded, "bert"), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(_logits(load_pruned(tmp_path).eval(), "bert"), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(load_pruned(folder).eval(), "bert"), expected, rtol=0, atol=1e-6)
+
+
+def test_an_old_folder_loaded_by_load_pruned_saves_in_the_new_format(tmp_path: Path) -> None:
+    model = prune_heads(build_model("gpt2"), plan_for("gpt2"))
+    loaded = load_pruned(_old_format(save_pruned(model, tmp_path / "old"))).eval()
+    assert isinstance(loaded, type(build_model("gpt2")))
+    loaded.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["model_type"] == "cahp_gpt2"
+    new = AutoModelForSequenceClassification.from_pretrained(tmp_path / "new").eval()
+    torch.testing.assert_close(_logits(new, "gpt2"), _logits(model, "gpt2"), rtol=0, atol=1e-6)
+
+
+# ---- prune_heads, then model.save_pretrained (the transformers habit) ---------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_after_prune_heads_writes_a_pruned_folder(
+    family: str, habit_folders: dict[str, Path], pruned_folders: dict[str, Path]
+) -> None:
+    folder = habit_folders[family]
+    written = json.loads((folder / "config.json").read_text())
+    reference = json.loads((pruned_folders[family] / "config.json").read_text())
+    for key in ("model_type", "auto_map", "architectures", LAYOUT_KEY, "cahp_kept_heads"):
+        assert written.get(key) == reference.get(key), key
+    assert written["model_type"] == f"cahp_{family}"
+    assert (folder / MODELING_FILE).read_text() == (pruned_folders[family] / MODELING_FILE).read_text()
+    expected = torch.load(folder.parent / f"{family}-expected.pt")  # in memory, eager attention
+    model = _auto_class(family).from_pretrained(folder).eval()
+    torch.testing.assert_close(_logits(model, family), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(load_pruned(folder).eval(), family), _logits(model, family), rtol=0, atol=0)
+
+
+def test_a_pruned_model_keeps_its_stock_type_in_memory(tmp_path: Path) -> None:
+    stock = build_model("llama")
+    model = prune_heads(build_model("llama"), plan_for("llama"))
+    assert isinstance(model, type(stock)) and type(model).__name__ == "CahpLlamaForSequenceClassification"
+    model.save_pretrained(tmp_path)
+    assert model.config.model_type == "llama", "the rest of a run still sees the stock model_type"
+    assert model.config.architectures == ["LlamaForSequenceClassification"]
+
+
+# ---- damaged folders ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_cut_short_weights_are_one_line(pruned: bool, tmp_path: Path) -> None:
+    model = build_model("bert")
+    if pruned:
+        model = prune_heads(model, plan_for("bert"))
+    save_pruned(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UnreadableWeightsError, match=r"model\.safetensors .* cannot be read") as refused:
+        load_pruned(tmp_path)
+    assert "\n" not in str(refused.value) and "copy the folder again" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        ({"0": [0, 7]}, "names heads \\[7\\]"),
+        ({"0": "0, 2"}, "must be a list"),
+        ({"0": [0, 0]}, "names a head twice"),
+        ({"9": [0]}, "names layer '9'"),
+        ([0, 1], "must map layers"),
+    ],
+)
+def test_malformed_record_is_its_own_one_line_error(record: object, says: str, tmp_path: Path) -> None:
+    folder = save_pruned(prune_heads(build_model("bert"), plan_for("bert")), tmp_path / "new")
+    for current in (
+        folder,
+        _old_format(save_pruned(prune_heads(build_model("bert"), plan_for("bert")), tmp_path / "old")),
+    ):
+        config = json.loads((current / "config.json").read_text())
+        config["cahp_kept_heads"] = record
+        (current / "config.json").write_text(json.dumps(config))
+        with pytest.raises(PrunedRecordError, match=says) as refused:
+            load_pruned(current)
+        message = str(refused.value)
+        assert "\n" not in message and "malformed" in message and "weights do not match" not in message
+    with pytest.raises(ValueError, match=f"{says}.*malformed"):  # plain from_pretrained, through the Cahp class
+        AutoModelForSequenceClassification.from_pretrained(folder)
 
 
 def test_resaving_a_loaded_pruned_model_keeps_it_loadable(pruned_folders: dict[str, Path], tmp_path: Path) -> None:
@@ -192,7 +306,7 @@ for job in jobs:
 
 
 def test_folders_load_without_cahp(
-    pruned_folders: dict[str, Path], stock_folders: dict[str, Path], tmp_path: Path
+    pruned_folders: dict[str, Path], habit_folders: dict[str, Path], stock_folders: dict[str, Path], tmp_path: Path
 ) -> None:
     jobs = [
         {
@@ -201,9 +315,9 @@ def test_folders_load_without_cahp(
             "remote": True,
             "inputs": str(folder.parent / f"{family}-inputs.pt"),
             "expected": str(folder.parent / f"{family}-expected.pt"),
-            "output": str(tmp_path / f"{family}.pt"),
+            "output": str(tmp_path / f"{folder.parent.name}-{family}.pt"),
         }
-        for family, folder in pruned_folders.items()
+        for family, folder in [*pruned_folders.items(), *habit_folders.items()]
     ] + [
         {
             "folder": str(folder),
@@ -227,6 +341,49 @@ def test_folders_load_without_cahp(
         )
 
 
+_TOKENIZER_WITHOUT_CAHP = r"""
+import builtins, importlib.abc, sys
+class BlockCahp(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "cahp" or name.startswith("cahp."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+sys.meta_path.insert(0, BlockCahp())
+def asked(prompt=""):
+    raise SystemExit(f"transformers asked: {prompt[-60:]!r}")
+builtins.input = asked
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)
+print(tokenizer("t5 t17")["input_ids"])
+"""
+
+
+def test_the_tokenizer_loads_without_custom_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vocab = {f"t{index}": index for index in range(VOCAB)} | {"[UNK]": 0}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    folder = save_pruned(prune_heads(build_model("bert"), plan_for("bert")), tmp_path / "model", tokenizer=tokenizer)
+    assert "auto_map" not in json.loads((folder / "tokenizer_config.json").read_text())
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail(f"transformers asked: {prompt}"))
+    with_cahp = transformers.AutoTokenizer.from_pretrained(folder)  # cahp is imported here: nothing to ask
+    assert with_cahp("t5 t17")["input_ids"] == [5, 17]
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _TOKENIZER_WITHOUT_CAHP, str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    assert result.stdout.split("\n")[-2] == "[5, 17]"
+    assert not (tmp_path / "modules").exists() or not any((tmp_path / "modules").rglob("modeling_cahp.py")), (
+        "no custom code was copied to run"
+    )
+
+
 def test_modeling_file_imports_only_torch_and_transformers(pruned_folders: dict[str, Path]) -> None:
     import ast
 
@@ -237,7 +394,7 @@ def test_modeling_file_imports_only_torch_and_transformers(pruned_folders: dict[
     imported |= {
         node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
     }
-    assert imported <= {"__future__", "functools", "typing", "torch", "transformers"}, imported
+    assert imported - set(sys.stdlib_module_names) <= {"torch", "transformers"}, imported
 
 
 def test_import_cahp_alone_registers_the_classes(pruned_folders: dict[str, Path]) -> None:

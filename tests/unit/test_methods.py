@@ -148,7 +148,10 @@ def test_entry_point_methods_are_registered(tmp_path: Path, monkeypatch: pytest.
         "[cahp.methods]\nplugged = cahp_plugin_example:Plugged\nbroken = cahp_plugin_missing:Nothing\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(base, "_loaded", False)
+    monkeypatch.setattr(base, "_declared", None)  # read the entry points again (this plugin's among them) ...
+    monkeypatch.setattr(base, "_cards", {})
+    monkeypatch.setattr(base, "_failed", set())
+    monkeypatch.setattr(base, "_SCORERS", dict(base._SCORERS))  # ... and forget them afterwards
     methods = available_methods()
     assert "plugged" in methods and methods["plugged"].description == "A scorer that a third-party package ships."
     assert methods["plugged"].kind == "scorer" and not methods["plugged"].finds_own_budget

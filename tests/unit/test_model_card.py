@@ -170,10 +170,12 @@ def test_base_model_follows_the_run_records(pruned_run: tuple[Path, dict], card_
     _, report = pruned_run
     finetuned = tmp_path / "ft"
     finetuned.mkdir()
-    (finetuned / "run_config.json").write_text(json.dumps({"command": "finetune", "model": "mpnet-base"}))
+    record = {"command": "finetune", "model": "mpnet-base", "task": {"task": "sst5", "protocol": "standard"}}
+    (finetuned / "run_config.json").write_text(json.dumps(record))
     card = render_model_card({**report, "model": str(finetuned)}, card_folder, COMMAND)
     assert front_matter(card)["base_model"] == "sentence-transformers/all-mpnet-base-v2"
-    assert f"- pruned from: `{finetuned}`\n- which was made from: `mpnet-base`" in card
+    assert "- pruned from: `ft` (fine-tuned on sst5, standard protocol)\n- which was made from: `mpnet-base`" in card
+    assert str(tmp_path) not in card, "a local folder is named by its own name, never by its path"
 
 
 def test_stock_folder_loads_without_remote_code(pruned_run: tuple[Path, dict], card_folder: Path) -> None:

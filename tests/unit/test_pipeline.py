@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cahp.run
 from cahp.pipeline import PruneConfig, prune, summary
 from cahp.train import FinetuneConfig, TaskOptions, TrainingConfig, finetune
 from tests.conftest import tiny_bert_folder, tiny_task_folder
@@ -86,7 +87,6 @@ def test_same_seed_same_heads_and_budget_mode(finetuned: tuple[Path, TaskOptions
 def test_interrupted_prune_resumes_from_cached_stages(
     finetuned: tuple[Path, TaskOptions], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cahp.pipeline as pipeline
 
     model, task = finetuned
     config = _config(model, task)
@@ -94,12 +94,12 @@ def test_interrupted_prune_resumes_from_cached_stages(
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "train_model", crash)
+    monkeypatch.setattr(cahp.run, "train_model", crash)
     with pytest.raises(KeyboardInterrupt):
         prune(config, tmp_path / "out", progress=False)
     assert not (tmp_path / ".out.lock").exists(), "an interrupted run releases its lock"
     stages = tmp_path / ".out.partial" / "stages"
-    assert {"plan.json", "accuracy_pruned.json"} <= {p.name for p in stages.iterdir()}
+    assert {"plan.json", "quality_pruned.json"} <= {p.name for p in stages.iterdir()}
     assert len(list((stages / "methods").glob("cahp__*.pkl"))) == 1, "the fitted method is cached"
     monkeypatch.undo()
     calls = {"fit": 0}
@@ -115,7 +115,7 @@ def test_interrupted_prune_resumes_from_cached_stages(
     report = prune(config, tmp_path / "out", progress=False)
     assert calls["fit"] == 0, "the plan was cached and the method must not be fitted again"
     assert report["recovery_history"] and (tmp_path / "out" / "report.json").is_file()
-    assert "plan" in report["stages_cached"] and "accuracy_before" in report["stage_seconds"]
+    assert "plan" in report["stages_cached"] and "quality_before" in report["stage_seconds"]
 
 
 def test_unreadable_cached_fit_is_recomputed(
@@ -254,7 +254,6 @@ def test_resume_refuses_a_changed_model_or_changed_data(
     """Cached stages belong to the model weights and data they came from: a rerun with either changed is refused."""
     import shutil
 
-    import cahp.pipeline as pipeline
     from cahp.errors import OutputExistsError
 
     model, task = finetuned
@@ -266,7 +265,7 @@ def test_resume_refuses_a_changed_model_or_changed_data(
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "train_model", crash)
+    monkeypatch.setattr(cahp.run, "train_model", crash)
     with pytest.raises(KeyboardInterrupt):
         prune(config, tmp_path / "out", progress=False)
     monkeypatch.undo()  # a rerun that is not refused would now finish
@@ -274,7 +273,7 @@ def test_resume_refuses_a_changed_model_or_changed_data(
     original = test_file.read_text()
     rows = [json.loads(line) for line in original.splitlines()]
     test_file.write_text("".join(json.dumps({**row, "label": (row["label"] + 1) % 3}) + "\n" for row in rows))
-    with pytest.raises(OutputExistsError, match="other settings"):
+    with pytest.raises(OutputExistsError, match="other data"):
         prune(config, tmp_path / "out", progress=False)
     test_file.write_text(original)
     from cahp.models import load_classifier
@@ -283,7 +282,7 @@ def test_resume_refuses_a_changed_model_or_changed_data(
     with torch.no_grad():
         classifier.classifier.bias.add_(1.0)
     classifier.save_pretrained(model_copy)
-    with pytest.raises(OutputExistsError, match="other settings"):
+    with pytest.raises(OutputExistsError, match="another model"):
         prune(config, tmp_path / "out", progress=False)
 
 
@@ -311,7 +310,7 @@ def test_a_replayed_config_with_a_bad_value_is_one_clear_error(fields: dict, mes
 def test_an_output_folder_with_results_is_refused_before_the_model_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cahp.pipeline as pipeline
+    import cahp.workloads.classification as classification
     from cahp.errors import OutputExistsError
 
     out = tmp_path / "out"
@@ -321,8 +320,8 @@ def test_an_output_folder_with_results_is_refused_before_the_model_loads(
     def must_not_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(pipeline, "load_classifier", must_not_load)
-    monkeypatch.setattr(pipeline, "load_model_config", must_not_load)
+    monkeypatch.setattr(classification, "load_classifier", must_not_load)
+    monkeypatch.setattr(classification, "load_model_config", must_not_load)
     config = PruneConfig(model=str(tmp_path / "model"), method="magnitude", budget="keep=2")
     with pytest.raises(OutputExistsError, match="already holds results"):
         prune(config, out, progress=False)

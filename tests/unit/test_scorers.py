@@ -15,10 +15,10 @@ from cahp.adapters import get_adapter
 from cahp.calibration import Calibration, SequenceClassification
 from cahp.data.batching import EncodedSplit
 from cahp.errors import CahpError
+from cahp.methods import Budget, Constraints, HeadGrid, select_heads
 from cahp.scoring import BUILTIN_SCORERS, available_scorers, get_scorer, scorer_class
 from cahp.scoring.base import minmax
 from cahp.scoring.salience import gradient_salience
-from cahp.selection.budget import keep_from_budget, select_top_k
 from cahp.signatures.collector import collect_signatures
 from tests.unit.tiny_models import HEADS, LABELS, LAYERS, VOCAB, build_model
 
@@ -297,19 +297,21 @@ def test_signatures_refuse_one_class_before_any_forward(tokenizer) -> None:  # t
     assert forwards == []
 
 
-def test_select_top_k_guardrail_ties_and_budgets() -> None:
+def test_global_top_k_guardrail_ties_and_budgets() -> None:
     scores = np.array([[0.9, 0.8, 0.1], [0.7, 0.95, 0.2], [0.05, 0.3, 0.3]])
-    kept, guardrail = select_top_k(scores, keep=3)
-    assert kept == {0: [0, 1], 1: [1], 2: [1]}  # the tie in layer 2 goes to the lower head
-    assert guardrail == [(2, 1)]
-    kept, guardrail = select_top_k(scores, keep=3, allow_empty_layers=True)
-    assert kept == {0: [0, 1], 1: [1], 2: []} and guardrail == []
-    kept, _ = select_top_k(np.zeros((2, 3)), keep=2)
-    assert kept == {0: [0, 1], 1: [0]}  # ties: lower global index first, then the guardrail
-    assert keep_from_budget(12, keep=5) == 5 and keep_from_budget(12, sparsity=0.5) == 6
-    assert keep_from_budget(72, sparsity=1 - 0.3) == 22
-    for bad in ({}, {"keep": 3, "sparsity": 0.5}, {"keep": 13}, {"sparsity": 1.0}):
+    grid = HeadGrid(3, 3, 3)
+    selection = select_heads(scores, 3, grid, Constraints())
+    assert selection.kept_heads_by_layer == {0: [0, 1], 1: [1], 2: [1]}  # the tie in layer 2 goes to the lower head
+    assert selection.guardrail_heads == [(2, 1)]
+    selection = select_heads(scores, 3, grid, Constraints(min_heads_per_layer=0))
+    assert selection.kept_heads_by_layer == {0: [0, 1], 1: [1], 2: []} and selection.guardrail_heads == []
+    selection = select_heads(np.zeros((2, 3)), 2, HeadGrid(2, 3, 3), Constraints())
+    assert selection.kept_heads_by_layer == {0: [0, 1], 1: [0]}  # ties: lower global index first, then the guardrail
+    assert Budget.keep(5).heads(12) == 5 and Budget.sparsity(0.5).heads(12) == 6
+    assert Budget.sparsity(1 - 0.3).heads(72) == 22
+    for bad in ({"keep": 3, "sparsity": 0.5}, {"keep": 13}, {"sparsity": 1.0}):
         with pytest.raises(CahpError):
-            keep_from_budget(12, **bad)
+            Budget.from_options(**bad).heads(12)  # type: ignore[arg-type]
+    assert Budget.from_options().is_auto, "neither a count nor a share: the method finds its own"
     with pytest.raises(CahpError, match="non-finite"):
-        select_top_k(np.array([[np.nan, 1.0]]), keep=1)
+        select_heads(np.array([[np.nan, 1.0]]), 1, HeadGrid(1, 2, 2), Constraints())

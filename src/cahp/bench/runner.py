@@ -22,7 +22,6 @@ compared at the head count of the first such method in the same seed (or its fir
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -32,19 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cahp import distributed
-from cahp.calibration import Calibration
 from cahp.config import check_counts, config_from_dict, read_config_file
-from cahp.data import EncodedSplit, encode_split
-from cahp.decoder import LMData, LMOptions, corpus_label, lm_loss_fn, load_causal_lm, measure_lm
-from cahp.engine import Engine, task_calibration
+from cahp.engine import Engine
 from cahp.errors import CahpError
-from cahp.evaluation.metrics import evaluate_split
+from cahp.legacy import upgrade_bench_record
 from cahp.methods.base import PruningMethod, available_methods, get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
-from cahp.models import cahp_home, check_max_length, load_classifier, load_model_config
+from cahp.models import cahp_home
 from cahp.outputs import write_json
 from cahp.reporting.bench_report import (
     Metric,
@@ -54,10 +48,15 @@ from cahp.reporting.bench_report import (
     planned_cells,
     write_bench_report,
 )
-from cahp.surgery import heads_to_remove, kept_heads_by_layer, kept_kv_heads_by_layer, prune_heads
-from cahp.train.distill import Distillation, RecoveryObjective, build_recovery_loss
-from cahp.train.finetune import TaskOptions, encode_eval_splits, subsample
-from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed, train_model
+from cahp.run import RunSettings, execute
+from cahp.runtime import place
+from cahp.stages import StageCache
+from cahp.surgery import kept_kv_heads_by_layer
+from cahp.train.distill import RecoveryObjective
+from cahp.train.finetune import TaskOptions
+from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed
+from cahp.workloads import get_workload
+from cahp.workloads.causal_lm import LMOptions
 
 Budget_ = float | str
 KNEE = "knee"
@@ -76,6 +75,7 @@ RESULT_KEYS = (
     "method_settings",
     "recovery",
     "recovery_objective",
+    "recovery_lora_rank",
     "recovery_max_examples",
     "eval_splits",
     "eval_max_examples",
@@ -106,6 +106,8 @@ class BenchConfig:
         recovery: the recovery fine-tune of every cell (``epochs: 0`` = retraining-free only).
         recovery_objective: what every cell's recovery optimises (``ce``, or distillation from the unpruned model:
             :mod:`cahp.train.distill`; default ``ce``, the committed grids' recipe).
+        recovery_lora_rank: ``None``: every cell's recovery trains every weight; ``R``: rank-``R`` LoRA adapters,
+            merged before the cell is evaluated.
         recovery_max_examples: recover on a stratified subset of the training split.
         fitted_dir: where fitted methods are cached (default ``OUT/fitted``); grids that differ only in their
             recovery can share one (fits are keyed by method, settings, model and calibration data).
@@ -121,8 +123,10 @@ class BenchConfig:
             runs its first ``deterministic_seeds`` seeds only), ``recovery_max_examples``,
             ``eval_splits`` and ``eval_max_examples``; it refuses methods that compare classes (CAHP), the
             ``knee`` budget and distillation.
-        lm: the text and measurements of a ``causal-lm`` grid (:class:`cahp.decoder.LMOptions`; default: its
-            defaults, MNLI premises offline).
+        lm: the text and measurements of a ``causal-lm`` grid (:class:`cahp.workloads.causal_lm.LMOptions`;
+            default: its defaults, MNLI premises offline).
+        calibration_batch_size: examples per calibration batch of a classification grid (methods that do not set
+            their own).
     """
 
     model: str
@@ -139,6 +143,7 @@ class BenchConfig:
     focus: str | None = None
     recovery: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=1.0, learning_rate=2e-5))
     recovery_objective: RecoveryObjective = field(default_factory=RecoveryObjective)
+    recovery_lora_rank: int | None = None
     recovery_max_examples: int | None = 2000
     fitted_dir: str | None = None
     eval_splits: list[str] = field(default_factory=lambda: ["validation", "test"])
@@ -148,9 +153,20 @@ class BenchConfig:
     gqa_mode: str = "groups"
     objective: str = "classification"
     lm: LMOptions | None = None
+    calibration_batch_size: int = 32
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def workload_settings(self) -> dict[str, Any]:
+        """A third-party workload's settings (none: a grid runs the built-in workloads)."""
+        return {}
+
+    @property
+    def sample_seed(self) -> int:
+        """The seed of the samples the workload draws once per grid (the prompted tasks' subsets)."""
+        return self.calibration_seed
 
     @property
     def is_lm(self) -> bool:
@@ -185,37 +201,6 @@ class BenchConfig:
     def from_file(cls, path: str | os.PathLike[str]) -> BenchConfig:
         """Read a JSON config; see the attributes for the keys."""
         return cls.from_dict(read_config_file(expand_path(str(path))))
-
-
-def upgrade_bench_record(raw: dict[str, Any]) -> dict[str, Any]:
-    """A config or record of the bench before methods had one interface, in today's keys.
-
-    Then CAHP's settings were a ``cahp`` block and head scorers' a ``scorer_settings`` block; every seed used one
-    calibration sample; CAHP's gradient salience used every calibration batch, drawn in the order of
-    ``calibration_seed``, and a scorer named as CAHP's salience took the scorer settings of that name.
-    """
-    if "cahp" not in raw and "scorer_settings" not in raw:
-        return dict(raw)
-    if "method_settings" in raw:
-        raise CahpError(
-            'bench config: "method_settings" replaces the older "cahp" and "scorer_settings" keys; give only '
-            '"method_settings" ({method: {setting: value}})'
-        )
-    record = {key: value for key, value in raw.items() if key not in ("cahp", "scorer_settings")}
-    settings: dict[str, dict[str, Any]] = {m: dict(v) for m, v in (raw.get("scorer_settings") or {}).items()}
-    if "cahp" in raw.get("methods", ["cahp"]) or raw.get("cahp"):
-        cahp = dict(raw.get("cahp") or {})
-        salience = cahp.get("salience", "gradient")
-        cahp.pop("allow_empty_layers", None)
-        salience_settings = {"fraction": 1.0} if salience == "gradient" else dict(settings.get(salience, {}))
-        if salience_settings:
-            cahp["salience_settings"] = salience_settings
-        cahp["salience_seed"] = raw.get("calibration_seed", 0)
-        if "cahp" in raw.get("methods", ["cahp"]):
-            settings["cahp"] = cahp
-    record["method_settings"] = settings
-    record.setdefault("resample_calibration", False)
-    return record
 
 
 def expand_path(value: str) -> str:
@@ -296,10 +281,11 @@ def _validate(config: BenchConfig) -> None:
     config.constraints()
     if config.is_lm:
         _validate_lm(config)
+    get_workload(config.objective).check_config(config)
 
 
 def _validate_lm(config: BenchConfig) -> None:
-    """What a ``causal-lm`` grid cannot run: methods that compare classes, the knee, distillation."""
+    """What a ``causal-lm`` grid cannot run: methods that compare classes, the knee."""
     classes = [m for m in config.methods if method_info(m).needs_classes]
     if classes:
         others = [m for m in available_methods() if not method_info(m).needs_classes]
@@ -309,11 +295,6 @@ def _validate_lm(config: BenchConfig) -> None:
         )
     if KNEE in config.budgets:
         raise CahpError('bench config: budget "knee" needs classes; a "causal-lm" grid takes fractions of heads kept')
-    if config.recovery_objective.uses_teacher:
-        raise CahpError(
-            f'bench config: recovery_objective {config.recovery_objective.loss!r} is not available for "causal-lm" '
-            'grids; their recovery trains on the language-modelling loss ("ce")'
-        )
     if config.lm is None:
         config.lm = LMOptions()
 
@@ -341,144 +322,49 @@ def _kept_fraction_heads(fraction: float, total: int) -> int:
     return max(1, min(total, math.floor((1.0 - (1.0 - float(fraction))) * total + 0.5)))
 
 
-class _ClassifierWork:
-    """A fine-tuned classifier: calibration = a stratified sample of the task's calibration split, results =
-    accuracy and macro-F1 per evaluated split, recovery = the grid's objective on the training split."""
-
-    def __init__(self, config: BenchConfig, progress: bool):
-        self.config = config
-        self.progress = progress
-        check_max_length(config.task.max_length, load_model_config(config.model))
-        self.task = config.task.load(model=config.model)  # labels numbered as the model numbers them
-        set_seed(config.calibration_seed)
-        self.model, self.tokenizer = load_classifier(config.model, self.task.num_labels, self.task.label_names)
-        check_max_length(config.task.max_length, self.model, self.tokenizer)
-        self.evaluation = encode_eval_splits(
-            self.tokenizer, self.task, config.eval_splits, config.eval_max_examples, config.task.max_length
-        )
-        if not self.evaluation:
-            raise CahpError(f"none of the eval_splits {config.eval_splits} exists; the task has {self.task.splits}")
-        self._recovery_data: EncodedSplit | None = None
-        self._distillation: Distillation | None = None
-        self.distillation_setup: dict[str, Any] = {}
-
-    def describe(self) -> dict[str, Any]:
-        return self.task.describe()
-
-    def calibration(self, sample_seed: int) -> Calibration:
-        config = self.config
-        return task_calibration(self.task, self.tokenizer, config.calibration_size, sample_seed, config.task.max_length)
-
-    def evaluate(self, model: Any) -> dict[str, Any]:
-        return {name: evaluate_split(model, self.tokenizer, data, 64, False) for name, data in self.evaluation.items()}
-
-    @property
-    def recovery_data(self) -> EncodedSplit:
-        if self._recovery_data is None:
-            split = subsample(self.task.split("train"), self.config.recovery_max_examples, self.config.recovery.seed)
-            self._recovery_data = encode_split(self.tokenizer, split, self.config.task.max_length)
-        return self._recovery_data
-
-    def recovery_loss(self) -> Distillation | None:
-        """The recovery's loss: the dense model as teacher when the objective distils (its logits on the recovery
-        data are computed once per run and shared by every cell)."""
-        if self._distillation is None and self.config.recovery_objective.uses_teacher:
-            self._distillation = build_recovery_loss(
-                self.config.recovery_objective, self.model, self.tokenizer, self.recovery_data, 64, self.progress
-            )
-            self.distillation_setup = self._distillation.costs() if self._distillation else {}
-        return self._distillation
-
-    def recover(self, model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Recover ``model`` in place; returns its history and the teacher's costs in this cell."""
-        loss = self.recovery_loss()
-        before = loss.costs() if loss is not None else {}
-        history = train_model(
-            model,
-            self.tokenizer,
-            self.recovery_data,
-            self.config.recovery,
-            desc="recovery",
-            progress=False,
-            loss_fn=loss,
-        )
-        teacher: dict[str, Any] = {}
-        if loss is not None:  # this cell's teacher work, and the one-time logit pass shared by every cell
-            teacher = {key: round(value - before[key], 2) for key, value in loss.costs().items()}
-            teacher["shared_setup"] = self.distillation_setup
-        return history, teacher
-
-
-class _LanguageModelWork:
-    """A causal LM: calibration = the LM loss of ``lm``'s calibration blocks (the same for every seed), results =
-    perplexity on its evaluation blocks and the zero-shot accuracy of its prompted tasks, recovery = the LM loss
-    of the calibration blocks."""
-
-    def __init__(self, config: BenchConfig, progress: bool):
-        del progress  # the LM measurements show no progress bars
-        assert config.lm is not None  # set by _validate_lm
-        self.config, self.options = config, config.lm
-        set_seed(config.calibration_seed)
-        self.model, self.tokenizer = load_causal_lm(config.model)
-        self.data: LMData = self.options.load(self.tokenizer, config.calibration_seed)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "task": "causal-lm",
-            "calibration_split": corpus_label(self.data.calibration.describe()),
-            "evaluation": {**self.data.evaluation.describe(), "label": corpus_label(self.data.evaluation.describe())},
-            "calibration": self.data.calibration.describe(),
-            "prompted": {name: len(split) for name, (split, _) in self.data.prompted.items()},
-        }
-
-    def calibration(self, sample_seed: int) -> Calibration:
-        from cahp.calibration import lm_calibration
-
-        return lm_calibration(self.data.calibration, self.tokenizer, self.options.calibration_batch_size)
-
-    def evaluate(self, model: Any) -> dict[str, Any]:
-        """``{"perplexity": {...}, "<task>-zero-shot": {accuracy, macro_f1, prompt, ...}}``."""
-        measured = measure_lm(model, self.tokenizer, self.data, self.options)
-        return {
-            "perplexity": measured["perplexity"],
-            **{f"{name}-zero-shot": result for name, result in measured["prompted"].items()},
-        }
-
-    def recover(self, model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        history = train_model(
-            model,
-            self.tokenizer,
-            self.data.calibration.examples,
-            self.config.recovery,
-            desc="recovery",
-            progress=False,
-            loss_fn=lm_loss_fn(),
-        )
-        model.eval()
-        return history, {}
-
-
 class _Bench:
-    """The state of one run: the work (model, its calibration and evaluation data) and per-seed engines."""
+    """The state of one run: the workload (model, its calibration and evaluation data) and per-seed engines."""
 
     def __init__(self, config: BenchConfig, record: dict[str, Any], progress: bool):
         self.config = config
         self.record = record
         self.progress = progress
         self.out = Path(config.out)
-        self.work = (_LanguageModelWork if config.is_lm else _ClassifierWork)(config, progress)
+        set_seed(config.calibration_seed)
+        self.work = get_workload(config.objective)(config, progress)
         self.metric = grid_metric(record)  # what the cells record, under which key
         self.model, self.tokenizer = self.work.model, self.work.tokenizer
-        if torch.cuda.is_available():
-            self.model.cuda()
+        place(self.model)
         self.grid = HeadGrid.of(self.model)
         self.n_heads = self.grid.total
         self.constraints = config.constraints()
+        self.settings_ = RunSettings(
+            gqa_mode=config.gqa_mode,
+            recovery=config.recovery,
+            recovery_lora_rank=config.recovery_lora_rank,
+            measure=False,
+            report_extras=False,
+            validate_recovery=False,
+        )
         self._engines: dict[int, Engine] = {}
 
     def say(self, message: str) -> None:
         if self.progress:
             print(message, flush=True)
+
+    def evaluate_dense(self) -> dict[str, Any]:
+        """The unpruned model's results, keyed as the cells' (:meth:`_results`)."""
+        return self._results(self.work.evaluate(self.model, extras=False))
+
+    def _results(self, quality: dict[str, Any]) -> dict[str, Any]:
+        """A workload's evaluation as the cells record it: a causal LM's prompted tasks as ``<task>-zero-shot``
+        beside its perplexity (continuations are not recorded); a classifier's splits as they are."""
+        if "perplexity" not in quality:
+            return quality
+        return {
+            "perplexity": quality["perplexity"],
+            **{f"{name}-zero-shot": result for name, result in quality.get("prompted", {}).items()},
+        }
 
     def engine(self, seed: int) -> Engine:
         """The engine of ``seed``: its calibration sample (shared by every seed without resampling)."""
@@ -525,25 +411,24 @@ class _Bench:
 
     # ---- cells -------------------------------------------------------------------------------------------
 
-    def run_cell(self, method: str, seed: int, budget: Budget_) -> dict[str, Any]:
+    def run_cell(self, method: str, seed: int, budget: Budget_, dense: dict[str, Any]) -> dict[str, Any]:
+        """One cell: the method's plan at ``budget`` in ``seed``, then the run (:func:`cahp.run.execute`);
+        ``dense`` is the unpruned model's evaluation (computed once per grid)."""
         start = time.perf_counter()
         plan, fitted, cached = self.plan(method, seed, budget)
         planned = time.perf_counter()
-        model = copy.deepcopy(self.model)
-        gqa_mode = self.config.gqa_mode
-        prune_heads(model, heads_to_remove(model, plan.kept_heads_by_layer, gqa_mode), gqa_mode=gqa_mode)
-        kept = kept_heads_by_layer(model)
-        after_pruning = self.work.evaluate(model)
-        pruned = time.perf_counter()
-        history: list[dict[str, Any]] = []
-        after_recovery, teacher_costs = after_pruning, {}
-        if self.config.recovery.epochs > 0:
-            set_seed(self.config.recovery.seed)
-            history, teacher_costs = self.work.recover(model)
-            after_recovery = self.work.evaluate(model)
+        outcome = execute(self.work, plan, self.settings_, StageCache(None, progress=False), before=dense)
         end = time.perf_counter()
+        recovery_run = outcome.recovery_run
+        after_pruning = self._results(outcome.quality["pruned"]) if outcome.quality["pruned"] is not None else None
+        recovered = outcome.quality["recovered"]
+        after_recovery = self._results(recovered) if recovered is not None else after_pruning
+        teacher = {key: recovery_run[key] for key in ("teacher_seconds", "teacher_forwards") if key in recovery_run}
+        if teacher and self.config.objective == "classification":
+            teacher["shared_setup"] = recovery_run.get("shared_setup", getattr(self.work, "distillation_setup", {}))
         record = plan.to_dict()
         record.pop("details")
+        recovery_seconds = recovery_run.get("seconds", 0.0)
         return {
             "method": method,
             "seed": seed,
@@ -553,24 +438,25 @@ class _Bench:
             "heads_total": self.n_heads,
             "layers": self.grid.layers,
             "heads_per_layer": self.grid.heads,
-            "kept": sum(len(hs) for hs in kept.values()),
-            "kept_heads_by_layer": {str(layer): hs for layer, hs in kept.items()},
+            "kept": outcome.kept,
+            "kept_heads_by_layer": {str(layer): hs for layer, hs in outcome.kept_heads_by_layer.items()},
             "selected_heads_by_layer": {str(layer): hs for layer, hs in plan.kept_heads_by_layer.items()},
             "guardrail_heads": [list(h) for h in plan.guardrail_heads],
-            **(self._kv_record(model) if self.config.is_lm else {}),
+            **(self._kv_record(outcome.model) if self.config.is_lm else {}),
             "plan": record,
             "calibration": self.engine(seed).calibration.description,
             "budget_aware": bool(fitted.budget_aware),
             "fit_cached": bool(cached),
             self.metric.results_key: {"after_pruning": after_pruning, "after_recovery": after_recovery},
-            "recovery_history": history,
+            "recovery_history": recovery_run.get("history", []),
             "recovery_objective": self.config.recovery_objective.loss,
-            "teacher": teacher_costs,
+            **({"lora": recovery_run["lora"]} if "lora" in recovery_run else {}),
+            "teacher": teacher,
             "seconds": {
                 "scoring": float(getattr(fitted, "fit_seconds_", 0.0)),
                 "selection": round(planned - start, 2),
-                "prune_and_evaluate": round(pruned - planned, 2),
-                "recovery_and_evaluate": round(end - pruned, 2),
+                "prune_and_evaluate": round(end - planned - recovery_seconds, 2),
+                "recovery_and_evaluate": round(recovery_seconds, 2),
             },
         }
 
@@ -604,11 +490,12 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     if main and not dense.is_file():
         bench.say(f"{config.model}: evaluating the dense model")
         dense_record = {
-            bench.metric.results_key: bench.work.evaluate(bench.model),
+            bench.metric.results_key: bench.evaluate_dense(),
             "heads_total": bench.n_heads,
             "task": bench.work.describe(),
         }
         write_json(dense, dense_record)
+    dense_quality = json.loads(dense.read_text())[bench.metric.results_key] if main else None
     planned = planned_cells(record)
     computed = 0
     for method, seed, budget in planned:
@@ -616,12 +503,13 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         path = out / "cells" / f"{method}__seed{seed}__{label}.json"
         if distributed.broadcast_object(path.is_file() if main else None):
             continue
-        cell = bench.run_cell(method, seed, budget)
+        cell = bench.run_cell(method, seed, budget, dense_quality)
         if main:
             write_json(path, cell)
         computed += 1
-        heads = f"{cell['kept']}/{bench.n_heads} heads"
-        bench.say(f"{method} seed {seed} budget {label}: {heads}, {_headline(cell, bench.metric)}")
+        if main:  # the other processes did not evaluate
+            heads = f"{cell['kept']}/{bench.n_heads} heads"
+            bench.say(f"{method} seed {seed} budget {label}: {heads}, {_headline(cell, bench.metric)}")
     summary = write_bench_report(out) if main else out / "summary.md"
     distributed.barrier()
     return {"cells": len(planned), "computed": computed, "summary": str(summary)}

@@ -25,7 +25,8 @@ class EncodedSplit:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.array([len(f["input_ids"]) for f in self.features])
+        """Tokens per example (examples without ``input_ids``, images say, all count as length 1)."""
+        return np.array([len(f["input_ids"]) if "input_ids" in f else 1 for f in self.features])
 
 
 def encode_split(tokenizer: Any, split: TextSplit, max_length: int = 128) -> EncodedSplit:
@@ -39,10 +40,17 @@ def encode_split(tokenizer: Any, split: TextSplit, max_length: int = 128) -> Enc
     return EncodedSplit(features, split.labels)
 
 
-def collate(tokenizer: Any, features: list[dict[str, list[int]]], labels: np.ndarray | None) -> dict[str, Any]:
-    """Pad one batch to its longest example and return tensors (``labels`` included when given)."""
+#: The model inputs a batch keeps of what the tokenizer's (or another collator's) ``pad`` returns.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+
+
+def collate(tokenizer: Any, features: list[dict[str, Any]], labels: np.ndarray | None) -> dict[str, Any]:
+    """Pad one batch to its longest example and return tensors (``labels`` included when given).
+
+    ``tokenizer`` is anything with the tokenizers' ``pad(features, padding=True, return_tensors="pt")``: a text
+    tokenizer, or a workload's own collator (an image workload stacks ``pixel_values``)."""
     batch = tokenizer.pad(features, padding=True, return_tensors="pt")
-    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     if labels is not None:
         batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
     return batch

@@ -6,12 +6,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from cahp.data import encode_split
 from cahp.errors import ConfigError
 from cahp.evaluation.metrics import evaluate_split
 from cahp.models import check_max_length, load_classifier, load_model_config
+from cahp.runtime import place
 from cahp.train.finetune import TaskOptions
 
 #: What MNLI's canonical splits are called in results, by protocol.
@@ -50,8 +49,7 @@ def evaluate(
     chosen = {name: data.split(name) for name in names}
     classifier, tokenizer = load_classifier(str(model), data.num_labels, data.label_names)
     check_max_length(task.max_length, classifier, tokenizer)
-    if torch.cuda.is_available():
-        classifier.cuda()
+    place(classifier)
     results = {}
     for name, split in chosen.items():
         encoded = encode_split(tokenizer, split, task.max_length)

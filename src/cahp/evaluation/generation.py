@@ -24,7 +24,7 @@ from torch import nn
 from cahp.adapters import get_adapter
 from cahp.errors import CahpError
 from cahp.evaluation.latency import measure_latency, synthetic_batch
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.surgery import kept_kv_heads_by_layer
 
 #: The fixed prompts whose greedy continuations every decoder report shows before and after pruning.

@@ -11,10 +11,7 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from cahp.data.batching import EncodedSplit, iter_batches, num_batches
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+from cahp.runtime import model_device
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from cahp.calibration import CausalLanguageModeling, to_device
 from cahp.data.batching import iter_batches, num_batches
 from cahp.data.lm import LMBlocks
 from cahp.errors import CahpError
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 
 
 @torch.inference_mode()

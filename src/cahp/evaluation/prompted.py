@@ -37,7 +37,8 @@ from cahp.calibration import CausalLanguageModeling, causal_position_ids, to_dev
 from cahp.data.batching import EncodedSplit, iter_batches, num_batches
 from cahp.data.tasks import TextSplit
 from cahp.errors import CahpError
-from cahp.evaluation.metrics import classification_metrics, model_device
+from cahp.evaluation.metrics import classification_metrics
+from cahp.runtime import model_device
 
 
 @dataclass(frozen=True)

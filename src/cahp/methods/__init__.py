@@ -5,7 +5,8 @@
 * :class:`Budget` (``auto``, ``keep=K``, ``sparsity=S``) and :class:`Constraints` (minimum heads per layer,
   same count per layer, grouped-query groups);
 * :class:`TopK` — global top-K over any head scorer; CAHP (``"cahp"``) — clusters and the knee;
-* one registry for built-ins and third-party methods (entry-point group ``cahp.methods``).
+* one registry for built-ins and third-party methods (entry-point group ``cahp.methods``), which lists them and
+  their capabilities without importing them (:mod:`cahp.methods.base`).
 
 Imports are lazy, so ``import cahp.methods`` stays light.
 """
@@ -15,10 +16,11 @@ from typing import Any
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 
 _LAZY = {
-    "PruningMethod": "cahp.methods.base",
+    "PruningMethod": "cahp.methods.method",
     "MethodInfo": "cahp.methods.base",
     "available_methods": "cahp.methods.base",
     "get_method": "cahp.methods.base",
+    "method_class": "cahp.methods.base",
     "method_info": "cahp.methods.base",
     "register_method": "cahp.methods.base",
     "ENTRY_POINT_GROUP": "cahp.methods.base",

@@ -15,20 +15,61 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from cahp.adapters import get_adapter
 from cahp.calibration import Calibration
+from cahp.data.batching import EncodedSplit
 from cahp.errors import CahpError
-from cahp.methods.base import PruningMethod, register_method
+from cahp.methods.base import register_method
+from cahp.methods.method import PruningMethod
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
+from cahp.runtime import model_device
+from cahp.scoring.base import get_scorer, scorer_class
+from cahp.scoring.gradient import normalize_layers
+from cahp.selection.cahp import CAHPSelector, profiles_from_moments
+from cahp.selection.clustering import Clustering
+from cahp.selection.representatives import HeadSelection, default_head_ids, select_representatives
+from cahp.signatures.collector import Convergence, GateSalience, choose_batches, signature_sweep, sweep_batches
+from cahp.surgery import is_pruned
 
 #: The reference's salience: Michel et al.'s gradient on the first 25% of the (shuffled) calibration batches,
 #: not normalised per layer (CAHP min-max normalises it globally).
 REFERENCE_SALIENCE = "gradient"
 REFERENCE_SALIENCE_SETTINGS: dict[str, Any] = {"normalize_layers": False, "fraction": 0.25}
+
+
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "CAHP",
+    "kind": "method",
+    "finds_own_budget": True,
+    "budget_aware": False,
+    "deterministic": False,
+    "needs_classes": True,
+    "settings": {
+        "metric": "jm",
+        "variance_ddof": 1,
+        "embedding": "tsne",
+        "perplexity": 10.0,
+        "tsne_iterations": 1000,
+        "poly_degree": 6,
+        "representative": "salience",
+        "salience": "gradient",
+        "salience_settings": None,
+        "salience_seed": None,
+        "signature_size": 32,
+        "batch_size": 32,
+        "sweep": "separate",
+        "converge_tol": None,
+        "converge_window": 8,
+        "converge_min_examples": 512,
+        "seed": 42,
+    },
+}
 
 
 @register_method("cahp")
@@ -147,8 +188,6 @@ class CAHP(PruningMethod):
 
     def salience_scorer(self) -> Any:
         """The head scorer that gives the salience (built, not run)."""
-        from cahp.scoring.base import get_scorer, scorer_class
-
         try:
             cls = scorer_class(self.salience)
         except CahpError as error:
@@ -162,29 +201,7 @@ class CAHP(PruningMethod):
         seed = self.seed if self.salience_seed is None else self.salience_seed
         return get_scorer(self.salience, **{"seed": seed, **defaults, **self.salience_settings})
 
-    def _selector_settings(self) -> Any:
-        from cahp.selection.cahp import CAHPSettings
-
-        return CAHPSettings(
-            metric=self.metric,
-            variance_ddof=self.variance_ddof,
-            embedding=self.embedding,
-            perplexity=self.perplexity,
-            tsne_iterations=self.tsne_iterations,
-            poly_degree=self.poly_degree,
-            representative=self.representative,
-            salience=self.salience,
-            seed=self.seed,
-        )
-
     def fit(self, model: Any, calibration: Calibration, *, progress: bool = False) -> CAHP:
-        from cahp.adapters import get_adapter
-        from cahp.evaluation.metrics import model_device
-        from cahp.scoring.gradient import normalize_layers
-        from cahp.selection.cahp import CAHPSelector
-        from cahp.signatures.collector import GateSalience, choose_batches, signature_sweep, sweep_batches
-        from cahp.surgery import is_pruned
-
         start = time.perf_counter()
         self.grid_ = HeadGrid.of(model)
         if self.grid_.total < 3:
@@ -234,7 +251,7 @@ class CAHP(PruningMethod):
             batches = seen.num_batches(getattr(scorer, "batch_size", None))
             salience_batches = None if fraction is None else max(1, math.ceil(fraction * batches))
         selection_start = time.perf_counter()
-        self.selector_ = CAHPSelector(self._selector_settings()).fit(result.moments, self.salience_)
+        self.selector_ = CAHPSelector(self).fit(result.moments, self.salience_)
         self.stage_seconds_ = {
             "signatures": round(signature_seconds, 2),
             "salience": round(salience_seconds, 2),
@@ -256,11 +273,8 @@ class CAHP(PruningMethod):
         self.fit_seconds_ = round(time.perf_counter() - start, 2)
         return self
 
-    def _convergence(self) -> Any:
+    def _convergence(self) -> Convergence | None:
         """The early stop of the signature sweep (``None`` without ``converge_tol``), on the JM profiles."""
-        from cahp.selection.cahp import profiles_from_moments
-        from cahp.signatures.collector import Convergence
-
         if self.converge_tol is None:
             return None
         return Convergence(
@@ -275,12 +289,12 @@ class CAHP(PruningMethod):
     @property
     def k_star_(self) -> int:
         """The knee's cluster count, capped at the number of distinct points of the head space."""
-        self._check_fitted()
+        self.check_fitted()
         return int(self.selector_.k_)
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
 
-        grid = self._check_fitted()
+        grid = self.check_fitted()
         selector = self.selector_
         k = self.k_star_ if budget.is_auto else budget.heads(grid.total)
         clustering = selector.sweep_.clustering(k)
@@ -299,7 +313,7 @@ class CAHP(PruningMethod):
         )
         details = {
             "how": how,
-            "settings": asdict(selector.settings),
+            "settings": self.get_settings(),
             "k": int(k),
             "knee": selector.knee_.to_dict(),
             "mss_early_stop_at": selector.sweep_.stopped_at,
@@ -309,20 +323,16 @@ class CAHP(PruningMethod):
             "salience": selector.salience_.tolist(),
             "embedding": selector.embedding_.tolist(),
             "profile_dimensions": int(selector.profiles_.shape[1]),
-            "head_space": selector.report()["head_space"],
+            "head_space": selector.head_space_summary(),
             "stage_seconds": dict(getattr(self, "stage_seconds_", {})),
             "calibration": dict(getattr(self, "calibration_", {})),
         }
-        return self._plan_from_priority(priority, k, budget, constraints, details)
+        return self.plan_from_priority(priority, k, budget, constraints, details)
 
 
 def _seen_examples(calibration: Calibration, indices: np.ndarray) -> Calibration:
     """The calibration restricted to ``indices`` (the examples an early-stopped sweep saw), in example order, so
     that the salience respects the same calibration budget."""
-    from dataclasses import replace
-
-    from cahp.data.batching import EncodedSplit
-
     chosen = np.sort(np.asarray(indices, dtype=np.int64))
     examples = EncodedSplit([calibration.examples.features[i] for i in chosen], calibration.examples.labels[chosen])
     description = {**calibration.description, "examples_seen_by_signature_sweep": len(chosen)}
@@ -330,8 +340,8 @@ def _seen_examples(calibration: Calibration, indices: np.ndarray) -> Calibration
 
 
 def cluster_priority(
-    clustering: Any, salience: np.ndarray, representative: str, grid: HeadGrid
-) -> tuple[Any, np.ndarray]:
+    clustering: Clustering, salience: np.ndarray, representative: str, grid: HeadGrid
+) -> tuple[HeadSelection, np.ndarray]:
     """One representative per cluster and the heads' keep priority ``[layers, heads]``: the representatives
     first (a bonus above any head's normalised salience), then the normalised ``salience`` ``[layers, heads]``.
 
@@ -344,8 +354,6 @@ def cluster_priority(
     Returns:
         ``(representatives chosen, priority)``.
     """
-    from cahp.selection.representatives import default_head_ids, select_representatives
-
     chosen = select_representatives(
         clustering.labels,
         salience,

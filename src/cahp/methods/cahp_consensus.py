@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from cahp.errors import CahpError
 from cahp.methods.base import register_method
 from cahp.methods.cahp import CAHP, cluster_priority
 from cahp.methods.plan import Budget, Constraints, KeepPlan
+from cahp.selection.cahp import HeadSpaceSettings
 from cahp.selection.clustering import Clustering, cluster_heads, distinct_points, embed_heads, head_distances, sweep_k
 from cahp.selection.knee import find_knee
 
@@ -67,12 +68,12 @@ class HeadSpaceRun:
         return cluster_heads(head_distances(self.embedding), k, self.seed).labels
 
 
-def run_head_space(profiles: np.ndarray, settings: Any, seed: int) -> HeadSpaceRun:
+def run_head_space(profiles: np.ndarray, settings: HeadSpaceSettings, seed: int) -> HeadSpaceRun:
     """CAHP's head space, MSS(k) sweep and knee on ``profiles`` with ``seed`` (the faithful run for its seed).
 
     Args:
         profiles: ``[N, F]`` separability profiles, one row per head.
-        settings: a :class:`cahp.selection.cahp.CAHPSettings` (embedding, t-SNE and knee settings are read).
+        settings: CAHP's settings (a :class:`~cahp.methods.cahp.CAHP`; embedding, t-SNE and knee settings are read).
         seed: t-SNE and FasterPAM seed.
     """
     with warnings.catch_warnings():  # the faithful fit has already warned about these same profiles
@@ -215,13 +216,17 @@ class Consensus:
 
 
 def consensus_of_runs(
-    profiles: np.ndarray, settings: Any, seeds: list[int], consensus: str = "average", progress: bool = False
+    profiles: np.ndarray,
+    settings: HeadSpaceSettings,
+    seeds: list[int],
+    consensus: str = "average",
+    progress: bool = False,
 ) -> Consensus:
     """Run CAHP's head space for every seed and take the consensus at the median k* (one seed: the faithful run).
 
     Args:
         profiles: ``[N, F]`` separability profiles.
-        settings: a :class:`cahp.selection.cahp.CAHPSettings`.
+        settings: CAHP's settings (a :class:`~cahp.methods.cahp.CAHP`).
         seeds: one seed per run (at least one).
         consensus: ``"average"`` or ``"kmedoids"`` (see :func:`consensus_clustering`).
     """
@@ -246,6 +251,38 @@ def consensus_of_runs(
         pac=ambiguous_pair_share(matrix),
         run_agreement=mean_pairwise_rand(partitions),
     )
+
+
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "CAHPConsensus",
+    "kind": "method",
+    "finds_own_budget": True,
+    "budget_aware": False,
+    "deterministic": False,
+    "needs_classes": True,
+    "settings": {
+        "runs": 11,
+        "consensus": "average",
+        "metric": "jm",
+        "variance_ddof": 1,
+        "embedding": "tsne",
+        "perplexity": 10.0,
+        "tsne_iterations": 1000,
+        "poly_degree": 6,
+        "representative": "salience",
+        "salience": "gradient",
+        "salience_settings": None,
+        "salience_seed": None,
+        "signature_size": 32,
+        "batch_size": 32,
+        "sweep": "separate",
+        "converge_tol": None,
+        "converge_window": 8,
+        "converge_min_examples": 512,
+        "seed": 42,
+    },
+}
 
 
 @register_method("cahp-consensus")
@@ -313,7 +350,7 @@ class CAHPConsensus(CAHP):
         Raises:
             CahpError: ``fitted`` is not fitted.
         """
-        fitted._check_fitted()
+        fitted.check_fitted()
         base = {key: value for key, value in fitted.get_settings().items() if key not in ("runs", "consensus")}
         if seed is not None and seed != base["seed"]:
             base["salience_seed"] = base["seed"] if base.get("salience_seed") is None else base["salience_seed"]
@@ -332,10 +369,10 @@ class CAHPConsensus(CAHP):
 
     def fit_consensus(self, progress: bool = False) -> CAHPConsensus:
         """The runs, the co-association matrix, the median k* and the consensus clusters, from the fitted profiles."""
-        self._check_fitted()
+        self.check_fitted()
         start = time.perf_counter()
         seeds = [self.seed + run for run in range(self.runs)]
-        result = consensus_of_runs(self.selector_.profiles_, self._selector_settings(), seeds, self.consensus, progress)
+        result = consensus_of_runs(self.selector_.profiles_, self, seeds, self.consensus, progress)
         self.runs_, self.k_stars_, self.k_ = result.runs, result.k_stars, result.k
         self.co_association_, self.clustering_ = result.co_association, result.clustering
         self.pac_, self.run_agreement_ = result.pac, result.run_agreement
@@ -346,7 +383,7 @@ class CAHPConsensus(CAHP):
     @property
     def k_star_(self) -> int:
         """The consensus head count: the median of the runs' k*."""
-        self._check_fitted()
+        self.check_fitted()
         return int(self.k_)
 
     def consensus_at(self, k: int) -> tuple[np.ndarray, Clustering, float | None]:
@@ -364,7 +401,7 @@ class CAHPConsensus(CAHP):
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
 
-        grid = self._check_fitted()
+        grid = self.check_fitted()
         k = self.k_star_ if budget.is_auto else budget.heads(grid.total)
         if budget.is_auto:
             matrix, clustering, agreement = self.co_association_, self.clustering_, self.run_agreement_
@@ -375,7 +412,7 @@ class CAHPConsensus(CAHP):
         linkage = "average linkage" if self.consensus == "average" else "k-medoids"
         details = {
             "how": f"{k} clusters: {source}; consensus of the runs' clusters by {linkage} on 1 - co-association",
-            "settings": asdict(self.selector_.settings),
+            "settings": self.get_settings(),
             "k": int(k),
             "consensus_clusters": int(clustering.k),
             "k_star_runs": list(self.k_stars_),
@@ -395,4 +432,4 @@ class CAHPConsensus(CAHP):
             "salience": self.selector_.salience_.tolist(),
             "profile_dimensions": int(self.selector_.profiles_.shape[1]),
         }
-        return self._plan_from_priority(priority, k, budget, constraints, details)
+        return self.plan_from_priority(priority, k, budget, constraints, details)

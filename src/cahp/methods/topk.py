@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cahp.calibration import Calibration
 from cahp.errors import CahpError
-from cahp.methods.base import PruningMethod
+from cahp.methods.method import PruningMethod
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
-from cahp.scoring.base import HeadScorer
+
+if TYPE_CHECKING:
+    from cahp.calibration import Calibration
+    from cahp.scoring.base import HeadScorer
 
 
 class TopK(PruningMethod):
@@ -49,7 +51,7 @@ class TopK(PruningMethod):
         return self
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
-        grid = self._check_fitted()
+        grid = self.check_fitted()
         if budget.is_auto:
             raise CahpError(
                 f"method {self.name!r} has no automatic head count: give a budget (--keep K or --sparsity S); "
@@ -61,7 +63,7 @@ class TopK(PruningMethod):
                 f"method {self.name!r} was fitted for keep={self.scorer.keep} heads and cannot plan {heads}: "  # type: ignore[attr-defined]
                 "fit it again with that budget"
             )
-        return self._plan_from_priority(
+        return self.plan_from_priority(
             self.scores_,
             heads,
             budget,

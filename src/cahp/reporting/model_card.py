@@ -9,17 +9,25 @@ with and without cahp.
 
 ``library_name`` is ``transformers``: the folder loads with ``from_pretrained`` (with ``trust_remote_code=True``
 where cahp is not installed), so that is the snippet the Hub should show.
+
+The card is meant to be published with the folder, so it names no local path: models by alias, Hub id or, for a
+local folder, the folder's own name and what its ``run_config.json`` records (:func:`model_lineage`), data by
+task, protocol and Hub id, and the command with every local path replaced by such a name
+(:func:`shareable_command`). ``report.json`` and ``run_config.json`` beside the folder keep the real paths.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
+from cahp.errors import is_disk_full
 from cahp.outputs import atomic_write
+from cahp.surgery.autoload import disk_full_error, shareable_name
 
 CARD_FILE = "README.md"
 KEPT_HEADS_IMAGE = "kept_heads.png"
@@ -65,9 +73,14 @@ def write_model_card(report: dict[str, Any], folder: Path, command: str | None =
         The card's path.
     """
     folder = Path(folder)
-    _place_kept_heads_image(report, folder)
     text = render_model_card(report, folder, command)
-    return atomic_write(folder / CARD_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    try:
+        _place_kept_heads_image(report, folder)
+        return atomic_write(folder / CARD_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full_error(folder, len(text.encode()) + 2**20) from error
+        raise
 
 
 def render_model_card(report: dict[str, Any], folder: Path, command: str | None = None) -> str:
@@ -84,7 +97,7 @@ def render_model_card(report: dict[str, Any], folder: Path, command: str | None 
         _kept_heads_section(report),
         _accuracy_section(report),
         _size_and_speed_section(report),
-        _command_section(command if command is not None else report.get("command")),
+        _command_section(shareable_command(command if command is not None else report.get("command"), report)),
         _loading_section(custom_code),
     ]
     return "\n\n".join(section.strip("\n") for section in sections) + "\n"
@@ -117,6 +130,55 @@ def model_lineage(model: str) -> list[str]:
             break
         lineage.append(parent)
     return lineage
+
+
+def recorded_task(model: str) -> str | None:
+    """The task a local model folder was made on, as its ``run_config.json`` records it (``None`` if it does not)."""
+    try:
+        task = json.loads((Path(model).expanduser() / "run_config.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(task, dict):
+        name = task.get("task") or task.get("name")
+        protocol = task.get("protocol")
+        if isinstance(name, str) and name:
+            return shareable_name(name) + (f", {protocol} protocol" if isinstance(protocol, str) else "")
+        return None
+    return shareable_name(task) if isinstance(task, str) and task else None
+
+
+def shareable_command(command: str | None, report: dict[str, Any]) -> str | None:
+    """``command`` with every local path replaced by a name that says something elsewhere: the model by
+    :func:`shareable_name`, any other path by its last part (``/home/me/runs/ft`` -> ``ft``)."""
+    if not command:
+        return command
+    try:
+        tokens = shlex.split(command)
+    except ValueError:  # unbalanced quotes: replace what can be found
+        tokens = command.split()
+    model = str(report.get("model", ""))
+
+    def named(token: str) -> str:
+        if "=" in token and token.startswith("-"):
+            flag, value = token.split("=", 1)
+            return f"{flag}={named(value)}"
+        if token == model or (model and _same_path(token, model)):
+            return shareable_name(model) or token
+        return shareable_name(token) if _looks_local(token) else token
+
+    return shlex.join(named(token) for token in tokens)
+
+
+def _looks_local(token: str) -> bool:
+    home = str(Path.home())
+    return token.startswith(("/", "~")) or (len(home) > 1 and home in token)
+
+
+def _same_path(first: str, second: str) -> bool:
+    try:
+        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def base_model_id(report: dict[str, Any]) -> str | None:
@@ -172,11 +234,11 @@ def _front_matter(report: dict[str, Any], saved: dict[str, Any], custom_code: bo
 
 
 def _title(report: dict[str, Any]) -> str:
-    heads, name = report["heads"], Path(report["model"]).name or report["model"]
+    heads, name = report["heads"], shareable_name(report["model"]) or report["model"]
     removed = heads["total"] - heads["kept"]
     return (
         f"# {name}, {removed} of {heads['total']} attention heads removed ({report['method']})\n\n"
-        f"A copy of `{report['model']}` with {heads['kept']} of its {heads['total']} attention heads kept, chosen "
+        f"A copy of `{name}` with {heads['kept']} of its {heads['total']} attention heads kept, chosen "
         f"by the `{report['method']}` method of [cahp](https://pypi.org/project/cahp/) and physically removed "
         "(smaller projection matrices, not masks), then recovered by a short fine-tune."
     )
@@ -184,8 +246,11 @@ def _title(report: dict[str, Any]) -> str:
 
 def _base_model_section(report: dict[str, Any]) -> str:
     lineage = model_lineage(report["model"])
-    lines = ["## Base model", "", f"- pruned from: `{lineage[0]}`"]
-    lines += [f"- which was made from: `{name}`" for name in lineage[1:]]
+    lines = ["## Base model", ""]
+    for index, model in enumerate(lineage):
+        task = recorded_task(model)
+        made_on = f" (fine-tuned on {task})" if task else ""
+        lines.append(f"- {'pruned from' if index == 0 else 'which was made from'}: `{shareable_name(model)}`{made_on}")
     base = base_model_id(report)
     lines.append(f"- on the Hub: [{base}](https://huggingface.co/{base})" if base else "- on the Hub: not known")
     return "\n".join(lines)
@@ -195,10 +260,16 @@ def _task_section(report: dict[str, Any]) -> str:
     task = report["task"]
     sizes = ", ".join(f"{split} {count}" for split, count in task.get("split_sizes", {}).items())
     labels = ", ".join(f"`{name}`" for name in task.get("label_names", []))
+    dataset = dataset_id(task)
+    data = (
+        f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+        if dataset
+        else f"`{shareable_name(task.get('source'))}`"
+    )
     lines = [
         "## Task",
         "",
-        f"- task: `{task.get('task')}` ({task.get('protocol', 'standard')} protocol), data from `{task.get('source')}`",
+        f"- task: `{shareable_name(task.get('task'))}` ({task.get('protocol', 'standard')} protocol), data: {data}",
         f"- labels ({task.get('num_labels')}): {labels}",
         f"- examples per split: {sizes}",
     ]
@@ -328,6 +399,12 @@ def _command_section(command: str | None) -> str:
 
 def _loading_section(custom_code: bool) -> str:
     remote = ", trust_remote_code=True" if custom_code else ""
+    tokenizer = (
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=False)  # a stock '
+        "tokenizer: no custom code"
+        if custom_code
+        else 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")'
+    )
     without = (
         "the folder carries `modeling_cahp.py` (torch and transformers only) and an `auto_map`, so it loads "
         "without cahp when you trust that code:"
@@ -350,13 +427,23 @@ classify = pipeline("text-classification", model="path/to/this/folder")
 Without cahp: {without}
 
 ```python
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 model = AutoModelForSequenceClassification.from_pretrained("path/to/this/folder"{remote})
+{tokenizer}
 ```
 
-`cahp.surgery.load_pruned("path/to/this/folder")` loads it too, and
+{_tokenizer_note(custom_code)}`cahp.surgery.load_pruned("path/to/this/folder")` loads it too, and
 `cahp export --model path/to/this/folder --format onnx --out model.onnx` writes an ONNX Runtime graph."""
+
+
+def _tokenizer_note(custom_code: bool) -> str:
+    if not custom_code:
+        return ""
+    return (
+        "The tokenizer is a stock one. `AutoTokenizer` reads `config.json` first and, without cahp, asks whether to "
+        "run the model's code; `trust_remote_code=False` answers no and loads the tokenizer without it.\n\n"
+    )
 
 
 # ---- the picture ---------------------------------------------------------------------------------------------------

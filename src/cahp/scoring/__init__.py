@@ -8,7 +8,9 @@ behaviour (:mod:`cahp.analysis`): ``sink`` (sink and special-token heads go firs
 repeat a head of the previous layer go first).
 Also here: the class-separability profiles used by CAHP.
 
-The scorer interface is imported on first use, so ``import cahp.scoring`` stays light (NumPy only).
+The scorer interface is imported on first use, so ``import cahp.scoring`` stays light (NumPy only);
+``BUILTIN_SCORERS`` (the head scorers cahp declares as entry points) is read from the registry without importing
+them.
 """
 
 from typing import Any
@@ -18,21 +20,6 @@ from cahp.scoring.separability import (
     class_pairs,
     jeffries_matusita_distance,
     separability_profiles,
-)
-
-#: Names of the built-in scorers (for help texts; ``available_scorers()`` also lists third-party ones).
-BUILTIN_SCORERS = (
-    "random",
-    "magnitude",
-    "entropy",
-    "gradient",
-    "hies",
-    "attattr",
-    "l0",
-    "dsp",
-    "fisher",
-    "sink",
-    "redundancy",
 )
 
 _LAZY = ("HeadScorer", "available_scorers", "get_scorer", "register_scorer", "scorer_class")
@@ -52,6 +39,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "BUILTIN_SCORERS":  # the head scorers among cahp's own entry points (pyproject.toml)
+        from cahp.methods.base import available_methods, builtin_methods
+
+        infos = available_methods()
+        return tuple(method for method in builtin_methods() if method in infos and infos[method].kind == "scorer")
     if name in _LAZY:
         from cahp.scoring import base
 

@@ -33,12 +33,22 @@ from transformers import PreTrainedModel
 
 from cahp import distributed
 from cahp.calibration import to_device
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer
 from cahp.surgery import head_mask
 
 if TYPE_CHECKING:
     from cahp.calibration import Calibration
+
+
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "AttentionAttributionScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {"steps": 20, "batch_size": 16, "max_examples": 32, "seed": 0},
+}
 
 
 @register_scorer("attattr")

@@ -1,4 +1,4 @@
-"""The head-scorer interface, its registry, and the helpers every scorer shares.
+"""The head-scorer interface, its decorator and look-ups, and the helpers every scorer shares.
 
 A scorer follows scikit-learn's shape: ``__init__`` only stores settings (``seed`` among them), and
 :meth:`HeadScorer.score` does the work on ``(model, calibration)``, sets ``scores_`` ``[layers, heads]``
@@ -10,10 +10,21 @@ Scoring never changes a model: weights are only read, and the ``requires_grad`` 
 every module and the attention implementation are restored afterwards.
 :class:`~cahp.scoring.random.RandomScorer` is both the control baseline and the spec of this contract.
 
-Adding a method is one file::
+Adding a scorer is one file (plus, for a built-in or a plugin package, its ``cahp.methods`` entry point: the
+registry, :mod:`cahp.methods.base`, lists it from the module's ``METHOD_CARD`` without importing it)::
+
+    METHOD_CARD = {"class": "MyScorer", "kind": "scorer", "settings": {"max_examples": 256, "seed": 0}}
+
 
     @register_scorer("mine")
     class MyScorer(HeadScorer):
+        '''One line that ``cahp methods`` shows.
+
+        Args:
+            max_examples: at most this many calibration examples.
+            seed: picks the subset.
+        '''
+
         def __init__(self, *, max_examples: int | None = 256, seed: int = 0) -> None:
             super().__init__(seed=seed)
             self.max_examples = max_examples
@@ -24,11 +35,12 @@ Adding a method is one file::
                 loss = examples.loss(model, batch)
                 ...
             return scores  # [layers, heads]
+
+Helpers for scorers: :func:`head_grid`, :func:`captured_attention`, :func:`minmax` and :func:`preserved_model`.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,27 +52,12 @@ from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
 from cahp.errors import CahpError
-from cahp.signatures.collector import eager_attention
+from cahp.methods import base as registry
+from cahp.signatures.model_state import eager_attention, preserved_model
 from cahp.surgery import is_pruned
 
 if TYPE_CHECKING:
     from cahp.calibration import Calibration
-
-#: Modules of the built-in scorers, imported on the first registry look-up (keeps ``import cahp.scoring``
-#: light and free of import cycles).
-BUILTIN_MODULES = (
-    "attattr",
-    "dsp",
-    "entropy",
-    "fisher",
-    "gradient",
-    "hies",
-    "l0",
-    "magnitude",
-    "random",
-    "redundancy",
-    "sink",
-)
 
 
 class HeadScorer:
@@ -68,6 +65,7 @@ class HeadScorer:
 
     Class attributes:
         name: the registry name (set by :func:`register_scorer`).
+        kind: ``"scorer"``: what the registry lists it as (it becomes a method through global top-K).
         deterministic: for a given calibration set the scores do not depend on ``seed`` at all (not through
             a subset, a batch order or a batch composition either), so one seed is enough in a benchmark.
         budget_aware: the scores depend on the number of heads to keep (setting ``keep``).
@@ -76,6 +74,7 @@ class HeadScorer:
     """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "scorer"
     deterministic: ClassVar[bool] = False
     budget_aware: ClassVar[bool] = False
 
@@ -118,9 +117,10 @@ class HeadScorer:
         raise NotImplementedError
 
 
-# ---- registry ------------------------------------------------------------------------------------------------
+# ---- registry: the one of cahp.methods.base, which lists head scorers as methods ---------------------------------
 
-_SCORERS: dict[str, type[HeadScorer]] = {}
+#: The registry's head-scorer classes registered in this process (the same dict as ``cahp.methods.base._SCORERS``).
+_SCORERS = registry._SCORERS
 Scorer = TypeVar("Scorer", bound=type[HeadScorer])
 
 
@@ -130,34 +130,27 @@ def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
     def register(cls: Scorer) -> Scorer:
         if not (isinstance(cls, type) and issubclass(cls, HeadScorer)):
             raise TypeError(f"@register_scorer({name!r}) needs a HeadScorer subclass, got {cls!r}")
-        cls.name = name
-        _SCORERS[name] = cls
+        registry.register_class(name, cls)
         return cls
 
     return register
 
 
-def _load_builtins() -> None:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(f"cahp.scoring.{module}")
-
-
 def available_scorers() -> list[str]:
-    """Every registered scorer name, sorted."""
-    _load_builtins()
-    return sorted(_SCORERS)
+    """Every head scorer's name, sorted (built-in, third-party and registered in this process)."""
+    return [name for name, info in registry.available_methods().items() if info.kind == "scorer"]
 
 
 def scorer_class(name: str) -> type[HeadScorer]:
-    """The class registered under ``name``.
+    """The class registered under ``name``, imported.
 
     Raises:
         CahpError: no scorer has that name (the message lists the available ones).
     """
-    _load_builtins()
-    if name not in _SCORERS:
-        raise CahpError(f"unknown head scorer {name!r}; available: {', '.join(sorted(_SCORERS))}")
-    return _SCORERS[name]
+    info = registry.available_methods().get(name)
+    if info is None or info.kind != "scorer":
+        raise CahpError(f"unknown head scorer {name!r}; available: {', '.join(available_scorers())}")
+    return registry.method_class(name)
 
 
 def get_scorer(name: str, **settings: Any) -> HeadScorer:
@@ -171,23 +164,6 @@ def get_scorer(name: str, **settings: Any) -> HeadScorer:
 
 
 # ---- helpers shared by the scorers --------------------------------------------------------------------------
-
-
-@contextmanager
-def preserved_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Freeze every parameter and switch to eval mode; restore both flags (per parameter/module) on exit."""
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    training = [(m, m.training) for m in model.modules()]
-    for parameter, _ in requires_grad:
-        parameter.requires_grad_(False)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for parameter, flag in requires_grad:
-            parameter.requires_grad_(flag)
-        for module, flag in training:
-            module.training = flag
 
 
 def head_grid(model: PreTrainedModel) -> tuple[int, int]:

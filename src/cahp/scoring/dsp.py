@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from cahp import distributed
 from cahp.errors import CahpError
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.scoring.l0 import data_parallel_loss, endless_batches
 
@@ -41,6 +41,25 @@ def soft_top_k(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor
         picked = torch.softmax(logits / temperature, dim=0)
         khot = khot + picked
     return khot
+
+
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "DSPScorer",
+    "kind": "scorer",
+    "budget_aware": True,
+    "deterministic": False,
+    "settings": {
+        "keep": None,
+        "steps": 150,
+        "learning_rate": 0.1,
+        "tau_start": 1.0,
+        "tau_end": 0.05,
+        "batch_size": 16,
+        "max_examples": None,
+        "seed": 0,
+    },
+}
 
 
 @register_scorer("dsp")

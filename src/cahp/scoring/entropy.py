@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cahp import distributed
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.scoring.base import HeadScorer, captured_attention, head_grid, register_scorer
 
 if TYPE_CHECKING:
@@ -62,6 +62,16 @@ def mean_normalized_entropy(
             examples += int(usable.sum())
     total, count = distributed.all_reduce_sums(total, torch.tensor(float(examples), dtype=torch.float64))
     return (total / max(1.0, float(count))).numpy()
+
+
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "EntropyScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {"focused_is_important": True, "batch_size": 32, "max_examples": 512, "seed": 0},
+}
 
 
 @register_scorer("entropy")

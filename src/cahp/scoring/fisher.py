@@ -22,12 +22,22 @@ import torch
 from transformers import PreTrainedModel
 
 from cahp import distributed
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.surgery import head_mask
 
 if TYPE_CHECKING:
     from cahp.calibration import Calibration
+
+
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "FisherScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {"batch_size": 1, "max_examples": 256, "seed": 0},
+}
 
 
 @register_scorer("fisher")

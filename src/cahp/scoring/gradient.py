@@ -30,6 +30,16 @@ def normalize_layers(scores: np.ndarray) -> np.ndarray:
     return np.divide(scores, norms, out=np.zeros_like(scores, dtype=np.float64), where=norms > 0)
 
 
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "GradientScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {"normalize_layers": True, "batch_size": 32, "max_examples": None, "fraction": 1.0, "seed": 0},
+}
+
+
 @register_scorer("gradient")
 class GradientScorer(HeadScorer):
     """Michel et al. head importance ``|dL/dm_h|`` averaged over mini-batches.

@@ -40,6 +40,16 @@ if TYPE_CHECKING:
     from cahp.calibration import Calibration
 
 
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "HIESScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {"alpha": 0.5, "focused_is_important": True, "batch_size": 32, "max_examples": 512, "seed": 0},
+}
+
+
 @register_scorer("hies")
 class HIESScorer(HeadScorer):
     """``alpha * minmax(importance) + (1 - alpha) * minmax(1 - entropy)`` (or ``minmax(entropy)``).

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from cahp import distributed
 from cahp.calibration import local_share
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.scoring.base import HeadScorer, head_grid, register_scorer
 from cahp.surgery import head_mask
 
@@ -79,6 +79,24 @@ def hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.
 def open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
     """``P(gate != 0)``, the expected L0 norm of each gate."""
     return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "L0GateScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {
+        "penalty": 0.01,
+        "steps": 150,
+        "learning_rate": 0.1,
+        "init_log_alpha": 3.0,
+        "batch_size": 16,
+        "max_examples": None,
+        "seed": 0,
+    },
+}
 
 
 @register_scorer("l0")

@@ -30,6 +30,16 @@ def _squared_norms(weight: torch.Tensor, index: torch.Tensor, axis: int, heads: 
     return per_head.pow(2).sum(dim=[d for d in range(per_head.ndim) if d != axis]).cpu()
 
 
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "MagnitudeScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": True,
+    "settings": {"seed": 0},
+}
+
+
 @register_scorer("magnitude")
 class MagnitudeScorer(HeadScorer):
     """``sqrt(|W_q[h]|^2 + |W_k[kv(h)]|^2 + |W_v[kv(h)]|^2 + |W_o[:, h]|^2)`` per head (Frobenius norms).

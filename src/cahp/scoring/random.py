@@ -13,6 +13,16 @@ if TYPE_CHECKING:
     from cahp.calibration import Calibration
 
 
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "RandomScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {"seed": 0},
+}
+
+
 @register_scorer("random")
 class RandomScorer(HeadScorer):
     """Scores drawn uniformly from ``[0, 1)`` by ``numpy.random.default_rng(seed)``; data and weights unused.

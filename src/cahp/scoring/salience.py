@@ -18,31 +18,12 @@ from transformers import PreTrainedModel
 from cahp import distributed
 from cahp.adapters import get_adapter
 from cahp.errors import CahpError
-from cahp.evaluation.metrics import model_device
-from cahp.scoring.base import available_scorers, preserved_model, scorer_class
+from cahp.runtime import model_device
+from cahp.signatures.model_state import preserved_model
 from cahp.surgery import head_mask
 
 if TYPE_CHECKING:
     from cahp.calibration import Calibration
-
-#: The salience of the reference: :func:`gradient_salience`.
-REFERENCE_SALIENCE = "gradient"
-
-
-def check_salience_source(name: str) -> None:
-    """Refuse a salience source that is neither the reference gradient nor a head scorer that needs no budget."""
-    if name == REFERENCE_SALIENCE:
-        return
-    if name not in available_scorers():
-        raise CahpError(
-            f"unknown salience {name!r}: use {REFERENCE_SALIENCE!r} (the reference) or a head scorer "
-            f"({', '.join(n for n in available_scorers() if not scorer_class(n).budget_aware)})"
-        )
-    if scorer_class(name).budget_aware:
-        raise CahpError(
-            f"{name!r} scores depend on how many heads are kept, so they cannot rank the heads of a cluster; "
-            "choose another salience"
-        )
 
 
 def gradient_salience(

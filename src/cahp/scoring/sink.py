@@ -19,6 +19,15 @@ import numpy as np
 from cahp.analysis.heads import AnalysisScorer, HeadAnalysis
 from cahp.scoring.base import register_scorer
 
+#: What the registry lists without importing this module (read with ``ast``: see :mod:`cahp.methods.base`).
+METHOD_CARD = {
+    "class": "SinkScorer",
+    "kind": "scorer",
+    "budget_aware": False,
+    "deterministic": False,
+    "settings": {"batch_size": 32, "max_examples": 512, "seed": 0},
+}
+
 
 @register_scorer("sink")
 class SinkScorer(AnalysisScorer):

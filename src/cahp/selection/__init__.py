@@ -1,4 +1,4 @@
-"""Turning head profiles and salience into a keep-plan: head space, MSS(k) sweep, knee, representatives."""
+"""From head profiles and salience to CAHP's clusters: head space, MSS(k) sweep, knee, representatives."""
 
 from cahp.selection.clustering import (
     Clustering,
@@ -13,8 +13,6 @@ from cahp.selection.clustering import (
 from cahp.selection.knee import KneeResult, find_knee
 from cahp.selection.representatives import (
     HeadSelection,
-    clusters_for_keep,
-    clusters_for_sparsity,
     default_head_ids,
     normalize_salience,
     select_representatives,
@@ -26,8 +24,6 @@ __all__ = [
     "KSweep",
     "KneeResult",
     "cluster_heads",
-    "clusters_for_keep",
-    "clusters_for_sparsity",
     "default_head_ids",
     "effective_perplexity",
     "embed_heads",

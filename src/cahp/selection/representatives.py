@@ -6,7 +6,6 @@ unless explicit ``head_ids`` are given.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,23 +34,6 @@ def normalize_salience(salience: np.ndarray) -> np.ndarray:
     if not high > low:
         return np.ones_like(salience)
     return (salience - low) / (high - low)
-
-
-def clusters_for_keep(n_heads: int, keep: int) -> int:
-    """Cluster count for an explicit budget of ``keep`` heads (``--keep K``): ``K`` itself, validated."""
-    if not 1 <= keep <= n_heads:
-        raise CahpError(f"--keep must be between 1 and the model's {n_heads} heads, got {keep}.")
-    return int(keep)
-
-
-def clusters_for_sparsity(n_heads: int, sparsity: float) -> int:
-    """Cluster count for a target sparsity ``S`` (``--sparsity S``): ``round((1 - S) * N)``.
-
-    Rounds half up (not Python's half-to-even) and keeps at least one head.
-    """
-    if not 0.0 <= sparsity < 1.0:
-        raise CahpError(f"--sparsity must be in [0, 1) (fraction of heads removed), got {sparsity}.")
-    return max(1, min(n_heads, math.floor((1.0 - sparsity) * n_heads + 0.5)))
 
 
 @dataclass(frozen=True)

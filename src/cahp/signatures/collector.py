@@ -41,9 +41,11 @@ from cahp import distributed
 from cahp.adapters import get_adapter
 from cahp.data.batching import collate
 from cahp.errors import CahpError
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
+from cahp.signatures.model_state import eager_attention, preserved_model
 from cahp.signatures.resize import DEFAULT_SIZE, interpolation_matrices, resize_with_matrices
 from cahp.signatures.stats import StreamingMoments
+from cahp.surgery import head_mask
 
 if TYPE_CHECKING:
     from cahp.calibration import Calibration
@@ -53,19 +55,6 @@ SweepOrder = Literal["sorted", "shuffled"]
 #: Batches per chunk of a ``"shuffled"`` sweep: the examples are permuted with the seed, then sorted by
 #: length within chunks of this many batches (less padding; the batch order inside a chunk is by length).
 CHUNK_BATCHES = 8
-
-
-@contextmanager
-def eager_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-    """Temporarily switch the model to eager attention (the only implementation that returns maps)."""
-    previous = getattr(model.config, "_attn_implementation", None)
-    if previous != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        yield model
-    finally:
-        if previous not in (None, "eager"):
-            model.set_attn_implementation(previous)
 
 
 # ---- batch order -------------------------------------------------------------------------------------------
@@ -183,8 +172,6 @@ class GateSalience:
         return position in self.positions
 
     def attached(self, model: PreTrainedModel) -> AbstractContextManager[Any]:
-        from cahp.surgery import head_mask
-
         return head_mask(model, self.gates)
 
     def consume(self, loss: torch.Tensor, *, retain_graph: bool) -> None:
@@ -315,8 +302,6 @@ def signature_sweep(
             returns no attention maps, or a convergence asked on a ``"sorted"`` order (a prefix of it is the
             shortest examples, not a sample).
     """
-    from cahp.scoring.base import preserved_model
-
     groups = check_two_classes(calibration)
     if convergence is not None and order != "shuffled":
         raise CahpError("stopping at convergence needs the 'shuffled' order (a sorted prefix is the shortest examples)")

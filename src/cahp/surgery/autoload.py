@@ -15,15 +15,27 @@ one, so a transformers without these classes refuses the folder instead of build
 With ``stock=True`` a Llama-family (or ViT) model whose layers all kept the same number of heads is written as a
 stock config instead (:func:`stock_config_dict`), loadable by any transformers without custom code.
 
-Folders written by ``model.save_pretrained`` (earlier cahp versions) claim the stock ``model_type``; plain
-``from_pretrained`` refuses them with a size-mismatch error, :func:`~cahp.surgery.load_pruned` reads them, and
-:func:`upgrade_pruned_folder` rewrites their ``config.json`` in place (the weights stay as they are).
+A model pruned by :func:`~cahp.surgery.prune_heads` gets the ``Cahp...`` subclass of its stock class (and a
+``cahp_layout`` in its config), whose ``save_pretrained`` writes the same folder, so the transformers habit
+``prune_heads(model, ...); model.save_pretrained(folder)`` gives a folder that loads like the others.
+
+Folders written by ``model.save_pretrained`` in earlier cahp versions claim the stock ``model_type``; plain
+``from_pretrained`` refuses them (:class:`~cahp.errors.OldPrunedFolderError`, pointing here, once cahp is
+imported), :func:`~cahp.surgery.load_pruned` reads them, and :func:`upgrade_pruned_folder` rewrites their
+``config.json`` in place (the weights stay as they are).
+
+Every folder :func:`save_pruned` writes is shareable as it is: it is written to a hidden ``.<name>.saving`` folder
+beside it first (a full disk leaves no half-written model, :class:`~cahp.errors.DiskFullError`), and no file in it
+names a local path (:func:`make_shareable`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -33,9 +45,19 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from cahp.adapters import ArchitectureAdapter, get_adapter, register_adapter, supported_model_types
-from cahp.errors import PrunedModelError
+from cahp.errors import DiskFullError, OldPrunedFolderError, PrunedModelError, is_disk_full
 from cahp.surgery import modeling_cahp
-from cahp.surgery.modeling_cahp import LAYOUT_KEY, MODEL_TYPE_PREFIX, pruned_config_class, pruned_model_class
+from cahp.surgery.modeling_cahp import (
+    AUTO_MODEL_CLASSES,
+    CLASS_PREFIX,
+    LAYOUT_KEY,
+    MODEL_TYPE_PREFIX,
+    MODELING_FILE,
+    pruned_config_class,
+    pruned_folder_config,
+    pruned_model_class,
+    stock_model_classes,
+)
 from cahp.surgery.removal import (
     KEPT_HEADS_KEY,
     KEPT_KV_HEADS_KEY,
@@ -44,32 +66,46 @@ from cahp.surgery.removal import (
     kept_kv_heads_by_layer,
 )
 
-#: The ``AutoModel...`` classes registered (and written to ``auto_map``) for every family that has them.
-AUTO_MODEL_CLASSES: tuple[str, ...] = (
-    "AutoModel",
-    "AutoModelForSequenceClassification",
-    "AutoModelForTokenClassification",
-    "AutoModelForQuestionAnswering",
-    "AutoModelForMultipleChoice",
-    "AutoModelForMaskedLM",
-    "AutoModelForCausalLM",
-    "AutoModelForImageClassification",
-)
+__all__ = [
+    "AUTO_MODEL_CLASSES",
+    "MODELING_FILE",
+    "STOCK_CONFIG_MODEL_TYPES",
+    "adopt_pruned_classes",
+    "layout_of",
+    "make_shareable",
+    "register_auto_classes",
+    "save_pruned",
+    "shareable_name",
+    "stock_config_dict",
+    "upgrade_pruned_folder",
+]
 
 #: Families whose attention reads ``head_dim`` from the config instead of deriving it from the head count
 #: (Llama-style decoders, and ViT in transformers 5): a uniform prune of them is again a stock model (see
 #: docs/loading.md for why the others are not).
 STOCK_CONFIG_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "vit")
 
-MODELING_FILE = "modeling_cahp.py"
+#: Files of a saved folder that hold settings (not a vocabulary), checked for local paths by :func:`make_shareable`.
+SETTINGS_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+#: Weight files ``save_pretrained`` writes (an earlier save's are replaced, not mixed with the new ones).
+_WEIGHT_PATTERNS: tuple[str, ...] = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*")
 _registered: set[str] = set()
+_hint_installed: list[bool] = []
 
 
 # ---- registration ------------------------------------------------------------------------------------------
 
 
 def register_auto_classes() -> list[str]:
-    """Register the pruned config and model classes of every family with an adapter (idempotent).
+    """Register the pruned config and model classes of every family with an adapter (idempotent), and make plain
+    ``from_pretrained`` of an earlier version's pruned folder say how to convert it (:class:`OldPrunedFolderError`).
 
     Returns:
         The ``cahp_<family>`` model types registered with ``AutoConfig``, sorted.
@@ -81,39 +117,96 @@ def register_auto_classes() -> list[str]:
         config_class = pruned_config_class(stock_config)
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         register_adapter(config_class.model_type, get_adapter(model_type))
-        for auto_name, stock_model in _stock_model_classes(stock_config).items():
+        for auto_name, stock_model in stock_model_classes(stock_config).items():
             getattr(transformers, auto_name).register(config_class, pruned_model_class(stock_model), exist_ok=True)
         _registered.add(model_type)
+    _install_old_folder_hint()
     return sorted(MODEL_TYPE_PREFIX + model_type for model_type in _registered)
 
 
-def _stock_model_classes(stock_config: type[PretrainedConfig]) -> dict[str, type[PreTrainedModel]]:
-    """``{auto class name: stock model class}`` for the auto classes of :data:`AUTO_MODEL_CLASSES` that
-    know ``stock_config``."""
-    classes = {}
-    for auto_name in AUTO_MODEL_CLASSES:
-        mapping = getattr(transformers, auto_name)._model_mapping
-        try:
-            found = mapping[stock_config]
-        except (KeyError, ValueError, AttributeError):  # no such head for this family
-            continue
-        classes[auto_name] = found[0] if isinstance(found, list | tuple) else found
-    return classes
+def adopt_pruned_classes(model: PreTrainedModel) -> PreTrainedModel:
+    """Give a model that was just pruned what makes its ``save_pretrained`` write a pruned folder: ``cahp_layout``
+    in its config and, for a model of a stock transformers class, the ``Cahp...`` subclass of that class (same
+    behaviour; ``isinstance`` holds). A model of any other class (a user's subclass, remote code) keeps it:
+    save it with :func:`save_pruned`."""
+    stock_type = model.config.model_type.removeprefix(MODEL_TYPE_PREFIX)
+    setattr(model.config, LAYOUT_KEY, layout_of(get_adapter(stock_type), model.config))
+    cls = type(model)
+    if cls.__module__.startswith("transformers.") and stock_type in CONFIG_MAPPING:
+        model.__class__ = pruned_model_class(cls)
+    return model
+
+
+def _install_old_folder_hint() -> None:
+    """Wrap transformers' loading report so that a stock class given a pruned folder of an earlier version raises
+    :class:`OldPrunedFolderError` (pointing to :func:`upgrade_pruned_folder`) instead of the size-mismatch error
+    that suggests ``ignore_mismatched_sizes=True``. Nothing happens where transformers has no such report."""
+    from transformers import modeling_utils
+
+    report = getattr(modeling_utils, "log_state_dict_report", None)
+    if _hint_installed or report is None:
+        return
+
+    def log_state_dict_report(model: Any, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        loading_info = kwargs.get("loading_info", args[1] if len(args) > 1 else None)
+        _refuse_old_pruned_folder(model, pretrained_model_name_or_path, loading_info)
+        return report(model, pretrained_model_name_or_path, *args, **kwargs)
+
+    log_state_dict_report.__doc__ = report.__doc__
+    modeling_utils.log_state_dict_report = log_state_dict_report
+    _hint_installed.append(True)
+
+
+def _refuse_old_pruned_folder(model: Any, path: Any, loading_info: Any) -> None:
+    """Raise :class:`OldPrunedFolderError` when a stock class is loading a pruned folder of an earlier version and
+    the weights do not fit it (which they never do once heads are gone)."""
+    config = getattr(model, "config", None)
+    if (
+        config is None
+        or getattr(config, KEPT_HEADS_KEY, None) is None
+        or str(getattr(config, "model_type", "")).startswith(MODEL_TYPE_PREFIX)
+        or type(model).__module__ == "cahp.surgery.persistence"  # load_pruned's own loader checks by itself
+    ):
+        return
+    mismatched = bool(getattr(loading_info, "mismatched_keys", None)) or any(
+        "size mismatch" in str(message) for message in getattr(loading_info, "error_msgs", None) or []
+    )
+    if mismatched:
+        stock = type(model).__name__.removeprefix(CLASS_PREFIX)
+        raise OldPrunedFolderError(
+            f"{path} holds a model pruned by an earlier cahp version (model_type {config.model_type!r} with "
+            f"{KEPT_HEADS_KEY}), which the stock {stock} cannot load: convert the folder once with "
+            f"cahp.surgery.autoload.upgrade_pruned_folder({str(path)!r}), or load it with cahp.load_pruned; "
+            "do not pass ignore_mismatched_sizes=True, which replaces the pruned attention weights with random ones"
+        )
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
 
 
 def save_pruned(
-    model: PreTrainedModel, folder: str | PathLike[str], *, stock: bool = False, **save_kwargs: Any
+    model: PreTrainedModel,
+    folder: str | PathLike[str],
+    *,
+    stock: bool = False,
+    tokenizer: Any = None,
+    name_or_path: str | None = None,
+    **save_kwargs: Any,
 ) -> Path:
     """Save a (pruned) model so that plain ``from_pretrained`` loads it, with or without cahp.
+
+    Everything is written to a hidden ``.<name>.saving`` folder beside ``folder`` and moved into ``folder`` only
+    once complete (``config.json`` last), so a full disk or a killed process never leaves a folder that looks
+    complete; other files already in ``folder`` stay. The folder names no local path (:func:`make_shareable`).
 
     Args:
         model: any model with an adapter; pruned or not (an unpruned one is saved as it is).
         folder: where to write ``config.json``, the weights and ``modeling_cahp.py``.
         stock: write a stock config (no custom code) instead; needs a Llama-family or ViT model whose layers all
             kept the same, non-zero numbers of query and key-value heads.
+        tokenizer: saved into the same folder, in the same step, when given.
+        name_or_path: what ``config.json`` names the model as (``_name_or_path``): its alias or Hub id, say;
+            default: :func:`shareable_name` of the one the model was loaded from.
         **save_kwargs: passed to ``model.save_pretrained`` (``safe_serialization``, ``max_shard_size``, ...).
 
     Returns:
@@ -121,17 +214,162 @@ def save_pruned(
 
     Raises:
         PrunedModelError: ``stock=True`` for a model that no stock config describes (the message says why).
+        DiskFullError: the disk filled up; nothing of this save is left behind.
     """
     folder = Path(folder)
     stock_dict = stock_config_dict(model) if stock else None  # checked before anything is written
-    model.save_pretrained(folder, **save_kwargs)
-    config_path = folder / "config.json"
-    if stock_dict is not None:
-        config_path.write_text(json.dumps(stock_dict, indent=2, sort_keys=True) + "\n")
-    elif is_pruned(model):
-        config_path.write_text(json.dumps(_pruned_config_dict(model.config.to_dict()), indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(modeling_cahp.__file__, folder / MODELING_FILE)
+    staging = folder.parent / f".{folder.name}.saving"
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)  # left by a save that was killed
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        if stock_dict is not None:
+            config_path.write_text(json.dumps(stock_dict, indent=2, sort_keys=True) + "\n")
+            (staging / MODELING_FILE).unlink(missing_ok=True)
+        elif is_pruned(model):
+            config_dict = _pruned_config_dict(json.loads(config_path.read_text()))
+            config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(modeling_cahp.__file__, staging / MODELING_FILE)
+        make_shareable(staging, name_or_path or shareable_name(getattr(model.config, "_name_or_path", "")))
+        _move_into_place(staging, folder, remove=() if stock_dict is None else (MODELING_FILE,))
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, Exception) and is_disk_full(error):
+            raise disk_full_error(folder, _state_bytes(model)) from error
+        raise
     return folder
+
+
+def disk_full_error(folder: Path, needed_bytes: int) -> DiskFullError:
+    """The one-line error for a disk that filled up while about ``needed_bytes`` were written into ``folder``."""
+    megabyte = 2**20
+    free = _free_bytes(folder)
+    missing = max(needed_bytes - free, 0) if free is not None else needed_bytes
+    free_text = f", {free // megabyte} MB free" if free is not None else ""
+    return DiskFullError(
+        f"no space left on device at {folder} (the model needs about {math.ceil(needed_bytes / megabyte)} MB"
+        f"{free_text}); free {max(math.ceil(missing / megabyte), 1)} MB or choose another --out "
+        "(the unfinished run is kept: the same command resumes it)"
+    )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    try:
+        return shutil.disk_usage(ancestor).free
+    except OSError:
+        return None
+
+
+def _state_bytes(model: PreTrainedModel) -> int:
+    """Bytes of the model's weights and buffers (what its weight files hold, headers aside)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _move_into_place(staging: Path, folder: Path, remove: tuple[str, ...] = ()) -> None:
+    """Move the files of ``staging`` into ``folder`` (renamed as a whole when ``folder`` does not exist); weight
+    files of an earlier save and the ``remove`` files go; ``config.json`` comes last."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    new = {path.name for path in staging.iterdir()}
+    for pattern in _WEIGHT_PATTERNS:
+        for old in folder.glob(pattern):
+            if old.name not in new and old.is_file():
+                old.unlink()
+    for name in remove:
+        (folder / name).unlink(missing_ok=True)
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == "config.json"):
+        target = folder / path.name
+        if target.is_dir() and not path.is_dir():
+            shutil.rmtree(target)
+        if path.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+    staging.rmdir()
+
+
+# ---- shareable folders -------------------------------------------------------------------------------------
+
+
+def shareable_name(name_or_path: str | PathLike[str] | None) -> str:
+    """What a shared folder may call a model: a Hub id or alias as it is; a local folder by its own name
+    (``/home/me/runs/minilm-sst5`` -> ``minilm-sst5``); ``""`` for nothing."""
+    text = str(name_or_path or "").rstrip("/")
+    if not text:
+        return ""
+    if _is_local_path(text) or Path(text).expanduser().exists() or ("/" in text and text.startswith(".")):
+        return Path(text).expanduser().name
+    return text
+
+
+def _is_local_path(text: str) -> bool:
+    """Whether ``text`` names a path on this machine: anything naming the home folder, or an absolute or ``~`` path
+    without spaces (a template such as ``"/ {{x}}"`` is no path)."""
+    if not text or "\n" in text or len(text) > 4096:
+        return False
+    home = str(Path.home())
+    if len(home) > 1 and home in text:
+        return True
+    return (os.path.isabs(text) or text.startswith("~")) and not any(character.isspace() for character in text)
+
+
+def make_shareable(folder: str | PathLike[str], name_or_path: str = "") -> None:
+    """Remove what a saved model folder says about the machine it was made on.
+
+    In the settings files (:data:`SETTINGS_FILES`): ``_name_or_path`` / ``name_or_path`` become ``name_or_path``
+    (see :func:`shareable_name`), any other value that is a local path becomes that path's last part, and a
+    ``config.json`` whose architectures are no classifier loses ``id2label`` / ``label2id`` (left there by a
+    classifier it was loaded from). Vocabularies (``tokenizer.json``, ...) are not touched.
+    """
+    folder = Path(folder)
+    for name in SETTINGS_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(content, dict):
+            continue
+        cleaned = _without_local_paths(
+            content, lambda key, value: name_or_path if key.endswith("name_or_path") else None
+        )
+        if name == "config.json":
+            _drop_classifier_labels(cleaned)
+        if cleaned != content:
+            path.write_text(json.dumps(cleaned, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _without_local_paths(value: Any, named: Callable[[str, Any], str | None], key: str = "") -> Any:
+    """``value`` (JSON) with every string that is a local path replaced: by ``named(key, value)`` when that is
+    not ``None``, else by the path's last part."""
+    if isinstance(value, dict):
+        return {item_key: _without_local_paths(item, named, str(item_key)) for item_key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item, named, key) for item in value]
+    if isinstance(value, str):
+        replacement = named(key, value)
+        if replacement is not None and (_is_local_path(value) or value == "" or Path(value).exists()):
+            return replacement
+        if _is_local_path(value):
+            return Path(value).expanduser().name
+    return value
+
+
+def _drop_classifier_labels(config_dict: dict[str, Any]) -> None:
+    names = config_dict.get("architectures") or []
+    if names and not any("Classification" in name or name.endswith("ForMultipleChoice") for name in names):
+        config_dict.pop("id2label", None)
+        config_dict.pop("label2id", None)
 
 
 def upgrade_pruned_folder(folder: str | PathLike[str]) -> Path:
@@ -162,22 +400,13 @@ def _pruned_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
         )
     stock_config_class = CONFIG_MAPPING[stock_type]
     config = stock_config_class.from_dict({key: value for key, value in config_dict.items() if key != "model_type"})
-    pruned = dict(config_dict)
-    pruned["model_type"] = MODEL_TYPE_PREFIX + stock_type
-    pruned["architectures"] = _stock_architectures(config_dict)
-    pruned[LAYOUT_KEY] = layout_of(get_adapter(stock_type), config)
-    pruned["auto_map"] = {
-        "AutoConfig": f"{Path(MODELING_FILE).stem}.{pruned_config_class(stock_config_class).__name__}"
-    }
-    for auto_name, stock_model in _stock_model_classes(stock_config_class).items():
-        pruned["auto_map"][auto_name] = f"{Path(MODELING_FILE).stem}.{pruned_model_class(stock_model).__name__}"
-    return pruned
+    return pruned_folder_config({**config_dict, LAYOUT_KEY: layout_of(get_adapter(stock_type), config)})
 
 
 def _stock_architectures(config_dict: dict[str, Any]) -> list[str] | None:
     """``architectures`` naming the stock classes (a model loaded through ``Cahp...`` classes saves those)."""
     names = config_dict.get("architectures")
-    return [name.removeprefix(modeling_cahp.CLASS_PREFIX) for name in names] if names else names
+    return [name.removeprefix(CLASS_PREFIX) for name in names] if names else names
 
 
 def layout_of(adapter: ArchitectureAdapter, config: PretrainedConfig) -> dict[str, Any]:
@@ -241,6 +470,7 @@ def stock_config_dict(model: PreTrainedModel) -> dict[str, Any]:
     config_dict.pop(KEPT_KV_HEADS_KEY, None)
     config_dict.pop(LAYOUT_KEY, None)
     config_dict.pop("auto_map", None)
+    _drop_classifier_labels(config_dict)
     config_dict["model_type"] = stock_type
     config_dict["architectures"] = _stock_architectures(config_dict)
     config_dict["head_dim"] = adapter.head_size(model)

@@ -8,6 +8,10 @@ cahp copies this file, unchanged, into every pruned folder it saves (as ``modeli
 With cahp imported the same classes are registered with ``AutoConfig`` / ``AutoModel...``, so the plain
 ``from_pretrained(folder)`` (and ``transformers.pipeline``) uses them without ``trust_remote_code``.
 
+A ``Cahp...`` model's ``save_pretrained`` writes such a folder itself (:func:`finish_pruned_folder`): cahp gives a
+stock model that class when it prunes it, so ``prune_heads(model, ...)`` then ``model.save_pretrained(folder)``
+writes what ``cahp.surgery.autoload.save_pruned`` writes.
+
 The classes are thin subclasses of the stock ones, made on first use by name (PEP 562 ``__getattr__``):
 ``CahpBertConfig`` is ``BertConfig`` with ``model_type = "cahp_bert"`` (so a pruned folder never claims a stock
 ``model_type`` that would build the unpruned shapes), and ``CahpBertForSequenceClassification`` is
@@ -27,6 +31,10 @@ module returns the output projection's bias (zeros without bias).
 
 from __future__ import annotations
 
+import json
+import operator
+import os
+import shutil
 from functools import cache
 from typing import Any
 
@@ -39,6 +47,19 @@ MODEL_TYPE_PREFIX = "cahp_"
 KEPT_HEADS_KEY = "cahp_kept_heads"
 KEPT_KV_HEADS_KEY = "cahp_kept_kv_heads"
 LAYOUT_KEY = "cahp_layout"
+MODELING_FILE = "modeling_cahp.py"
+
+#: The ``AutoModel...`` classes registered (and written to ``auto_map``) for every family that has them.
+AUTO_MODEL_CLASSES: tuple[str, ...] = (
+    "AutoModel",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForMultipleChoice",
+    "AutoModelForMaskedLM",
+    "AutoModelForCausalLM",
+    "AutoModelForImageClassification",
+)
 
 
 # ---- classes -----------------------------------------------------------------------------------------------
@@ -85,11 +106,22 @@ def pruned_model_class(stock: type[transformers.PreTrainedModel]) -> type[transf
         stock.__init__(self, config, *args, **kwargs)
         shrink_to_record(self, config)
 
+    def save_pretrained(self: transformers.PreTrainedModel, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """``stock.save_pretrained``, then the folder made a pruned folder (:func:`finish_pruned_folder`)."""
+        saved = super(pruned, self).save_pretrained(save_directory, *args, **kwargs)
+        names = getattr(self.config, "architectures", None)
+        if names:  # save_pretrained records this class's name; the config keeps naming the stock class
+            self.config.architectures = [name.removeprefix(CLASS_PREFIX) for name in names]
+        if kwargs.get("is_main_process", True) and getattr(self.config, KEPT_HEADS_KEY, None) is not None:
+            finish_pruned_folder(save_directory)
+        return saved
+
     pruned = type(
         CLASS_PREFIX + stock.__name__,
         (stock,),
         {
             "__init__": __init__,
+            "save_pretrained": save_pretrained,
             "config_class": pruned_config_class(stock.config_class),
             "__module__": __name__,
             "__doc__": f"{stock.__name__} with the attention heads recorded in config.{KEPT_HEADS_KEY}.",
@@ -121,6 +153,89 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# ---- the folder -------------------------------------------------------------------------------------------
+
+
+def stock_model_classes(stock_config: type[transformers.PretrainedConfig]) -> dict[str, type]:
+    """``{auto class name: stock model class}`` for the auto classes of :data:`AUTO_MODEL_CLASSES` that know
+    ``stock_config``."""
+    classes = {}
+    for auto_name in AUTO_MODEL_CLASSES:
+        mapping = getattr(transformers, auto_name)._model_mapping
+        try:
+            found = mapping[stock_config]
+        except (KeyError, ValueError, AttributeError):  # no such head for this family
+            continue
+        classes[auto_name] = found[0] if isinstance(found, list | tuple) else found
+    return classes
+
+
+def pruned_folder_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """``config_dict`` (of a pruned model; stock or ``cahp_`` model type) as a pruned folder's ``config.json``:
+    the ``cahp_`` model type, the stock class names in ``architectures`` and an ``auto_map`` pointing every
+    applicable Auto class at ``modeling_cahp.py``. ``cahp_layout`` is taken as it is.
+
+    Raises:
+        KeyError: the stock model type is unknown to this transformers.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    stock_type = config_dict["model_type"].removeprefix(MODEL_TYPE_PREFIX)
+    stock_config = CONFIG_MAPPING[stock_type]
+    module = MODELING_FILE.removesuffix(".py")
+    pruned = dict(config_dict)
+    pruned["model_type"] = MODEL_TYPE_PREFIX + stock_type
+    names = config_dict.get("architectures")
+    pruned["architectures"] = [name.removeprefix(CLASS_PREFIX) for name in names] if names else names
+    pruned["auto_map"] = {"AutoConfig": f"{module}.{CLASS_PREFIX}{stock_config.__name__}"}
+    for auto_name, stock_model in stock_model_classes(stock_config).items():
+        pruned["auto_map"][auto_name] = f"{module}.{CLASS_PREFIX}{stock_model.__name__}"
+    return pruned
+
+
+def finish_pruned_folder(folder: str | os.PathLike[str]) -> None:
+    """Make a folder that ``save_pretrained`` just wrote for a pruned model load with and without cahp: its
+    ``config.json`` as :func:`pruned_folder_config` says, and a copy of this file beside it. A config without
+    ``cahp_layout`` (not written by cahp) is left as it is."""
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config_dict = json.load(handle)
+    if LAYOUT_KEY not in config_dict or KEPT_HEADS_KEY not in config_dict:
+        return
+    text = json.dumps(pruned_folder_config(config_dict), indent=2, sort_keys=True) + "\n"
+    with open(config_path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    target = os.path.join(folder, MODELING_FILE)
+    if not (os.path.exists(target) and os.path.samefile(__file__, target)):
+        shutil.copyfile(__file__, target)
+
+
+def record_problem(record: Any, key: str, heads: int, layers: int) -> str | None:
+    """What is wrong with a pruning record ``config.<key>`` (``{"layer": [original head numbers]}``) of a model
+    with ``layers`` layers of ``heads`` heads, or ``None`` when it is well formed."""
+    if not isinstance(record, dict):
+        return f"config.{key} must map layers to lists of head numbers, not {type(record).__name__}"
+    for layer, entry in record.items():
+        if not (isinstance(layer, str) and layer.isdigit() and int(layer) < layers):
+            return f"config.{key} names layer {layer!r}, but the model has layers 0..{layers - 1}"
+        if not isinstance(entry, list):
+            return f"config.{key}[{layer!r}] must be a list of head numbers, not {entry!r:.60}"
+        numbers = []
+        for head in entry:
+            try:
+                if isinstance(head, bool):
+                    raise TypeError
+                numbers.append(operator.index(head))
+            except TypeError:
+                return f"config.{key}[{layer!r}] must hold whole head numbers, got {head!r:.30}"
+        outside = sorted({number for number in numbers if not 0 <= number < heads})
+        if outside:
+            return f"config.{key}[{layer!r}] names heads {outside}, but heads are numbered 0..{heads - 1}"
+        if len(set(numbers)) != len(numbers):
+            return f"config.{key}[{layer!r}] names a head twice ({entry})"
+    return None
+
+
 # ---- shrinking a freshly built model -----------------------------------------------------------------------
 
 
@@ -131,19 +246,23 @@ def shrink_to_record(model: nn.Module, config: Any) -> None:
     the model, so they cost nothing); loading then fills them from the file.
 
     Raises:
-        ValueError: the config has no pruning record or layout, or the record names a layer the model lacks.
+        ValueError: the config has no pruning record or layout, or the record is malformed (:func:`record_problem`).
     """
     layout, kept = getattr(config, LAYOUT_KEY, None), getattr(config, KEPT_HEADS_KEY, None)
-    if not isinstance(layout, dict) or not isinstance(kept, dict):
+    if not isinstance(layout, dict) or kept is None:
         raise ValueError(
             f"config.{KEPT_HEADS_KEY} and config.{LAYOUT_KEY} are needed to build a pruned model; this config has "
             f"{type(kept).__name__} and {type(layout).__name__}. Load the folder cahp saved, unchanged."
         )
     kept_kv = getattr(config, KEPT_KV_HEADS_KEY, None) or kept
     layers = model.base_model.get_submodule(layout["layers"])
-    unknown = sorted(set(kept) - {str(index) for index in range(len(layers))})
-    if unknown:
-        raise ValueError(f"config.{KEPT_HEADS_KEY} names layers {unknown}, but the model has {len(layers)} layers")
+    problem = record_problem(kept, KEPT_HEADS_KEY, layout["query_heads"], len(layers)) or (
+        record_problem(kept_kv, KEPT_KV_HEADS_KEY, layout["kv_heads"], len(layers)) if kept_kv is not kept else None
+    )
+    if problem:
+        raise ValueError(
+            f"{problem}: the pruning record is malformed; restore the folder's config.json as cahp saved it"
+        )
     in_axis = 0 if layout["transposed"] else 1
     for index, layer in enumerate(layers):
         query_heads = list(kept.get(str(index), range(layout["query_heads"])))

@@ -9,7 +9,9 @@ Head numbers always mean the ORIGINAL heads of the unpruned model, also on a mod
 3. Removing a head that is already gone is a no-op (so cumulative plans can be re-applied); a head number
 outside ``[0, num_heads)`` is a :class:`~cahp.errors.PruningError`.
 
-The structure is recorded in the model config, JSON-serialisable so ``save_pretrained`` writes it::
+The structure is recorded in the model config, JSON-serialisable so ``save_pretrained`` writes it (and a model of
+a stock class becomes its ``Cahp...`` subclass, whose ``save_pretrained`` writes a folder that loads with and
+without cahp: :func:`cahp.surgery.autoload.adopt_pruned_classes`)::
 
     config.cahp_kept_heads    = {"0": [0, 2, 5], "1": [], ...}   # kept query heads per layer
     config.cahp_kept_kv_heads = {"0": [0, 1], ...}               # only for grouped-query attention
@@ -233,7 +235,9 @@ def apply_kept_heads(
     setattr(model.config, KEPT_HEADS_KEY, {str(layer): q for layer, q in target_q.items()})
     if gqa:
         setattr(model.config, KEPT_KV_HEADS_KEY, {str(layer): kv for layer, kv in target_kv.items()})
-    return model
+    from cahp.surgery.autoload import adopt_pruned_classes  # autoload imports this module
+
+    return adopt_pruned_classes(model)
 
 
 # ---- GQA policy --------------------------------------------------------------------------------------------

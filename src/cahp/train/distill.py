@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from cahp.adapters import get_adapter
 from cahp.data.batching import EncodedSplit, iter_batches
 from cahp.errors import ConfigError
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.surgery import layer_geometries
 
 RECOVERY_LOSSES = ("ce", "kd", "kd-relations")
@@ -156,14 +156,21 @@ def logit_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-def relation_log_probs(vectors: torch.Tensor, attention_mask: torch.Tensor, relation_heads: int) -> torch.Tensor:
+def relation_log_probs(
+    vectors: torch.Tensor, attention_mask: torch.Tensor, relation_heads: int, causal: bool = False
+) -> torch.Tensor:
     """Log relations of one kind of vectors: ``[batch, seq, width]`` -> ``[batch, relation_heads, seq, seq]``.
 
     ``vectors`` is split along ``width`` into ``relation_heads`` chunks (sizes differ by at most one); chunk ``r``
-    gives ``log_softmax(X_r X_r^T / sqrt(width_r))`` over the real keys (``attention_mask`` ``[batch, seq]``).
+    gives ``log_softmax(X_r X_r^T / sqrt(width_r))`` over the real keys (``attention_mask`` ``[batch, seq]``);
+    ``causal``: over the real keys at or before each query only (a decoder's tokens never see later ones).
     """
     vectors = vectors.float()
     key_mask = attention_mask[:, None, :].bool()  # [batch, 1, seq]
+    if causal:
+        seq = vectors.shape[1]
+        earlier = torch.ones(seq, seq, dtype=torch.bool, device=vectors.device).tril()  # [query, key]
+        key_mask = key_mask & earlier[None]  # [batch, seq, seq]
     relations = []
     for chunk in torch.tensor_split(vectors, relation_heads, dim=-1):
         scores = chunk @ chunk.transpose(-1, -2) / math.sqrt(chunk.shape[-1])
@@ -176,6 +183,7 @@ def relation_distillation(
     teacher_vectors: torch.Tensor,
     attention_mask: torch.Tensor | None,
     relation_heads: int,
+    causal: bool = False,
 ) -> torch.Tensor:
     """KL(teacher relation || student relation), mean over real query positions and relation heads.
 
@@ -183,13 +191,18 @@ def relation_distillation(
         student_vectors, teacher_vectors: ``[batch, seq, width]`` of one kind (q, k or v); widths may differ.
         attention_mask: ``[batch, seq]``, 1 for real tokens; ``None``: every position is real (image models).
         relation_heads: chunks per vector, capped at the smaller width.
+        causal: each query relates to itself and earlier real tokens only (decoders).
     """
     heads = max(1, min(relation_heads, student_vectors.shape[-1], teacher_vectors.shape[-1]))
     mask = _real_positions(attention_mask, student_vectors)
-    student = relation_log_probs(student_vectors, mask, heads)
-    teacher = relation_log_probs(teacher_vectors, mask, heads)
+    student = relation_log_probs(student_vectors, mask, heads, causal)
+    teacher = relation_log_probs(teacher_vectors, mask, heads, causal)
     pointwise = teacher.exp() * (teacher - student)  # [batch, heads, query, key]
-    pointwise = pointwise.masked_fill(~mask[:, None, None, :], 0.0)
+    keys = mask[:, None, None, :]
+    if causal:
+        seq = mask.shape[1]
+        keys = keys & torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()[None, None]
+    pointwise = pointwise.masked_fill(~keys, 0.0)
     per_query = pointwise.sum(-1)  # [batch, heads, query]
     real_queries = mask[:, None, :].expand_as(per_query)
     return per_query[real_queries].mean()
@@ -304,7 +317,8 @@ class Distillation:
         relations = objective.loss == "kd-relations"
         hidden = relations and objective.hidden_weight > 0
         if self._layers is None:
-            self._layers = objective.layers(len(get_adapter(student).layer_modules(student)))
+            base = unwrapped(student)
+            self._layers = objective.layers(len(get_adapter(base).layer_modules(base)))
         layers = self._layers if relations else []
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         extra = {"output_hidden_states": True} if hidden else {}
@@ -321,7 +335,7 @@ class Distillation:
             self.teacher_seconds += time.perf_counter() - start
             self.teacher_forwards += 1
 
-        with ProjectionRecorder(student, layers) as recorder:
+        with ProjectionRecorder(unwrapped(student), layers) as recorder:
             out = student(**batch, **extra)
         ce = out.loss
         kd = logit_distillation(out.logits, teacher_logits, objective.temperature)
@@ -348,6 +362,84 @@ class Distillation:
     def costs(self) -> dict[str, Any]:
         """What the teacher cost: seconds and batches (recorded in reports)."""
         return {"teacher_seconds": round(self.teacher_seconds, 2), "teacher_forwards": self.teacher_forwards}
+
+
+class LanguageModelDistillation:
+    """The ``kd`` / ``kd-relations`` loss of a causal LM's recovery: call it as the training loop's ``loss_fn``.
+
+    ``alpha * LM + (1 - alpha) * T^2 * KL`` over the scored next-token positions of each block (the targets of
+    :class:`cahp.calibration.CausalLanguageModeling`); ``kd-relations`` adds the causal relations of the chosen
+    layers' query, key and value projections (each token relates to itself and earlier tokens; the projections
+    are taken before the rotary embedding, which rotates queries and keys alike in teacher and student). The
+    teacher runs beside the student at every step: storing its logits over a vocabulary of tens of thousands of
+    tokens for every position would cost far more memory than a forward pass costs time.
+    """
+
+    def __init__(self, objective: RecoveryObjective, teacher: nn.Module):
+        from cahp.calibration import CausalLanguageModeling
+
+        objective.validate()
+        if not objective.uses_teacher:
+            raise ConfigError("loss 'ce' needs no teacher: train without distillation")
+        self.objective = objective
+        self.teacher = teacher.eval()
+        self.lm = CausalLanguageModeling()
+        self.teacher_seconds = 0.0
+        self.teacher_forwards = 0
+        self._layers: list[int] | None = None
+
+    def __call__(
+        self, student: nn.Module, batch: dict[str, torch.Tensor], indices: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        from cahp.calibration import scored_target_mask
+
+        objective = self.objective
+        relations = objective.loss == "kd-relations"
+        if self._layers is None:
+            base = unwrapped(student)
+            self._layers = objective.layers(len(get_adapter(base).layer_modules(base)))
+        layers = self._layers if relations else []
+        inputs = self.lm.model_inputs(batch)
+        scored = scored_target_mask(batch["attention_mask"], batch["labels"])  # [batch, L - 1]
+        targets = batch["input_ids"][:, 1:][scored]  # [scored tokens]
+        start = time.perf_counter()
+        with torch.no_grad(), ProjectionRecorder(self.teacher, layers) as teacher_recorder:
+            teacher_logits = self.teacher(**inputs).logits[:, :-1][scored]  # [scored tokens, vocab]
+        self.teacher_seconds += time.perf_counter() - start
+        self.teacher_forwards += 1
+        with ProjectionRecorder(unwrapped(student), layers) as recorder:
+            student_logits = student(**inputs).logits[:, :-1][scored]
+        lm_loss = F.cross_entropy(student_logits.float(), targets)
+        kd = logit_distillation(student_logits, teacher_logits, objective.temperature)
+        loss = objective.alpha * lm_loss + (1 - objective.alpha) * kd
+        parts = {"lm": lm_loss.item(), "kd": kd.item()}
+        if relations:
+            terms = [
+                relation_distillation(
+                    vectors[kind],
+                    teacher_recorder.vectors[layer][kind],
+                    batch["attention_mask"],
+                    objective.relation_heads,
+                    causal=True,
+                )
+                for layer, vectors in recorder.vectors.items()
+                for kind in vectors
+            ]
+            if terms:
+                relation = torch.stack(terms).mean()
+                loss = loss + objective.relation_weight * relation
+                parts["relations"] = relation.item()
+        return loss, parts
+
+    def costs(self) -> dict[str, Any]:
+        """What the teacher cost: seconds and batches (recorded in reports)."""
+        return {"teacher_seconds": round(self.teacher_seconds, 2), "teacher_forwards": self.teacher_forwards}
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model itself inside a LoRA (peft) wrapper, whose adapter and projections cahp reads; else ``model``."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def _real_positions(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from cahp.models import (
     record_label_names,
 )
 from cahp.outputs import StagedOutput, check_output_target, write_json
+from cahp.runtime import place
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
 PROTOCOLS = ("auto", "standard", "offline")
@@ -217,8 +218,7 @@ def _finetune_into(
     check_max_length(config.task.max_length, model, tokenizer)
     if named_labels(model.config) is None:
         record_label_names(model.config, task.label_names)  # every later command maps labels the same way
-    if torch.cuda.is_available():
-        model.cuda()
+    place(model)
     train_data = encode_split(tokenizer, train_split, config.task.max_length)
     encoded_eval = {name: encode_split(tokenizer, s, config.task.max_length) for name, s in eval_splits.items()}
     start = time.perf_counter()

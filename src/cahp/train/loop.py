@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from cahp import distributed
 from cahp.data.batching import EncodedSplit, iter_batches, num_batches
 from cahp.errors import ConfigError
-from cahp.evaluation.metrics import evaluate_split, model_device
+from cahp.evaluation.metrics import evaluate_split
 from cahp.outputs import atomic_write
+from cahp.runtime import model_device
 from cahp.train.distill import LossFn
 
 
