@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -16,8 +17,11 @@ from typing import Any
 import pytest
 
 import cahp
-from cahp import cli
-from cahp.cli import build_parser, finetune_config, main, prune_config
+from cahp.cli import build_parser, main
+from cahp.commands import COMMANDS, command_modules
+from cahp.commands.finetune import FINETUNE_FIELDS, finetune_config
+from cahp.commands.options import UsageError
+from cahp.commands.prune import PRUNE_FIELDS, prune_config
 from cahp.errors import CahpError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +61,40 @@ def test_building_the_parser_and_help_import_nothing_heavy() -> None:
     )
     heavy = _python(code).splitlines()[-1]
     assert heavy == "heavy:", f"building the parser and its help imported {heavy.removeprefix('heavy:')}"
+
+
+def test_the_parser_and_cahp_methods_do_not_import_torch() -> None:
+    _python("import sys, cahp.cli as c; c.build_parser(); assert 'torch' not in sys.modules, 'parser'")
+    listing = _python(
+        "import sys, contextlib, io\n"
+        "from cahp.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert main(['methods']) == 0\n"
+        "assert 'cahp' in out.getvalue()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    assert listing == "False", "`cahp methods` imported torch"
+
+
+def test_commands_live_in_one_package_the_library_never_imports() -> None:
+    import ast
+
+    names = {module.__name__.rsplit(".", 1)[1] for module in command_modules()}
+    assert names == {"finetune", "evaluate", "prune", "export", "analyze", "bench", "demo", "listing"}
+    assert set(COMMANDS) == set(_subparsers(build_parser())), "every subcommand (prune-lm too) runs something"
+    source = REPO / "src" / "cahp"
+    allowed = {source / "cli.py", source / "__main__.py"}
+    for path in source.rglob("*.py"):
+        if path in allowed or (source / "commands") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported: list[str] = []
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for name in imported:
+                assert not name.startswith(("cahp.cli", "cahp.commands")), f"{path} imports {name}"
 
 
 def test_import_cahp_is_light_and_every_export_resolves() -> None:
@@ -103,13 +141,14 @@ def test_shown_defaults_are_the_config_defaults(command: str) -> None:
     from cahp.train.finetune import FinetuneConfig
 
     parser = _subparsers(build_parser())[command]
-    fields = cli.PRUNE_FIELDS if command == "prune" else cli.FINETUNE_FIELDS
+    fields = PRUNE_FIELDS if command == "prune" else FINETUNE_FIELDS
     defaults = PruneConfig(model="m") if command == "prune" else FinetuneConfig()
     documented = {a.dest: a.config_default for a in parser._actions if hasattr(a, "config_default")}
     assert set(documented) == set(fields), "every config option is mapped to a config field, and only those"
+    causal_lm = PruneConfig(model="m", objective="causal-lm") if command == "prune" else None
     for dest, paths in fields.items():
         for path in paths:
-            expected = _at(defaults, path)
+            expected = _at(causal_lm if path.startswith("lm.") else defaults, path)
             shown = documented[dest]
             if dest == "model" and command == "prune":
                 continue  # required: no default
@@ -355,7 +394,8 @@ def test_out_that_is_a_file_is_refused_in_one_line(
 
 
 def _replace_command(monkeypatch: pytest.MonkeyPatch, name: str, run: Callable[[argparse.Namespace], int]) -> None:
-    monkeypatch.setitem(cli.COMMANDS, name, dataclasses.replace(cli.COMMANDS[name], run=run))
+    command_modules()  # every command registered
+    monkeypatch.setitem(COMMANDS, name, dataclasses.replace(COMMANDS[name], run=run))
 
 
 def _raises(error: BaseException) -> Callable[[argparse.Namespace], int]:
@@ -377,6 +417,40 @@ def test_errors_exit_1_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert err.count("\n") == 1 and "/read-only/.out.partial" in err and "Permission denied" in err
     _replace_command(monkeypatch, "models", _raises(BrokenPipeError(32, "Broken pipe")))
     assert main(["models"]) == 141 and capsys.readouterr().err == "", "a closed pipe (`| head`) is no error"
+
+
+@pytest.mark.parametrize("rank", [None, "0", "1"])
+def test_usage_errors_are_printed_by_the_first_process_only(
+    rank: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    _replace_command(monkeypatch, "models", _raises(UsageError("a bad argument")))
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == ("" if rank == "1" else "cahp models: error: a bad argument\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    if rank == "1":
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and err.startswith("cahp prune: error:"), err
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_an_argparse_error_is_one_line_from_rank_0_and_exit_2_everywhere(rank: str) -> None:
+    environment = {**os.environ, "RANK": rank}
+    result = subprocess.run(
+        [sys.executable, "-m", "cahp", "prune", "--bogus"], capture_output=True, text=True, cwd=REPO, env=environment
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    if rank == "1":
+        assert result.stderr == ""
+    else:
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("cahp prune: error:"), result.stderr
 
 
 def test_a_missing_model_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -410,3 +484,44 @@ def test_methods_lists_every_registered_method(capsys: pytest.CaptureFixture[str
         assert info.description.replace("``", "") in lines[line]
         assert ("finds its own budget" in lines[line + 1]) is info.finds_own_budget
     assert "cahp" in available_methods() and "random" in available_methods()
+
+
+# ---- cahp analyze: --out refused before anything is loaded ---------------------------------------------------------
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading a model (its config or its weights) fail the test."""
+    import cahp.models
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded before --out was checked")
+
+    for name in ("load_classifier", "load_model_config", "resolve_model"):
+        monkeypatch.setattr(cahp.models, name, refuse)
+
+
+@pytest.mark.usefixtures("nothing_loads")
+def test_analyze_refuses_a_bad_out_before_loading_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = tmp_path / "analysis.json"
+    existing.write_text("{}")
+    analyze = ["analyze", "--model", "m", "--task", "sst5", "--quiet", "--out"]
+    assert main([*analyze, str(existing)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and existing.read_text() == "{}"
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    assert main([*analyze, str(blocker / "analysis.json")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    assert main([*analyze, str(read_only / "analysis.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no permission to write" in err and str(read_only) in err
+    assert list(read_only.iterdir()) == [] and blocker.read_text() == "keep me"

@@ -356,3 +356,61 @@ def test_relation_layers_the_model_lacks_are_refused_before_any_work(
     with pytest.raises(ConfigError, match=r"layers 0\.\.2"):
         prune(config, tmp_path / "out", progress=False)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_replay_from_another_folder_prunes_the_recorded_model_and_says_when_its_weights_changed(
+    finetuned: tuple[Path, TaskOptions],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Regression: ``--config`` replayed the model path as typed, relative to the new working folder."""
+    import shutil
+
+    from cahp.cli import main
+
+    model, task = finetuned
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    shutil.copytree(model, first / "model")
+    tiny_bert_folder(elsewhere / "model", layers=3, heads=4, num_labels=3)  # another model, the same relative name
+    monkeypatch.chdir(first)
+    argv = ["prune", "--model", "model", "--task", task.task, "--max-length", "16", "--method", "magnitude"]
+    argv += ["--keep", "6", "--recovery-epochs", "0", "--latency-repeats", "1", "--latency-seq-len", "16"]
+    assert main([*argv, "--out", "run"]) == 0
+    recorded = json.loads((first / "run" / "run_config.json").read_text())
+    assert recorded["inputs"]["model_path"] == str((first / "model").resolve()), "the resolved folder is recorded"
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["prune", "--config", str(first / "run"), "--out", "replay"]) == 0
+    replay = json.loads((elsewhere / "replay" / "report.json").read_text())
+    original = json.loads((first / "run" / "report.json").read_text())
+    assert replay["inputs"]["model"] == original["inputs"]["model"], "the recorded model, not ./model here"
+    assert _same_figures(replay, original)
+    assert "other weights" not in capsys.readouterr().err
+
+    from cahp.models import load_classifier
+
+    classifier, _ = load_classifier(first / "model")
+    with torch.no_grad():
+        classifier.classifier.bias.add_(1.0)
+    classifier.save_pretrained(first / "model")
+    assert main(["prune", "--config", str(first / "run"), "--out", "changed"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "other weights" in line]
+    assert len(warned) == 1 and "pruning it anyway" in warned[0]
+    assert main(["prune", "--config", str(first / "run"), "--strict", "--out", "strict"]) == 1
+    err = capsys.readouterr().err
+    assert "other weights than the replayed run recorded" in err and "--strict" in err
+    assert not (elsewhere / "strict").exists() and not list(elsewhere.glob(".strict*")), "refused before writing"
+
+
+def _same_figures(first: dict, second: dict) -> bool:
+    """The accuracies of two reports, without their timings."""
+
+    def figures(report: dict) -> dict:
+        return {
+            stage: {split: (r["accuracy"], r["macro_f1"]) for split, r in splits.items()}
+            for stage, splits in report["accuracy"].items()
+        }
+
+    return figures(first) == figures(second)
