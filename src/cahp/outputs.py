@@ -35,12 +35,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from cahp.errors import OutputError, OutputExistsError, OutputLockedError, notice
 
 RUN_CONFIG_FILE = "run_config.json"
 #: A lock file that cannot be parsed and is older than this is taken as left by a crash while it was written.
 UNREADABLE_LOCK_GRACE_SECONDS = 10.0
+#: What :func:`read_cache` appends to the name of a cache file it sets aside as unreadable.
+UNREADABLE_SUFFIX = ".unreadable"
+
 #: The name :func:`atomic_write` gives its temporary files: ``.<stem>.<pid>.tmp<suffix>``.
 TEMPORARY_FILE_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp(\.[^.]*)?$")
 #: The (flattened) run-record keys that name the model: its path as given, resolved, and its weights' fingerprint.
@@ -83,7 +87,7 @@ def remove_temporary_files(folder: Path, only_dead: bool = True) -> list[Path]:
     return removed
 
 
-def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:
     """Write a file atomically: ``writer(temporary)`` writes a temporary file beside ``path`` that is then
     flushed to disk and renamed over ``path``. On any error the temporary file is removed and ``path`` is
     left as it was.
@@ -114,12 +118,13 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> None:
     atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
-def atomic_save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:
+def atomic_save_npz(path: str | os.PathLike[str], **arrays: npt.ArrayLike) -> Path:
     """``np.savez(path, **arrays)`` (uncompressed), written atomically."""
+    named: dict[str, Any] = arrays  # np.savez's typing would match them against its allow_pickle flag
 
     def write(temporary: Path) -> None:
         with temporary.open("wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **named)
 
     return atomic_write(path, write)
 
@@ -143,7 +148,7 @@ def read_cache(path: str | os.PathLike[str], loader: Callable[[Path], T], what: 
     try:
         return loader(path)
     except Exception as error:  # truncated zip, bad JSON, wrong keys, old format ...: all mean "recompute"
-        aside = path.with_name(f"{path.name}.unreadable")
+        aside = path.with_name(f"{path.name}{UNREADABLE_SUFFIX}")
         os.replace(path, aside)
         notice(f"cached {what} unreadable ({path}: {type(error).__name__}: {error}), recomputing")
         return None
@@ -195,8 +200,16 @@ class OutputLock:
             except FileExistsError:
                 self._remove_if_stale(me)
                 continue
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump(me, handle)
+            except OSError:  # a full disk while creating it: a cut-short file is not left to block the rerun
+                if self.path.exists() and self._read_holder() is None:
+                    self.path.unlink(missing_ok=True)
+                raise
+            try:
+                with os.fdopen(descriptor, "w") as handle:
+                    json.dump(me, handle)
+            except OSError:  # a full disk: no half-written lock is left to block the rerun
+                self.path.unlink(missing_ok=True)
+                raise
             self.held = True
             atexit.register(self.release)  # a run that ends without releasing (an error) frees it on exit
             return self
@@ -448,11 +461,14 @@ class StagedOutput:
     def commit(self) -> Path:
         """Move the finished staging folder into place (replacing an old output only now); release the lock.
 
-        Temporary files left by killed writers (:func:`atomic_write`) are deleted first: the run is finished and
-        holds the lock, so no file in the staging folder is still being written.
+        Temporary files left by killed writers (:func:`atomic_write`) and cache files set aside as unreadable
+        (:func:`read_cache`, recomputed since) are deleted first: the run is finished and holds the lock, so no
+        file in the staging folder is still being written.
         """
         try:
             remove_temporary_files(self.staging, only_dead=False)
+            for aside in self.staging.rglob(f"*{UNREADABLE_SUFFIX}"):
+                aside.unlink()
             trash = self.out.parent / f".{self.out.name}.old"
             if trash.exists():
                 shutil.rmtree(trash)

@@ -16,6 +16,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from cahp import distributed
 from cahp.calibration import Calibration
 from cahp.evaluation.accounting import count_parameters
 from cahp.methods.plan import HeadGrid, KeepPlan
-from cahp.outputs import atomic_write
+from cahp.outputs import atomic_write, read_cache
 from cahp.runtime import on_cpu, place
 from cahp.stages import StageCache
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
@@ -223,9 +224,23 @@ def _recover(
         return record
 
     record = stages.shared("recovery_run", recover)
-    recovered = merged if rank is not None else checkpoint
-    if recovered is not None and recovered.is_file() and "recovery_run" in stages.cached:
-        state = torch.load(recovered, map_location="cpu", weights_only=False)
-        pruned.load_state_dict(state["model"])
+    if "recovery_run" in stages.cached:  # resumed: the recovered weights come from the stage folder
+        recovered = merged if rank is not None else checkpoint
+        state = distributed.broadcast_object(
+            read_cache(recovered, _read_weights, "recovered weights") if recovered is not None else None
+        )
+        if state is None:  # missing or damaged: the recovery runs again
+            stages.forget("recovery_run")
+            record = stages.shared("recovery_run", recover)
+        else:
+            pruned.load_state_dict(state)
     pruned.eval()
     return record
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a training checkpoint or of the merged LoRA weights."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError("no model weights")
+    return state["model"]

@@ -60,6 +60,13 @@ class StageCache:
             write_json(self.folder / f"{name}.json", {"seconds": self.seconds[name], "value": value})
         return value
 
+    def forget(self, name: str) -> None:
+        """Drop a cached stage (its file and record), so that the next :meth:`json` / :meth:`shared` computes it."""
+        if self.folder is not None:
+            (self.folder / f"{name}.json").unlink(missing_ok=True)
+        self.cached = [stage for stage in self.cached if stage != name]
+        self.seconds.pop(name, None)
+
     def file(self, name: str) -> Path | None:
         """Where a stage keeps a file of its own (a training checkpoint); ``None`` without a cache folder."""
         return self.folder / name if self.folder is not None else None

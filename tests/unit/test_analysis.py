@@ -379,3 +379,31 @@ def test_cahp_analyze_records_each_heads_cahp_cluster_and_whether_cahp_keeps_it(
     representatives[found["representatives"]] = True
     assert (kept.reshape(-1) >= representatives).all()  # every cluster's representative is kept
     assert kept.sum() >= found["k"]
+
+
+def test_cahp_analyze_measures_a_causal_lm_on_its_calibration_blocks(tmp_path: Path) -> None:
+    """The causal-lm workload loads the model and draws the blocks; sinks and redundancy are measured, CAHP's
+    clusters (which need classes) are refused in one line before any work."""
+    from cahp.analysis.run import analyze
+    from cahp.errors import CahpError
+    from cahp.workloads.causal_lm import LMOptions
+    from tests.unit.test_decoder import tiny_tokenizer
+    from tests.unit.test_language_modeling import causal_lm, random_corpus
+
+    causal_lm("llama").save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(random_corpus(documents=40).documents) + "\n")
+    lm = LMOptions(corpus=str(tmp_path / "corpus.txt"), context_length=16, calibration_blocks=5, prompted=())
+    out = tmp_path / "analysis.json"
+    with pytest.raises(CahpError, match="compares classes"):
+        analyze(str(tmp_path / "llama"), None, out, objective="causal-lm", lm=lm, cahp=True, progress=False)
+    assert not out.exists()
+    payload = analyze(str(tmp_path / "llama"), None, out, objective="causal-lm", lm=lm, progress=False)
+    assert payload["task"] == "causal-lm" and payload["calibration"]["blocks"] == 5
+    assert payload["model_type"] == "llama" and payload["num_labels"] == 0
+    sinks = payload["heads"]["sink_score"]
+    assert len(sinks) == 3 and all(len(row) == 4 for row in sinks)
+    assert all(0.0 <= value <= 1.0 for row in sinks for value in row)
+    assert payload["heads"]["separability"] is None, "no classes: no separability"
+    assert len(payload["adjacent_layers"]) == 2
+    assert json.loads(out.read_text())["heads"] == payload["heads"] and out.with_suffix(".html").is_file()

@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cahp import __version__
 from cahp.analysis.heads import analyze_heads
 from cahp.errors import OutputError, OutputExistsError
@@ -58,8 +56,11 @@ def analyze(
     progress: bool = True,
     command: str | None = None,
     cahp: bool = False,
+    objective: str = "classification",
+    lm: Any = None,
 ) -> dict[str, Any]:
-    """Measure the heads of ``model`` on ``task``'s calibration split and write the result to ``out`` (JSON).
+    """Measure the heads of ``model`` on ``task``'s calibration split (a causal LM: on ``lm``'s calibration blocks)
+    and write the result to ``out`` (JSON).
 
     Args:
         model: an alias, a folder or a hub id of an unpruned classifier or base model (a base model gets an
@@ -74,34 +75,95 @@ def analyze(
         command: the command line, recorded in the file.
         cahp: also fit CAHP (its default settings) on the same calibration set and record each head's cluster
             and whether CAHP keeps it at its knee (``cahp`` object of the file; needs two or more classes).
+        objective: the workload that loads the model and draws the calibration set (:mod:`cahp.workloads`):
+            ``classification`` (``task``) or ``causal-lm`` (``lm``: :class:`cahp.workloads.causal_lm.LMOptions`,
+            its calibration blocks; ``calibration_size`` and ``batch_size`` do not apply, ``lm`` sets them).
 
     Returns:
         The JSON object written.
     """
     from cahp.engine import task_calibration
     from cahp.models import check_max_length, load_classifier, load_model_config, resolve_model
+    from cahp.runtime import place
 
     path = check_output_file(out, overwrite)
+    if objective != "classification":
+        return _analyze_workload(model, path, objective, lm, seed, progress, command, cahp)
     check_max_length(task.max_length, load_model_config(model))
     task_data = task.load(model=model)
     loaded, tokenizer = load_classifier(model, task_data.num_labels, task_data.label_names, attn_implementation="eager")
     check_max_length(task.max_length, loaded, tokenizer)
-    if torch.cuda.is_available():
-        loaded.cuda()
+    place(loaded)
     calibration = task_calibration(task_data, tokenizer, calibration_size, seed, task.max_length, batch_size)
-    analysis = analyze_heads(loaded, calibration, progress=progress)
-    cahp_heads = cahp_clusters(loaded, calibration, progress) if cahp else None
+    return _write(
+        path,
+        loaded,
+        calibration,
+        progress,
+        cahp,
+        {
+            "command": command,
+            "model": resolve_model(model).location,
+            "task": task.task,
+            "task_name": task_data.name,  # as cahp prune's report names it (task.name)
+            "num_labels": task_data.num_labels,
+            "max_length": task.max_length,
+        },
+    )
+
+
+def _analyze_workload(
+    model: str, path: Path, objective: str, lm: Any, seed: int, progress: bool, command: str | None, cahp: bool
+) -> dict[str, Any]:
+    """:func:`analyze` on a workload other than classification: it loads the model and draws the calibration."""
+    from cahp.errors import CahpError
+    from cahp.models import resolve_model
+    from cahp.pipeline import PruneConfig
+    from cahp.runtime import place
+    from cahp.workloads import get_workload
+
+    workload_class = get_workload(objective)
+    if cahp and not workload_class.has_classes:
+        raise CahpError(f"--cahp fits CAHP, which compares classes; the {objective} objective has none: drop --cahp")
+    config = PruneConfig(model=model, objective=objective, lm=lm, seed=seed)
+    workload = workload_class(config, progress)
+    place(workload.model)
+    calibration = workload.calibration(seed)
+    description = workload.describe()
+    return _write(
+        path,
+        workload.model,
+        calibration,
+        progress,
+        cahp,
+        {
+            "command": command,
+            "model": resolve_model(model).location,
+            "task": description.get("task", objective),
+            "task_name": description.get("task", objective),
+            "num_labels": 0,
+            "max_length": getattr(lm, "context_length", None),
+        },
+    )
+
+
+def _write(
+    path: Path, model: Any, calibration: Any, progress: bool, cahp: bool, described: dict[str, Any]
+) -> dict[str, Any]:
+    """Measure the heads, write the JSON file and its page; returns the JSON object."""
+    analysis = analyze_heads(model, calibration, progress=progress)
+    cahp_heads = cahp_clusters(model, calibration, progress) if cahp else None
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "cahp_version": __version__,
-        "command": command,
-        "model": resolve_model(model).location,
-        "model_type": loaded.config.model_type,
-        "task": task.task,
-        "task_name": task_data.name,  # as cahp prune's report names it (task.name)
-        "num_labels": task_data.num_labels,
-        "max_length": task.max_length,
+        "command": described["command"],
+        "model": described["model"],
+        "model_type": model.config.model_type,
+        "task": described["task"],
+        "task_name": described["task_name"],
+        "num_labels": described["num_labels"],
+        "max_length": described["max_length"],
         "calibration": calibration.description,
         **analysis.to_dict(),
         "cahp": cahp_heads,

@@ -185,8 +185,13 @@ def _prune_overview(report: dict[str, Any]) -> str:
         ("budget", f"{selection.get('budget', 'auto')}: {selection.get('how', '')}".rstrip(": ")),
         ("heads kept", f"{heads['kept']} of {heads['total']} ({heads['layers']} layers x {heads['heads_per_layer']})"),
     ]
+    if report.get("objective") == "causal-lm":
+        rows[1] = ("task", "causal language modelling")
+        rows.append(("key-value heads kept", f"{heads.get('kv_kept')} of {heads.get('kv_total')}"))
     calibration = report.get("calibration")
-    if calibration:
+    if calibration and "blocks" in calibration:
+        rows.append(("calibration", f"{calibration['blocks']} blocks of {calibration.get('context_length')} tokens"))
+    elif calibration:
         rows.append(("calibration", f"{calibration.get('examples')} examples of {calibration.get('split')}"))
     return section("overview", "Overview", fields(rows))
 
@@ -222,6 +227,7 @@ def _cost_section(report: dict[str, Any]) -> str:
             dense, pruned = flops[f"dense_{key}"], flops[f"pruned_{key}"]
             ratio = f"{pruned / dense:.3f}" if dense else "–"
             rows.append([f"{label} ({flops['seq_len']} tokens)", f"{dense / 1e9:.3f}G", f"{pruned / 1e9:.3f}G", ratio])
+    rows += _generation_rows(report)
     latency = report.get("latency")
     if latency:
         dense, pruned = latency["dense"]["median_seconds"], latency["pruned"]["median_seconds"]
@@ -236,7 +242,69 @@ def _cost_section(report: dict[str, Any]) -> str:
             f" ({escape(latency.get('torch_threads', '?'))} threads); FLOPs-ideal "
             f"{escape(latency['flops_ideal_speedup'])}x.</p>"
         )
-    return section("cost", "Parameters, FLOPs and latency", body)
+    title = "Parameters, KV cache and speed" if report.get("kv_cache") else "Parameters, FLOPs and latency"
+    return section("cost", title, body)
+
+
+def _quality_section(report: dict[str, Any]) -> str:
+    """A causal LM's perplexity and zero-shot accuracy before pruning, after pruning and after recovery."""
+    quality = report["quality"]
+    stages = [(key, label) for key, label in LM_STAGES if quality.get(key) is not None]
+    rows: list[list[Any]] = [
+        ["perplexity", *(_number(quality[key]["perplexity"]["perplexity"], 2) for key, _ in stages)]
+    ]
+    for task, result in quality["dense"].get("prompted", {}).items():
+        for metric in ("accuracy", "macro_f1"):
+            values = [quality[key]["prompted"][task][metric] for key, _ in stages]
+            rows.append([f"{task} zero-shot {metric.replace('_', '-')}", *(_number(value) for value in values)])
+        rows.append([f"{task} examples", *([result.get("examples")] * len(stages))])
+    body = table(["", *(label for _, label in stages)], rows)
+    evaluation = report.get("corpus", {}).get("evaluation", {})
+    body += f"<p>Perplexity on {escape(evaluation.get('label', 'the evaluation blocks'))}.</p>"
+    continuations = quality["dense"].get("continuations") or []
+    after = report.get("after", "pruned")
+    if continuations:
+        body += "<h3>Greedy continuations</h3>" + table(
+            ["prompt", "dense", after],
+            [
+                [c["prompt"], c["continuation"], final["continuation"]]
+                for c, final in zip(continuations, quality[after].get("continuations", []), strict=False)
+            ],
+        )
+    return section("quality", "Perplexity and zero-shot accuracy", body)
+
+
+#: A causal LM's evaluated stages in ``report["quality"]``.
+LM_STAGES = (("dense", "before pruning"), ("pruned", "after pruning"), ("recovered", "after recovery"))
+
+
+def _generation_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """KV-cache bytes and prefill / generation speed rows of a causal LM's cost table."""
+    rows: list[list[Any]] = []
+    kv = report.get("kv_cache")
+    if kv:
+        dense, pruned = kv["dense"]["bytes_per_token"], kv["pruned"]["bytes_per_token"]
+        rows.append(["KV cache (bytes per token)", f"{dense:,}", f"{pruned:,}", f"{kv['ratio']:.3f}"])
+    generation = report.get("generation", {})
+    for batch, measured in generation.get("by_batch", {}).items():
+        dense, pruned = measured["dense"], measured["pruned"]
+        rows.append(
+            [
+                f"prefill, batch {batch} x {generation.get('prompt_tokens')} tokens",
+                f"{dense['prefill_seconds'] * 1e3:.1f} ms",
+                f"{pruned['prefill_seconds'] * 1e3:.1f} ms",
+                f"{pruned['prefill_seconds'] / dense['prefill_seconds']:.3f}",
+            ]
+        )
+        rows.append(
+            [
+                f"generation, batch {batch} (tokens/s)",
+                f"{dense['tokens_per_second']:.1f}",
+                f"{pruned['tokens_per_second']:.1f}",
+                f"{pruned['tokens_per_second'] / dense['tokens_per_second']:.3f}",
+            ]
+        )
+    return rows
 
 
 def _recovery_section(report: dict[str, Any]) -> str:
@@ -247,7 +315,12 @@ def _recovery_section(report: dict[str, Any]) -> str:
     if not epochs:  # the recovery settings (e.g. the default distillation) were not used: none are listed
         return section("recovery", "Recovery", "<p>No recovery (epochs 0): the run is retraining-free.</p>")
     objective = recovery.get("objective", {})
-    rows = [["epochs", epochs], ["examples", recovery.get("examples", 0)]]
+    if isinstance(objective, str):  # a causal LM's: its label (``causal-lm kd (T=2, alpha=0.5)``)
+        objective = {"loss": objective}
+    rows = [
+        ["epochs", epochs],
+        ["examples" if "blocks" not in recovery else "blocks", recovery.get("examples", recovery.get("blocks", 0))],
+    ]
     relations = objective.get("loss") == "kd-relations"  # the relation settings only matter there
     shown = {key: value for key, value in objective.items() if relations or key in ("loss", "temperature", "alpha")}
     rows += [
@@ -256,8 +329,11 @@ def _recovery_section(report: dict[str, Any]) -> str:
     for key in ("seconds", "teacher_seconds", "teacher_forwards"):
         if key in recovery:
             rows.append([key.replace("_", " "), recovery[key]])
+    if "lora" in recovery:
+        lora = recovery["lora"]
+        rows.append(["LoRA", f"rank {lora['rank']}, {lora['trainable_parameters']:,} trainable parameters, merged"])
     body = fields(rows)
-    history = report.get("recovery_history") or []
+    history = report.get("recovery_history") or recovery.get("history") or []
     if history:
         body += "<h3>Training loss</h3>" + table(
             ["epoch", "step", "train loss"],
@@ -280,13 +356,15 @@ def prune_page(report: dict[str, Any], plots_dir: str | os.PathLike[str] | None 
         report["kept_heads_by_layer"], heads["heads_per_layer"], selection.get("guardrail_heads", [])
     )
     accuracy = _accuracy_section(report["accuracy"]) if report.get("accuracy") else ""
+    if report.get("objective") == "causal-lm":
+        accuracy = _quality_section(report)
     sections = [
         row(_prune_overview(report), section("kept-heads", "Kept heads (layers x heads)", kept_map)),
         row(*_selection_plots(selection, heads["heads_per_layer"], folder)),
         row(accuracy, _cost_section(report)),
         row(_recovery_section(report), _command_section(report.get("command"))),
     ]
-    task = report.get("task", {}).get("task", "")
+    task = report.get("task", {}).get("task", "") or report.get("objective", "")
     title = f"cahp prune: {Path(str(report.get('model', 'model'))).name} on {task_label(task)}"
     subtitle = f"{report.get('method', 'cahp')}: {heads['kept']} of {heads['total']} heads kept"
     return page(title, subtitle, [part for part in sections if part])

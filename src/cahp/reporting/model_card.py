@@ -88,17 +88,18 @@ def render_model_card(report: dict[str, Any], folder: Path, command: str | None 
     folder = Path(folder)
     saved = _saved_config(folder)
     custom_code = (folder / "modeling_cahp.py").is_file()
+    causal_lm = report.get("objective") == "causal-lm"
     sections = [
         _front_matter(report, saved, custom_code),
         _title(report),
         _base_model_section(report),
-        _task_section(report),
+        _corpus_section(report) if causal_lm else _task_section(report),
         _method_section(report),
         _kept_heads_section(report),
-        _accuracy_section(report),
-        _size_and_speed_section(report),
+        _quality_section(report) if causal_lm else _accuracy_section(report),
+        _generation_section(report) if causal_lm else _size_and_speed_section(report),
         _command_section(shareable_command(command if command is not None else report.get("command"), report)),
-        _loading_section(custom_code),
+        _loading_section(custom_code, causal_lm),
     ]
     return "\n\n".join(section.strip("\n") for section in sections) + "\n"
 
@@ -222,10 +223,10 @@ def _front_matter(report: dict[str, Any], saved: dict[str, Any], custom_code: bo
     base = base_model_id(report)
     if base is not None:
         metadata["base_model"] = base
-    dataset = dataset_id(report["task"])
+    dataset = dataset_id(report["task"]) if "task" in report else None
     if dataset is not None:
         metadata["datasets"] = [dataset]
-    metadata["metrics"] = ["accuracy", "f1"]
+    metadata["metrics"] = ["perplexity"] if report.get("objective") == "causal-lm" else ["accuracy", "f1"]
     metadata["pipeline_tag"] = _pipeline_tag(saved)
     return f"---\n{yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)}---"
 
@@ -240,7 +241,12 @@ def _title(report: dict[str, Any]) -> str:
         f"# {name}, {removed} of {heads['total']} attention heads removed ({report['method']})\n\n"
         f"A copy of `{name}` with {heads['kept']} of its {heads['total']} attention heads kept, chosen "
         f"by the `{report['method']}` method of [cahp](https://pypi.org/project/cahp/) and physically removed "
-        "(smaller projection matrices, not masks), then recovered by a short fine-tune."
+        "(smaller projection matrices, not masks)"
+        + (
+            ", then recovered by a short fine-tune."
+            if report.get("config", {}).get("recovery", {}).get("epochs")
+            else "."
+        )
     )
 
 
@@ -296,20 +302,32 @@ def _method_section(report: dict[str, Any]) -> str:
         f"| heads added by the per-layer guardrail | {len(report['selection'].get('guardrail_heads', []))} |",
         f"| constraints | `{constraints}` |",
         f"| method settings | `{settings}` |",
-        f"| calibration | {calibration.get('examples')} examples of the `{calibration.get('split')}` split |",
+        f"| calibration | {_calibration_text(calibration)} |",
         f"| recovery | {_recovery_text(recovery, training)} |",
         f"| seed | {config.get('seed')} |",
     ]
     return "\n".join(lines)
 
 
+def _calibration_text(calibration: dict[str, Any]) -> str:
+    if "blocks" in calibration:  # a causal LM's: blocks of a corpus split
+        corpus = shareable_name(str(calibration.get("corpus")))
+        length, split = calibration.get("context_length"), calibration.get("split")
+        return f"{calibration['blocks']} blocks of {length} tokens of `{corpus}` ({split})"
+    return f"{calibration.get('examples')} examples of the `{calibration.get('split')}` split"
+
+
 def _recovery_text(recovery: dict[str, Any], training: dict[str, Any]) -> str:
     epochs = training.get("epochs", 0)
     if not recovery or not epochs:
-        return "none (the accuracy after recovery is the accuracy after pruning)"
+        return "none (the figures after recovery are those after pruning)"
+    objective = recovery["objective"]
+    label = objective if isinstance(objective, str) else objective_label(objective)
+    data = f"{recovery['blocks']} blocks" if "blocks" in recovery else f"{recovery.get('examples')} examples"
+    lora = f", LoRA rank {recovery['lora']['rank']} (merged)" if "lora" in recovery else ""
     return (
-        f"{objective_label(recovery['objective'])}, {recovery.get('examples')} examples x {epochs:g} epochs, "
-        f"learning rate {training.get('learning_rate')}, batch size {training.get('batch_size')}"
+        f"{label}{lora}, {data} x {epochs:g} epochs, learning rate {training.get('learning_rate')}, batch size "
+        f"{training.get('batch_size')}"
     )
 
 
@@ -388,6 +406,74 @@ def _size_and_speed_section(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _corpus_section(report: dict[str, Any]) -> str:
+    corpus = report.get("corpus", {})
+    evaluation, calibration = corpus.get("evaluation", {}), corpus.get("calibration", {})
+    lines = [
+        "## Objective and data",
+        "",
+        "- objective: causal language modelling (next-token loss)",
+        f"- calibration: {_calibration_text(calibration)}",
+        f"- perplexity measured on: {evaluation.get('blocks')} blocks of {evaluation.get('context_length')} tokens "
+        f"of `{shareable_name(str(evaluation.get('corpus')))}` ({evaluation.get('split')})",
+    ]
+    if "offline stand-in" in str(evaluation.get("label", "")):
+        lines.append("- note: an offline stand-in for WikiText-2; its perplexity is not comparable to WikiText's")
+    return "\n".join(lines)
+
+
+def _quality_section(report: dict[str, Any]) -> str:
+    quality, after = report["quality"], report.get("after", "pruned")
+    stages = [
+        (key, label)
+        for key, label in (("dense", "before pruning"), ("pruned", "after pruning"), ("recovered", "after recovery"))
+        if quality.get(key) is not None
+    ]
+    lines = [
+        "## Quality",
+        "",
+        "| metric | " + " | ".join(label for _, label in stages) + " |",
+        "|---" * (len(stages) + 1) + "|",
+        "| perplexity | " + " | ".join(f"{quality[key]['perplexity']['perplexity']:.2f}" for key, _ in stages) + " |",
+    ]
+    for task, result in quality["dense"].get("prompted", {}).items():
+        values = " | ".join(f"{quality[key]['prompted'][task]['accuracy']:.4f}" for key, _ in stages)
+        lines.append(f"| {task} zero-shot accuracy ({result.get('examples')} examples) | {values} |")
+    continuations = quality["dense"].get("continuations") or []
+    if continuations:
+        lines += ["", "Greedy continuations, dense and " + after + ":", ""]
+        for dense, final in zip(continuations, quality[after].get("continuations", []), strict=False):
+            lines.append(f"- `{dense['prompt']}`: dense `{dense['continuation']}`, {after} `{final['continuation']}`")
+    return "\n".join(lines)
+
+
+def _generation_section(report: dict[str, Any]) -> str:
+    parameters, kv, generation = report["parameters"], report["kv_cache"], report["generation"]
+    lines = [
+        "## Size and speed",
+        "",
+        "| | dense | pruned | pruned / dense |",
+        "|---|---|---|---|",
+        f"| parameters | {parameters['dense']:,} | {parameters['pruned']:,} | "
+        f"{parameters['pruned'] / parameters['dense']:.3f} |",
+        f"| KV cache, bytes per token | {kv['dense']['bytes_per_token']:,} | {kv['pruned']['bytes_per_token']:,} | "
+        f"{kv['ratio']:.3f} |",
+    ]
+    for batch, measured in generation.get("by_batch", {}).items():
+        dense, pruned = measured["dense"], measured["pruned"]
+        lines.append(
+            f"| generation, batch {batch} (tokens/s) | {dense['tokens_per_second']:.1f} | "
+            f"{pruned['tokens_per_second']:.1f} | {pruned['tokens_per_second'] / dense['tokens_per_second']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Measured on {generation.get('device', 'cpu')} with {generation.get('torch_threads')} PyTorch thread(s): "
+        f"{generation.get('prompt_tokens')}-token prompts, {generation.get('new_tokens')} new tokens, "
+        f"{generation.get('repeats')} timed repeats.",
+    ]
+    return "\n".join(lines)
+
+
 def _command_section(command: str | None) -> str:
     if not command:
         return (
@@ -397,7 +483,9 @@ def _command_section(command: str | None) -> str:
     return f"## Command\n\n```bash\n{command}\n```"
 
 
-def _loading_section(custom_code: bool) -> str:
+def _loading_section(custom_code: bool, causal_lm: bool = False) -> str:
+    if causal_lm:
+        return _causal_lm_loading_section(custom_code)
     remote = ", trust_remote_code=True" if custom_code else ""
     tokenizer = (
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=False)  # a stock '
@@ -435,6 +523,30 @@ model = AutoModelForSequenceClassification.from_pretrained("path/to/this/folder"
 
 {_tokenizer_note(custom_code)}`cahp.surgery.load_pruned("path/to/this/folder")` loads it too, and
 `cahp export --model path/to/this/folder --format onnx --out model.onnx` writes an ONNX Runtime graph."""
+
+
+def _causal_lm_loading_section(custom_code: bool) -> str:
+    remote = ", trust_remote_code=True" if custom_code else ""
+    how = (
+        "Its layers kept different numbers of heads, so it has cahp's config: with cahp installed, plain "
+        "`from_pretrained` works once cahp is imported; without cahp, the folder's `modeling_cahp.py` (torch and "
+        "transformers only) loads it when you trust that code:"
+        if custom_code
+        else "Every layer kept the same heads, so its `config.json` is a stock configuration: any transformers loads "
+        "it, with or without cahp:"
+    )
+    return f"""## How to load it
+
+{how}
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{remote})
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{", trust_remote_code=False" if custom_code else ""})
+```
+
+{_tokenizer_note(custom_code)}`cahp.models.load_causal_lm("path/to/this/folder")` loads it too."""
 
 
 def _tokenizer_note(custom_code: bool) -> str:

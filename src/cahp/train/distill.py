@@ -45,12 +45,25 @@ from cahp.adapters import get_adapter
 from cahp.data.batching import EncodedSplit, iter_batches
 from cahp.errors import ConfigError
 from cahp.runtime import model_device
+from cahp.settings import RECOVERY_OBJECTIVE
 from cahp.surgery import layer_geometries
 
 RECOVERY_LOSSES = ("ce", "kd", "kd-relations")
 
 #: ``loss_fn(student, batch on the student's device, example indices) -> (loss, {part: value})``
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], np.ndarray], tuple[torch.Tensor, dict[str, float]]]
+
+
+def objective_loss(objective: Any, part: str | None = None) -> LossFn:
+    """The training loop's ``loss_fn`` of a calibration objective (:class:`cahp.calibration.Objective`): the loss
+    every method's scoring uses, ``objective.loss(model, batch)``, so that recovery and scoring share one loss
+    convention. ``part``: also report the loss under that name in the history's loss parts."""
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor], indices: np.ndarray) -> tuple[torch.Tensor, dict]:
+        value = objective.loss(model, batch)
+        return value, ({part: float(value.detach())} if part else {})
+
+    return loss
 
 
 @dataclass
@@ -68,13 +81,13 @@ class RecoveryObjective:
         hidden_weight: weight of the hidden-state mean squared error (``kd-relations``; 0 = off).
     """
 
-    loss: str = "ce"
-    temperature: float = 2.0
-    alpha: float = 0.5
-    relation_heads: int = 8
-    relation_layers: str = "all"
-    relation_weight: float = 1.0
-    hidden_weight: float = 0.0
+    loss: str = RECOVERY_OBJECTIVE.field("loss")
+    temperature: float = RECOVERY_OBJECTIVE.field("temperature")
+    alpha: float = RECOVERY_OBJECTIVE.field("alpha")
+    relation_heads: int = RECOVERY_OBJECTIVE.field("relation_heads")
+    relation_layers: str = RECOVERY_OBJECTIVE.field("relation_layers")
+    relation_weight: float = RECOVERY_OBJECTIVE.field("relation_weight")
+    hidden_weight: float = RECOVERY_OBJECTIVE.field("hidden_weight")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -29,8 +29,9 @@ from cahp import distributed
 from cahp.data.batching import EncodedSplit, iter_batches, num_batches
 from cahp.errors import ConfigError
 from cahp.evaluation.metrics import evaluate_split
-from cahp.outputs import atomic_write
+from cahp.outputs import atomic_write, read_cache
 from cahp.runtime import model_device
+from cahp.settings import TRAINING
 from cahp.train.distill import LossFn
 
 
@@ -53,17 +54,17 @@ class TrainingConfig:
         ConfigError: a setting outside its range, naming it.
     """
 
-    epochs: float = 3.0
-    learning_rate: float = 2e-5
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
+    epochs: float = TRAINING.field("epochs")
+    learning_rate: float = TRAINING.field("learning_rate")
+    batch_size: int = TRAINING.field("batch_size")
+    warmup_ratio: float = TRAINING.field("warmup_ratio")
+    weight_decay: float = TRAINING.field("weight_decay")
     max_grad_norm: float = 1.0
-    seed: int = 42
+    seed: int = TRAINING.field("seed")
     eval_batch_size: int = 64
-    checkpoint_every: int = 200
+    checkpoint_every: int = TRAINING.field("checkpoint_every")
     #: sort each window of shuffled batches by length (less padding, same data per epoch; see iter_batches)
-    group_by_length: bool = False
+    group_by_length: bool = TRAINING.field("group_by_length")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +140,14 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _read_checkpoint(path: Path, location: Any) -> dict[str, Any]:
+    """A training checkpoint written by :func:`train_model` (a file without its keys is unreadable)."""
+    state = torch.load(path, map_location=location, weights_only=False)
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "history"} <= set(state):
+        raise ValueError("not a training checkpoint")
+    return state
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda temporary: torch.save(state, temporary))
 
@@ -187,7 +196,9 @@ def train_model(
     parallel = distributed.is_distributed()
     state = None
     if checkpoint is not None and checkpoint.is_file() and distributed.is_main():
-        state = torch.load(checkpoint, map_location="cpu" if parallel else device, weights_only=False)
+        location = "cpu" if parallel else device
+        # a checkpoint cut short by a kill (or damaged) is set aside and the training starts over
+        state = read_cache(checkpoint, lambda path: _read_checkpoint(path, location), "training checkpoint")
     if parallel:
         distributed.sync_parameters(model)  # every process starts from the main process's weights
         state = distributed.broadcast_object(state)  # and resumes from its checkpoint

@@ -36,9 +36,10 @@ from cahp.evaluation.perplexity import perplexity
 from cahp.evaluation.prompted import default_prompt, evaluate_prompted
 from cahp.methods.plan import Budget
 from cahp.models import load_causal_lm
+from cahp.settings import LM
 from cahp.surgery import kept_kv_heads_by_layer
 from cahp.surgery.autoload import save_pruned, stock_config_dict
-from cahp.train.distill import LanguageModelDistillation, LossFn
+from cahp.train.distill import LanguageModelDistillation, LossFn, objective_loss
 from cahp.train.finetune import subsample
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed
 from cahp.workloads import RECOVERY_RECIPES, register_workload
@@ -83,25 +84,25 @@ class LMOptions:
         new_tokens: tokens generated per prompt in the generation measurement.
     """
 
-    corpus: str = DEFAULT_CORPUS
-    corpus_column: str | None = None
-    data_dir: str | None = None
-    context_length: int = 256
-    stride: int | None = None
-    calibration_blocks: int = 32
-    eval_blocks: int = 32
-    calibration_batch_size: int = 4
-    eval_batch_size: int = 8
-    prompted: tuple[str, ...] = ("sst2",)
-    prompted_split: str = "validation"
-    prompted_examples: int | None = 200
-    prompted_batch_size: int = 16
+    corpus: str = LM.field("corpus")
+    corpus_column: str | None = LM.field("corpus_column")
+    data_dir: str | None = LM.field("data_dir")
+    context_length: int = LM.field("context_length")
+    stride: int | None = LM.field("stride")
+    calibration_blocks: int = LM.field("calibration_blocks")
+    eval_blocks: int = LM.field("eval_blocks")
+    calibration_batch_size: int = LM.field("calibration_batch_size")
+    eval_batch_size: int = LM.field("eval_batch_size")
+    prompted: tuple[str, ...] = LM.field("prompted")
+    prompted_split: str = LM.field("prompted_split")
+    prompted_examples: int | None = LM.field("prompted_examples")
+    prompted_batch_size: int = LM.field("prompted_batch_size")
     sample_seed: int | None = None
     continuation_prompts: tuple[str, ...] = CONTINUATION_PROMPTS
-    continuation_tokens: int = 16
-    generation_batch_sizes: tuple[int, ...] = (1, 8)
-    prompt_tokens: int = 128
-    new_tokens: int = 32
+    continuation_tokens: int = LM.field("continuation_tokens")
+    generation_batch_sizes: tuple[int, ...] = LM.field("generation_batch_sizes")
+    prompt_tokens: int = LM.field("prompt_tokens")
+    new_tokens: int = LM.field("new_tokens")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -207,14 +208,9 @@ def measure_lm(model: Any, tokenizer: Any, data: LMData, options: LMOptions, pro
 
 
 def lm_loss_fn(objective: CausalLanguageModeling | None = None) -> LossFn:
-    """A ``train_model`` loss: the mean next-token cross-entropy of the scored tokens of a batch of blocks."""
-    objective = objective or CausalLanguageModeling()
-
-    def loss(model: Any, batch: dict[str, torch.Tensor], indices: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        value = objective.loss(model, batch)
-        return value, {"lm": float(value.detach())}
-
-    return loss
+    """The LM recovery's loss: the calibration objective's (mean next-token cross-entropy of the scored tokens),
+    reported as the ``lm`` part."""
+    return objective_loss(objective or CausalLanguageModeling(), part="lm")
 
 
 @register_workload

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cahp.calibration import Calibration
+from cahp.calibration import Calibration, SequenceClassification
 from cahp.data import EncodedSplit, encode_split, fingerprint_split
 from cahp.engine import task_calibration
 from cahp.errors import CahpError
@@ -20,7 +20,7 @@ from cahp.evaluation.accounting import attention_flops, total_flops
 from cahp.evaluation.latency import measure_latency, synthetic_batch
 from cahp.evaluation.metrics import evaluate_split
 from cahp.models import check_max_length, load_classifier, load_model_config
-from cahp.train.distill import Distillation, LossFn, RecoveryObjective, build_recovery_loss
+from cahp.train.distill import Distillation, LossFn, RecoveryObjective, build_recovery_loss, objective_loss
 from cahp.train.finetune import encode_eval_splits, subsample
 from cahp.train.loop import TrainingConfig
 from cahp.workloads import RECOVERY_RECIPES, register_workload
@@ -99,11 +99,12 @@ class ClassificationWorkload(Workload):
         return self.evaluation.get("validation")
 
     def recovery_loss(self, teacher: torch.nn.Module) -> LossFn | None:
-        """``None`` for ``ce``; distillation from ``teacher`` otherwise (``kd``'s logits are computed once per
-        workload and shared by every run of it: the teacher is always the same unpruned model)."""
+        """``ce``: the calibration objective's loss (cross-entropy on the labels); distillation from ``teacher``
+        otherwise (``kd``'s logits are computed once per workload and shared by every run of it: the teacher is
+        always the same unpruned model)."""
         objective: RecoveryObjective = self.config.recovery_objective
         if not objective.uses_teacher:
-            return None
+            return objective_loss(SequenceClassification(self.task.num_labels))
         if self._distillation is None:
             self._distillation = build_recovery_loss(
                 objective, teacher, self.tokenizer, self.recovery_data(), EVAL_BATCH_SIZE, self.progress
