@@ -35,6 +35,7 @@ test: lint
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(PY) -m mypy
 
 bench-finetune: install-all
 	$(PY) benchmarks/finetune_baselines.py

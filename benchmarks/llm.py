@@ -46,16 +46,17 @@ import torch
 from cahp.calibration import lm_calibration
 from cahp.data import load_task
 from cahp.data.lm import load_blocks
-from cahp.decoder import corpus_label, load_causal_lm
 from cahp.engine import Engine
 from cahp.evaluation.accounting import count_parameters
 from cahp.evaluation.generation import greedy_continuations, kv_cache_bytes_per_token, measure_generation
 from cahp.evaluation.perplexity import perplexity
 from cahp.evaluation.prompted import default_prompt, evaluate_prompted
 from cahp.methods import Budget, Constraints
+from cahp.models import load_causal_lm
 from cahp.outputs import write_json
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, kept_kv_heads_by_layer, prune_heads
 from cahp.train.finetune import subsample
+from cahp.workloads.causal_lm import corpus_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -75,7 +75,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from cahp.pipeline import PruneConfig, prune, summary
     from cahp.scoring.base import HeadScorer, get_scorer, register_scorer
     from cahp.surgery import head_mask, kept_heads_by_layer, load_pruned, prune_heads
-    from cahp.train import FinetuneConfig, TaskOptions, TrainingConfig, finetune
+    from cahp.train.finetune import FinetuneConfig, TaskOptions, finetune  # not via cahp.train: mypy reads its module
+    from cahp.train.loop import TrainingConfig
 
 __all__ = [
     "Budget",

@@ -38,8 +38,11 @@ class Objective(Protocol):
             objective has none (methods that need groups then refuse the calibration).
     """
 
-    name: str
-    num_groups: int
+    @property
+    def name(self) -> str: ...  # read-only members: frozen dataclasses and properties provide them
+
+    @property
+    def num_groups(self) -> int: ...
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scalar loss of ``model`` on one batch (already on the model's device)."""

@@ -37,6 +37,7 @@ from cahp.reporting.model_card import write_model_card
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
 from cahp.run import RunOutcome, RunSettings, execute
 from cahp.runtime import place
+from cahp.settings import PRUNE, PRUNE_RECOVERY_OBJECTIVE
 from cahp.stages import StageCache
 from cahp.train.distill import RecoveryObjective
 from cahp.train.finetune import TaskOptions
@@ -90,29 +91,29 @@ class PruneConfig:
         latency_repeats: timed repeats of every speed measurement.
     """
 
-    model: str
-    objective: str = "classification"
+    model: str = PRUNE.field("model")
+    objective: str = PRUNE.field("objective")
     task: TaskOptions = field(default_factory=TaskOptions)
     lm: LMOptions | None = None
     workload_settings: dict[str, Any] = field(default_factory=dict)
-    method: str = "cahp"
+    method: str = PRUNE.field("method")
     method_settings: dict[str, Any] = field(default_factory=dict)
-    budget: str = "auto"
-    allow_empty_layers: bool = False
-    uniform_layers: bool = False
-    gqa_mode: str = "groups"
-    seed: int = 42
-    calibration_size: int | None = None
-    calibration_batch_size: int = 32
+    budget: str = PRUNE.field("budget")
+    allow_empty_layers: bool = PRUNE.field("allow_empty_layers")
+    uniform_layers: bool = PRUNE.field("uniform_layers")
+    gqa_mode: str = PRUNE.field("gqa_mode")
+    seed: int = PRUNE.field("seed")
+    calibration_size: int | None = PRUNE.field("calibration_size")
+    calibration_batch_size: int = PRUNE.field("calibration_batch_size")
     recovery: TrainingConfig | None = None
-    recovery_objective: RecoveryObjective = field(default_factory=lambda: RecoveryObjective(loss="kd"))
-    recovery_lora_rank: int | None = None
-    recovery_max_examples: int | None = None
-    eval_splits: tuple[str, ...] = ("validation", "test")
-    eval_max_examples: int | None = None
-    latency_batch_size: int = 32
-    latency_seq_len: int = 128
-    latency_repeats: int = 10
+    recovery_objective: RecoveryObjective = field(default_factory=lambda: RecoveryObjective(**PRUNE_RECOVERY_OBJECTIVE))
+    recovery_lora_rank: int | None = PRUNE.field("recovery_lora_rank")
+    recovery_max_examples: int | None = PRUNE.field("recovery_max_examples")
+    eval_splits: tuple[str, ...] = PRUNE.field("eval_splits")
+    eval_max_examples: int | None = PRUNE.field("eval_max_examples")
+    latency_batch_size: int = PRUNE.field("latency_batch_size")
+    latency_seq_len: int = PRUNE.field("latency_seq_len")
+    latency_repeats: int = PRUNE.field("latency_repeats")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -324,9 +325,10 @@ def prune(
     }
     record = {"command": "prune", **config.to_dict(), "inputs": inputs}
     with StagedOutput(out, record, overwrite, command=command) as staged:  # locked; released on exit
-        (staged.path / "stages").mkdir(exist_ok=True)
-        stages = StageCache(staged.path / "stages", progress)
-        engine.cache_dir = stages.folder / "methods"
+        folder = staged.path / "stages"
+        folder.mkdir(exist_ok=True)
+        stages = StageCache(folder, progress)
+        engine.cache_dir = folder / "methods"
         if staged.resumed:
             stages.say(f"resuming the unfinished run in {staged.path}")
         heads = (
@@ -342,7 +344,7 @@ def prune(
         _write_views(report, staged.path, workload)
         write_json(staged.path / "report.json", report)
         for leftover in ("recovery_checkpoint.pt", "recovery_merged.pt"):
-            (stages.folder / leftover).unlink(missing_ok=True)
+            (folder / leftover).unlink(missing_ok=True)
         staged.commit()
     return distributed.broadcast_object(report)  # the other processes wait for the main one to write
 
@@ -435,14 +437,14 @@ def workload_kv_kept(model: Any) -> int:
 
 
 def _write_views(report: dict[str, Any], folder: Path, workload: Any) -> None:
-    """The plots, and the model card and HTML page of the workloads they describe (classification today)."""
+    """The plots, and the model card and HTML page of the workloads they describe (the built-in ones)."""
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
     plot_mss_curve(report["selection"], plots / "mss_curve.png")
     title = f"{Path(report['model']).name} ({report.get('task', {}).get('task', report['objective'])})"
     plot_kept_heads(report["kept_heads_by_layer"], report["heads"]["heads_per_layer"], plots / "kept_heads.png", title)
     plot_head_space(report["selection"], report["heads"]["heads_per_layer"], plots / "head_space.png")
-    if "accuracy" in report:
+    if "accuracy" in report or report["objective"] == "causal-lm":
         write_model_card(report, folder / "model", report["command"])
         write_prune_html(report, folder / "report.html", plots)
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -29,6 +29,7 @@ from cahp.outputs import atomic_write, read_cache
 from cahp.runtime import on_cpu, place
 from cahp.stages import StageCache
 from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
+from cahp.surgery.removal import GqaMode
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 from cahp.train.lora import add_lora, describe_lora, merge_lora
 from cahp.workloads.base import Workload
@@ -128,9 +129,8 @@ def execute(
 
     start = time.perf_counter()
     pruned = copy.deepcopy(dense)
-    prune_heads(
-        pruned, heads_to_remove(pruned, plan.kept_heads_by_layer, settings.gqa_mode), gqa_mode=settings.gqa_mode
-    )
+    gqa_mode = cast(GqaMode, settings.gqa_mode)  # prune_heads refuses any other
+    prune_heads(pruned, heads_to_remove(pruned, plan.kept_heads_by_layer, gqa_mode), gqa_mode=gqa_mode)
     kept = kept_heads_by_layer(pruned)
     kept_total = sum(len(heads) for heads in kept.values())
     seconds = {"surgery": round(time.perf_counter() - start, 2)}

@@ -407,3 +407,19 @@ def test_cahp_analyze_measures_a_causal_lm_on_its_calibration_blocks(tmp_path: P
     assert payload["heads"]["separability"] is None, "no classes: no separability"
     assert len(payload["adjacent_layers"]) == 2
     assert json.loads(out.read_text())["heads"] == payload["heads"] and out.with_suffix(".html").is_file()
+
+
+def test_cahp_analyze_command_line_takes_the_causal_lm_objective(tmp_path: Path) -> None:
+    from cahp.cli import main
+    from tests.unit.test_decoder import tiny_tokenizer
+    from tests.unit.test_language_modeling import causal_lm, random_corpus
+
+    causal_lm("llama").save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(random_corpus(documents=40).documents) + "\n")
+    text = ["--corpus", str(tmp_path / "corpus.txt"), "--context-length", "16", "--calibration-blocks", "4"]
+    assert main(["analyze", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "a.json"), *text]) == 2
+    argv = ["analyze", "--objective", "causal-lm", "--model", str(tmp_path / "llama"), *text, "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "a.json")]) == 0
+    payload = json.loads((tmp_path / "a.json").read_text())
+    assert payload["calibration"]["blocks"] == 4 and payload["calibration"]["context_length"] == 16

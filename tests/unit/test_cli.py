@@ -20,7 +20,7 @@ import cahp
 from cahp.cli import build_parser, main
 from cahp.commands import COMMANDS, command_modules
 from cahp.commands.finetune import FINETUNE_FIELDS, finetune_config
-from cahp.commands.options import UsageError
+from cahp.commands.options import Parser, UsageError
 from cahp.commands.prune import PRUNE_FIELDS, prune_config
 from cahp.errors import CahpError
 
@@ -29,8 +29,9 @@ HEAVY_MODULES = ("torch", "transformers", "numpy", "scipy", "sklearn", "datasets
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, with its deferred options added (prune's method settings)."""
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    return {name: sub.complete() if isinstance(sub, Parser) else sub for name, sub in action.choices.items()}
 
 
 def _at(config: Any, path: str) -> Any:
@@ -52,15 +53,20 @@ def test_building_the_parser_and_help_import_nothing_heavy() -> None:
         "import sys, cahp.cli\n"
         "parser = cahp.cli.build_parser()\n"
         "parser.format_help()\n"
-        "for name in ('finetune', 'prune', 'evaluate', 'bench', 'methods'):\n"
+        "for name in ('finetune', 'evaluate', 'bench', 'methods', 'prune'):\n"
         "    try:\n"
         "        parser.parse_args([name, '--help'])\n"
         "    except SystemExit:\n"
         "        pass\n"
-        f"print('heavy:' + ','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+        "    print(name + ':' + ','.join(m for m in " + repr(HEAVY_MODULES) + " if m in sys.modules))\n"
     )
-    heavy = _python(code).splitlines()[-1]
-    assert heavy == "heavy:", f"building the parser and its help imported {heavy.removeprefix('heavy:')}"
+    heavy = dict(line.split(":", 1) for line in _python(code).splitlines() if ":" in line and " " not in line)
+    for name in ("finetune", "evaluate", "bench", "methods"):
+        assert heavy[name] == "", f"building the parser and `cahp {name} --help` imported {heavy[name]}"
+    # prune's method-setting options come from the method registry, which (like `cahp methods`) reads the method
+    # cards: it imports numpy and the scorer package, never torch, transformers, datasets, scipy or sklearn
+    registry = {"numpy", "cahp.scoring"}
+    assert set(filter(None, heavy["prune"].split(","))) <= registry, f"`cahp prune --help` imported {heavy['prune']}"
 
 
 def test_the_parser_and_cahp_methods_do_not_import_torch() -> None:
@@ -135,26 +141,221 @@ def test_every_option_has_help_that_shows_its_default() -> None:
             assert action.required or "(default:" in shown, f"cahp {name} {action.option_strings[0]}: {shown}"
 
 
+def _shown_default(action: argparse.Action) -> str:
+    """What the help says an option's default is (the text after ``(default: ``)."""
+    return (action.help or "").rsplit("(default: ", 1)[1].removesuffix(")").replace("%%", "%")
+
+
 @pytest.mark.parametrize("command", ["prune", "finetune"])
-def test_shown_defaults_are_the_config_defaults(command: str) -> None:
+def test_every_config_option_has_its_default_in_one_place(command: str) -> None:
+    """The parser has no default of its own (``None``: the config's applies) and its help shows the dataclass's."""
+    from cahp.commands.options import shown_value
     from cahp.pipeline import PruneConfig
+    from cahp.settings import REQUIRED
     from cahp.train.finetune import FinetuneConfig
 
     parser = _subparsers(build_parser())[command]
     fields = PRUNE_FIELDS if command == "prune" else FINETUNE_FIELDS
     defaults = PruneConfig(model="m") if command == "prune" else FinetuneConfig()
-    documented = {a.dest: a.config_default for a in parser._actions if hasattr(a, "config_default")}
-    assert set(documented) == set(fields), "every config option is mapped to a config field, and only those"
-    causal_lm = PruneConfig(model="m", objective="causal-lm") if command == "prune" else None
+    causal_lm = PruneConfig(model="m", objective="causal-lm")
+    actions = {a.dest: a for a in parser._actions if hasattr(a, "config_default")}
+    assert set(actions) == set(fields), "every generated option is mapped to a config field, and only those"
     for dest, paths in fields.items():
+        action = actions[dest]
+        assert action.default is None, f"--{dest} must default to None (the config's default applies; replays)"
+        assert getattr(parser.parse_args(["--out", "o"]), dest) is None
+        shown = _shown_default(action)
         for path in paths:
-            expected = _at(causal_lm if path.startswith("lm.") else defaults, path)
-            shown = documented[dest]
             if dest == "model" and command == "prune":
-                continue  # required: no default
-            assert (tuple(shown) if isinstance(shown, list) else shown) == expected, f"--{dest} -> {path}"
-    for dest in fields:
-        assert getattr(parser.parse_args(["--out", "o"]), dest) is None, f"--{dest} must default to None for replays"
+                assert action.config_default is REQUIRED and "required" in shown
+                continue
+            expected = _at(causal_lm if path.startswith("lm.") else defaults, path)
+            value = action.config_default
+            assert (tuple(value) if isinstance(value, list) else value) == expected, f"--{dest} -> {path}"
+            forms = {shown_value(expected), f"{expected:g}" if isinstance(expected, float) else shown_value(expected)}
+            assert any(shown.startswith(form) for form in forms) or expected is None, f"--{dest}: {shown}"
+        if command == "prune" and paths[0].startswith("recovery.") and not isinstance(expected, bool):
+            assert f"causal-lm: {_at(causal_lm, path):g}" in shown, f"--{dest}: the causal-lm recipe beside it"
+    if command == "prune":  # an option that sets lm's field too shows lm's default beside it
+        assert f"causal-lm: {causal_lm.lm.calibration_batch_size}" in _shown_default(actions["calibration_batch_size"])
+
+
+@pytest.mark.parametrize(
+    ("owner", "table"),
+    [
+        ("cahp.train.loop:TrainingConfig", "TRAINING"),
+        ("cahp.train.finetune:TaskOptions", "TASK"),
+        ("cahp.train.finetune:FinetuneConfig", "FINETUNE"),
+        ("cahp.train.distill:RecoveryObjective", "RECOVERY_OBJECTIVE"),
+        ("cahp.workloads.causal_lm:LMOptions", "LM"),
+        ("cahp.pipeline:PruneConfig", "PRUNE"),
+    ],
+)
+def test_the_dataclass_fields_carry_their_specs(owner: str, table: str) -> None:
+    """Each option field is declared from its spec: the dataclass's default and metadata are the spec's."""
+    import importlib
+
+    import cahp.settings
+
+    module, _, name = owner.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    specs = getattr(cahp.settings, table)
+    assert specs.owner == name
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    assert set(specs) <= set(fields), f"specs of fields {name} does not have: {set(specs) - set(fields)}"
+    for field_name, spec in specs.items():
+        field = fields[field_name]
+        assert dict(field.metadata) == spec.metadata() and field.metadata["help"], field_name
+        expected = dataclasses.MISSING if spec.default is cahp.settings.REQUIRED else spec.default
+        assert field.default == expected, field_name
+
+
+def test_constants_the_specs_repeat_agree_with_the_library() -> None:
+    from cahp.data.lm import DEFAULT_CORPUS
+    from cahp.settings import LM, RECOVERY_OBJECTIVE, TASK
+    from cahp.train.distill import RECOVERY_LOSSES
+    from cahp.train.finetune import PROTOCOLS
+
+    assert LM["corpus"].default == DEFAULT_CORPUS
+    assert RECOVERY_OBJECTIVE["loss"].choices == RECOVERY_LOSSES and TASK["protocol"].choices == PROTOCOLS
+
+
+#: A few generated options as they must read: (command, flag) -> (dest, type, metavar, choices, help).
+EXPECTED_OPTIONS: dict[tuple[str, str], tuple[str, str | None, str | None, list[str] | None, str]] = {
+    ("finetune", "--lr"): ("learning_rate", "positive_float", "X", None, "peak learning rate (default: 2e-05)"),
+    ("finetune", "--epochs"): ("epochs", "positive_float", "X", None, "passes over the training split (default: 3.0)"),
+    ("finetune", "--group-by-length"): (
+        "group_by_length",
+        None,
+        None,
+        None,
+        "train on batches of similar length (shuffled): less padding, faster on CPU (default: False)",
+    ),
+    ("prune", "--recovery-epochs"): (
+        "recovery_epochs",
+        "non_negative_float",
+        "X",
+        None,
+        "passes over the training split (causal-lm: over the calibration blocks) (default: 3 (causal-lm: 0))",
+    ),
+    ("prune", "--recovery-batch-size"): (
+        "batch_size",
+        "positive_int",
+        "N",
+        None,
+        "examples per step (default: 32 (causal-lm: 4))",
+    ),
+    ("prune", "--kd-alpha"): ("kd_alpha", "unit_interval", "F", None, "kd: weight of the label loss (default: 0.5)"),
+    ("prune", "--protocol"): (
+        "protocol",
+        None,
+        None,
+        ["auto", "standard", "offline"],
+        "MNLI: standard (hub train split) or offline (train on validation_matched minus 10%%) (default: auto)",
+    ),
+    ("prune", "--prompted"): (
+        "prompted",
+        "task_names",
+        "A,B",
+        None,
+        "tasks (sst2, sst5, mnli) or none (default: sst2)",
+    ),
+    ("prune", "--budget"): (
+        "budget",
+        "budget_text",
+        "{auto,keep=K,sparsity=S}",
+        None,
+        "the budget as text, e.g. to replay a run with --budget auto (default: auto, see --keep)",
+    ),
+    ("prune", "--model"): (
+        "model",
+        None,
+        None,
+        None,
+        "the model: a fine-tuned classifier (classification) or a causal LM (causal-lm): folder, alias or hub id "
+        "(default: the --config file's; required without one)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("command", "flag"), list(EXPECTED_OPTIONS))
+def test_generated_options_read_as_committed(command: str, flag: str) -> None:
+    from cahp.commands import options
+
+    parser = _subparsers(build_parser())[command]
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    dest, type_name, metavar, choices, help_text = EXPECTED_OPTIONS[command, flag]
+    assert action.type is (None if type_name is None else options.ARGUMENT_TYPES[type_name])
+    assert (action.dest, action.metavar, action.choices, action.help) == (dest, metavar, choices, help_text)
+
+
+# ---- method settings as generated options ---------------------------------------------------------------------------
+
+
+def test_a_method_setting_option_goes_to_its_method_only() -> None:
+    parser = build_parser()
+    common = ["prune", "--model", "m", "--out", "o", "--keep", "4"]
+    fisher = prune_config(parser.parse_args([*common, "--method", "fisher", "--fisher-max-examples", "8"]))
+    assert fisher.method_settings == {"max_examples": 8}
+    with pytest.raises(UsageError, match=r"--fisher-max-examples is a setting of method fisher.*--method fisher"):
+        prune_config(parser.parse_args([*common, "--method", "magnitude", "--fisher-max-examples", "8"]))
+    with pytest.raises(UsageError, match="method fisher"):  # the default method is cahp
+        prune_config(parser.parse_args(["prune", "--model", "m", "--out", "o", "--fisher-max-examples", "8"]))
+    l0 = prune_config(
+        parser.parse_args([*common, "--method", "l0", "--l0-steps", "40", "--method-setting", "penalty=0.5"])
+    )
+    assert l0.method_settings == {"steps": 40, "penalty": 0.5}
+    entropy = prune_config(parser.parse_args([*common, "--method", "entropy", "--no-entropy-focused-is-important"]))
+    assert entropy.method_settings == {"focused_is_important": False}
+    cahp_run = prune_config(parser.parse_args(["prune", "--model", "m", "--out", "o", "--cahp-converge-tol", "0.01"]))
+    assert cahp_run.method_settings == {"converge_tol": 0.01}, "a null default reads JSON"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--method", "fisher", "--fisher-max-examples", "many"])
+
+
+def test_a_plugin_method_with_a_card_gets_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cahp.methods.base as registry
+
+    (tmp_path / "cahp_flagged_plugin.py").write_text(
+        "from cahp.scoring import HeadScorer\n"
+        "METHOD_CARD = {'class': 'Flagged', 'kind': 'scorer', 'settings': "
+        "{'steps': 5, 'scale': 0.5, 'fast': True, 'mode': 'a', 'layers': [0], 'extra': None}}\n"
+        "class Flagged(HeadScorer):\n"
+        '    """A scorer with settings.\n\n    Args:\n        steps: how many steps, at most 100%.\n    """\n'
+        "    def __init__(self, steps=5, scale=0.5, fast=True, mode='a', layers=(0,), extra=None):\n"
+        "        super().__init__()\n"
+    )
+    info = tmp_path / "cahp_flagged_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cahp-flagged-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[cahp.methods]\nflagged = cahp_flagged_plugin:Flagged\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_declared", None)
+    monkeypatch.setattr(registry, "_cards", {})
+    monkeypatch.setattr(registry, "_failed", set())
+
+    parser = build_parser()
+    prune_parser = _subparsers(parser)["prune"]
+    assert "cahp_flagged_plugin" not in sys.modules, "its options come from its card"
+    group = next(g for g in prune_parser._action_groups if g.title == "settings of flagged")
+    flags = {a.option_strings[0]: a for a in group._group_actions}
+    assert set(flags) == {f"--flagged-{name}" for name in ("steps", "scale", "fast", "mode", "layers", "extra")}
+    assert flags["--flagged-steps"].help == "how many steps, at most 100%%. (default: 5)"
+    args = [
+        *["prune", "--model", "m", "--out", "o", "--method", "flagged", "--flagged-steps", "7", "--flagged-scale"],
+        *["2", "--no-flagged-fast", "--flagged-mode", "b", "--flagged-layers", "[1, 2]", "--flagged-extra", "x"],
+    ]
+    config = prune_config(parser.parse_args(args))
+    assert config.method_settings == {
+        "steps": 7,
+        "scale": 2.0,
+        "fast": False,
+        "mode": "b",
+        "layers": [1, 2],
+        "extra": "x",
+    }
+    assert "settings of flagged" in prune_parser.format_help()
+    sys.modules.pop("cahp_flagged_plugin", None)
 
 
 def test_no_flags_give_the_config_defaults() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -103,7 +104,7 @@ class ArchitectureAdapter:
 
     def layer_modules(self, model: PreTrainedModel) -> list[nn.Module]:
         """The transformer layers, in order."""
-        return list(model.base_model.get_submodule(self.layers))
+        return list(cast(nn.ModuleList, model.base_model.get_submodule(self.layers)))
 
     def num_layers(self, model: PreTrainedModel) -> int:
         """Number of transformer layers."""

@@ -30,7 +30,7 @@ previous-layer head of lowest mean JS divergence. KL adds :data:`DIVERGENCE_EPSI
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
 from cahp.errors import CahpError
-from cahp.evaluation.metrics import model_device
+from cahp.runtime import model_device
 from cahp.scoring.base import HeadScorer
 from cahp.signatures.resize import DEFAULT_SIZE, resize_attention_maps
 from cahp.signatures.stats import StreamingMoments
@@ -379,7 +379,7 @@ class HeadAnalysis:
     @property
     def grid(self) -> tuple[int, int]:
         """``(layers, heads)``."""
-        return self.sink_score.shape  # type: ignore[return-value]
+        return self.sink_score.shape
 
     @property
     def is_sink(self) -> np.ndarray:
@@ -527,7 +527,7 @@ def analyze_heads(
         special = state.get("special")
         return mask, special if special is not None else torch.zeros_like(mask, dtype=torch.bool)
 
-    def attention_hook(layer: int):  # type: ignore[no-untyped-def]
+    def attention_hook(layer: int) -> Callable[[torch.nn.Module, Any, Any], None]:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             maps = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if maps is None:
@@ -546,7 +546,7 @@ def analyze_heads(
 
         return hook
 
-    def output_hook(layer: int):  # type: ignore[no-untyped-def]
+    def output_hook(layer: int) -> Callable[[torch.nn.Module, Any], None]:
         def hook(module: torch.nn.Module, args: Any) -> None:
             context = args[0]
             mask, _ = masks(context.shape[1], context.shape[0])

@@ -411,7 +411,7 @@ class _Bench:
 
     # ---- cells -------------------------------------------------------------------------------------------
 
-    def run_cell(self, method: str, seed: int, budget: Budget_, dense: dict[str, Any]) -> dict[str, Any]:
+    def run_cell(self, method: str, seed: int, budget: Budget_, dense: dict[str, Any] | None) -> dict[str, Any]:
         """One cell: the method's plan at ``budget`` in ``seed``, then the run (:func:`cahp.run.execute`);
         ``dense`` is the unpruned model's evaluation (computed once per grid)."""
         start = time.perf_counter()
@@ -423,7 +423,9 @@ class _Bench:
         after_pruning = self._results(outcome.quality["pruned"]) if outcome.quality["pruned"] is not None else None
         recovered = outcome.quality["recovered"]
         after_recovery = self._results(recovered) if recovered is not None else after_pruning
-        teacher = {key: recovery_run[key] for key in ("teacher_seconds", "teacher_forwards") if key in recovery_run}
+        teacher: dict[str, Any] = {
+            key: recovery_run[key] for key in ("teacher_seconds", "teacher_forwards") if key in recovery_run
+        }
         if teacher and self.config.objective == "classification":
             teacher["shared_setup"] = recovery_run.get("shared_setup", getattr(self.work, "distillation_setup", {}))
         record = plan.to_dict()

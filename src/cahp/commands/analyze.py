@@ -41,7 +41,39 @@ def add_parser(sub: Any) -> None:
         help="also fit CAHP on the same examples and record each head's cluster and whether CAHP keeps it",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--objective",
+        default="classification",
+        choices=["classification", "causal-lm"],
+        help="classification: the examples of --task; causal-lm: a decoder LLM on blocks of --corpus (--cahp "
+        "needs classes: classification only)",
+    )
     add_task_arguments(parser)
+    from cahp.commands.options import config_option
+    from cahp.settings import LM
+
+    text = parser.add_argument_group("causal-lm: the calibration blocks (also --data-dir)")
+    for name in ("corpus", "corpus_column", "context_length", "stride", "calibration_blocks"):
+        config_option(text, LM[name], name)
+
+
+#: The causal-lm text options of ``cahp analyze`` (``LMOptions`` fields).
+LM_TEXT = ("corpus", "corpus_column", "context_length", "stride", "calibration_blocks", "data_dir")
+
+
+def lm_options(args: argparse.Namespace) -> Any:
+    """The causal-lm text settings of ``cahp analyze``: the given options; no prompted tasks, one evaluation
+    block (the analysis reads the calibration blocks only)."""
+    from cahp.commands.options import UsageError
+    from cahp.workloads.causal_lm import LMOptions
+
+    given = {name: getattr(args, name) for name in LM_TEXT if getattr(args, name, None) is not None}
+    if args.objective != "causal-lm":
+        stray = [f"--{name.replace('_', '-')}" for name in given if name != "data_dir"]
+        if stray:
+            raise UsageError(f"{', '.join(stray)} set the causal-lm objective's text; add --objective causal-lm")
+        return None
+    return LMOptions(**given, prompted=(), eval_blocks=1)
 
 
 def check_output(out: str, overwrite: bool) -> Path:
@@ -69,10 +101,13 @@ def run(args: argparse.Namespace) -> int:
     from cahp.analysis.run import analyze, summary
     from cahp.reporting.html_report import analysis_html_path
 
+    lm = lm_options(args)
     payload = analyze(
         args.model,
         task_options(args),
         args.out,
+        objective=args.objective,
+        lm=lm,
         calibration_size=args.calibration_size,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -16,14 +16,11 @@ from cahp.commands.options import (
     add_training_arguments,
     apply_options,
     check_output_folder,
-    comma_list,
     command_line,
-    option,
-    positive_float,
+    config_option,
     read_config,
-    seed_value,
-    subset_option,
 )
+from cahp.settings import FINETUNE, TRAINING
 
 if TYPE_CHECKING:
     from cahp.train.finetune import FinetuneConfig
@@ -45,27 +42,15 @@ def add_parser(sub: Any) -> None:
     """Add ``cahp finetune`` to the subcommands ``sub``."""
     parser = add_command_parser(sub, "finetune", "fine-tune a model on a task (the starting point of pruning)")
     add_config_file_argument(parser, "finetune")
-    option(parser, "--model", default="minilm-l6", help="alias (`cahp models`), local folder or hub id")
+    config_option(parser, FINETUNE["model"], "model")
     add_output_arguments(parser)
-    subset_option(parser, "--max-train-examples", "train on a seeded stratified subset of the training split")
-    option(
-        parser,
-        "--eval-splits",
-        default=["validation", "test"],
-        type=comma_list,
-        help="splits evaluated after training, comma-separated",
-    )
+    for name in ("max_train_examples", "eval_splits"):
+        config_option(parser, FINETUNE[name], name)
     add_task_arguments(parser)
     group = parser.add_argument_group("training")
-    option(group, "--epochs", default=3.0, type=positive_float, help="passes over the training split")
-    option(group, "--learning-rate", "--lr", default=2e-5, type=positive_float, help="peak learning rate")
-    option(
-        group,
-        "--seed",
-        default=42,
-        type=seed_value,
-        help="seeds the subset, the shuffling and the initialisation",
-    )
+    config_option(group, TRAINING["epochs"], "epochs", argument_type="positive_float")  # fine-tuning needs some
+    for name in ("learning_rate", "seed"):
+        config_option(group, TRAINING[name], name)
     add_training_arguments(group)
 
 

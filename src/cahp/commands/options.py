@@ -3,8 +3,10 @@ task and training argument groups, and the steps from parsed arguments to a conf
 
 Standard library only at the top (like every command module): building the parser imports nothing heavy.
 
-Options that map to a config field default to ``None`` in the parser, so that a replay (``--config FILE``) can
-tell a flag that was given from one that was not; the help shows the config's default (:func:`option`).
+Options that map to a config field are generated from the field's :class:`~cahp.settings.FieldSpec` (its default,
+help, flags and type: :func:`config_option`), the way ``transformers.HfArgumentParser`` builds options from dataclass
+fields, so a default is written once. They default to ``None`` in the parser, so that a replay (``--config FILE``)
+can tell a flag that was given from one that was not; the help shows the config's default.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from cahp.errors import CahpError
+from cahp.settings import TASK, TRAINING, FieldSpec
 
 Config = TypeVar("Config")
 
@@ -38,6 +41,33 @@ class Parser(argparse.ArgumentParser):
 
     Under ``torchrun`` only the first process prints it; every process exits with status 2.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def defer(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        """Call ``add(self)`` before this parser is first used (parsing, help, usage), not while it is built: for
+        options read from somewhere slower than the parser itself (the method registry)."""
+        self._deferred.append(add)
+
+    def complete(self) -> Parser:
+        """Add the deferred options now (they are added on first use anyway); returns self."""
+        while self._deferred:
+            self._deferred.pop(0)(self)
+        return self
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:  # argparse's own signature, overloaded
+        self.complete()
+        return super().parse_known_args(*args, **kwargs)
+
+    def format_usage(self) -> str:
+        self.complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.complete()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n" if first_process() else None)
@@ -108,6 +138,34 @@ def budget_text(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def task_names(text: str) -> list[str]:
+    """``"sst2,mnli"`` -> ``["sst2", "mnli"]``; ``"none"`` -> ``[]``."""
+    return [] if text.strip().lower() == "none" else comma_list(text)
+
+
+def batch_sizes(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]`` (positive whole numbers)."""
+    return [positive_int(item) for item in comma_list(text)]
+
+
+#: The argument types a :class:`~cahp.settings.FieldSpec` names, by name.
+ARGUMENT_TYPES: dict[str, Callable[[str], Any]] = {
+    "positive_int": positive_int,
+    "class_count": class_count,
+    "seed_value": seed_value,
+    "positive_float": positive_float,
+    "non_negative_float": non_negative_float,
+    "open_fraction": open_fraction,
+    "fraction_up_to_one": fraction_up_to_one,
+    "fraction_below_one": fraction_below_one,
+    "unit_interval": unit_interval,
+    "comma_list": comma_list,
+    "task_names": task_names,
+    "batch_sizes": batch_sizes,
+    "budget_text": budget_text,
+}
+
+
 # ---- options that map to config fields -------------------------------------------------------------------------
 
 
@@ -121,37 +179,69 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_command_parser(sub: Any, name: str, about: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """The parser of ``cahp NAME`` (``about``: its one-line help and description)."""
-    parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=about, description=about, formatter_class=HelpFormatter, **kwargs
-    )
+def add_command_parser(sub: Any, name: str, about: str, **kwargs: Any) -> Parser:
+    """The parser of ``cahp NAME`` (``about``: its one-line help and description; a :class:`Parser`, the class of
+    the ``cahp`` parser that ``sub`` belongs to)."""
+    parser = sub.add_parser(name, help=about, description=about, formatter_class=HelpFormatter, **kwargs)
+    assert isinstance(parser, Parser)
     return parser
 
 
-def option(
-    group: Any, *flags: str, default: Any, help: str, shown: str | None = None, **kwargs: Any
+#: ``config_option``'s ``default`` when not given: the field's own.
+_FIELD_DEFAULT: Any = object()
+
+
+def shown_value(value: Any) -> str:
+    """A default as the help shows it: ``("validation", "test")`` -> ``validation,test``."""
+    return ",".join(str(item) for item in value) if isinstance(value, list | tuple) else str(value)
+
+
+def config_option(
+    group: Any,
+    spec: FieldSpec,
+    name: str,
+    *,
+    default: Any = _FIELD_DEFAULT,
+    flags: Sequence[str] = (),
+    help: str | None = None,
+    argument_type: str | None = None,
+    shown: str | None = None,
 ) -> argparse.Action:
-    """An option that sets a config field: parsed with default ``None`` (not given: the config keeps its value),
-    documented with the config's ``default`` (or the text ``shown``). The default is kept on the action as
-    ``config_default`` so a test can check it against the config dataclass."""
+    """The option of the config field ``name``, generated from its ``spec``: parsed with default ``None`` (not given:
+    the config keeps its value), documented with the config's default.
+
+    Args:
+        group: the parser or argument group it joins.
+        spec: the field's spec (:mod:`cahp.settings`): help, default, flags (else ``--name-with-dashes``), type,
+            metavar, choices; a ``bool`` default without a type gives ``--name`` / ``--no-name`` (the second
+            overrides a replayed ``true``).
+        name: the field's name.
+        default: the value the config takes when the option is not given, where it is not the field's own (a
+            nested config's or a recipe's).
+        flags, help, argument_type: the option's names, help and type (an :data:`ARGUMENT_TYPES` name) where this
+            command reads the field otherwise.
+        shown: the text of ``(default: ...)`` (else the spec's ``shown``, else the value).
+
+    The default is kept on the action as ``config_default`` (a test checks it against the config dataclasses).
+    """
+    value = spec.default if default is _FIELD_DEFAULT else default
     if shown is None:
-        shown = ",".join(default) if isinstance(default, list | tuple) else str(default)
-    if "metavar" not in kwargs and kwargs.get("type") in METAVARS:
-        kwargs["metavar"] = METAVARS[kwargs["type"]]
-    action: argparse.Action = group.add_argument(*flags, default=None, help=f"{help} (default: {shown})", **kwargs)
-    action.config_default = default  # type: ignore[attr-defined]
+        shown = spec.shown.format(default=shown_value(value)) if spec.shown else shown_value(value)
+    kwargs: dict[str, Any] = {}
+    if (argument_type := argument_type or spec.type) is not None:
+        kwargs["type"] = ARGUMENT_TYPES[argument_type]
+    elif isinstance(value, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    metavar = spec.metavar or (METAVARS.get(kwargs["type"]) if "type" in kwargs else None)
+    if metavar is not None:
+        kwargs["metavar"] = metavar
+    if spec.choices is not None:
+        kwargs["choices"] = list(spec.choices)
+    text = (help or spec.help).replace("%", "%%")  # argparse formats the help with %
+    names = tuple(flags) or spec.flags or (f"--{name.replace('_', '-')}",)
+    action: argparse.Action = group.add_argument(*names, default=None, help=f"{text} (default: {shown})", **kwargs)
+    action.config_default = value  # type: ignore[attr-defined]
     return action
-
-
-def subset_option(group: Any, flag: str, help: str) -> argparse.Action:
-    """A number of examples to subsample to (a config field whose default ``None`` is the whole split)."""
-    return option(group, flag, default=None, type=positive_int, shown="the whole split", help=help)
-
-
-def flag(group: Any, *flags: str, default: bool, help: str) -> argparse.Action:
-    """A yes/no config field: ``--name`` / ``--no-name`` (the second overrides a replayed ``true``)."""
-    return option(group, *flags, default=default, help=help, action=argparse.BooleanOptionalAction)
 
 
 #: Options named as the TaskOptions field they set (shared by finetune, prune, evaluate and analyze).
@@ -185,92 +275,41 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``task and data`` group: the options of :data:`TASK_FIELDS`."""
     group = parser.add_argument_group("task and data")
-    option(group, "--task", default="sst5", help="sst5, sst2, mnli, a local folder or a hub dataset id")
-    option(
-        group,
-        "--data-dir",
-        default=None,
-        shown="$CAHP_DATA_DIR, else the hub",
-        help="folder holding <task>/<split>.jsonl.gz",
-    )
-    option(
-        group,
-        "--protocol",
-        default="auto",
-        choices=["auto", "standard", "offline"],
-        help="MNLI: standard (hub train split) or offline (train on validation_matched minus 10%%)",
-    )
-    option(
-        group,
-        "--text-columns",
-        default=None,
-        type=comma_list,
-        shown="the task's",
-        help="comma-separated text columns, e.g. premise,hypothesis",
-    )
-    option(group, "--label-column", default="label", help="the column of the labels")
-    option(
-        group,
-        "--num-labels",
-        default=None,
-        type=class_count,
-        shown="the largest label + 1",
-        help="number of classes, for integer labels",
-    )
-    option(group, "--max-length", default=128, type=positive_int, help="tokens per example")
+    for name in TASK_FIELDS:
+        config_option(group, TASK[name], name)
 
 
-def add_training_arguments(group: Any, *, group_by_length: bool = False, recovery: bool = False) -> None:
-    """The training options finetune and prune's recovery share (each adds its own epochs and learning rate;
-    ``group_by_length``: the config's default; ``recovery``: prune's, whose defaults are the objective's recipe,
-    with ``--recovery-batch-size`` as a second name of ``--batch-size``)."""
-    lm = _causal_lm_recovery() if recovery else None
-
-    def shown(name: str, value: Any) -> str | None:
-        return None if lm is None else f"{value:g} (causal-lm: {getattr(lm, name):g})"
-
-    batch_flags = ("--batch-size", "--recovery-batch-size") if recovery else ("--batch-size",)
-    option(group, *batch_flags, default=32, type=positive_int, shown=shown("batch_size", 32), help="examples per step")
-    option(
-        group,
-        "--warmup-ratio",
-        default=0.1,
-        type=fraction_below_one,
-        shown=shown("warmup_ratio", 0.1),
-        help="share of steps of linear warm-up",
-    )
-    option(
-        group,
-        "--weight-decay",
-        default=0.01,
-        type=non_negative_float,
-        shown=shown("weight_decay", 0.01),
-        help="AdamW weight decay",
-    )
-    option(
-        group,
-        "--checkpoint-every",
-        default=200,
-        type=positive_int,
-        shown=shown("checkpoint_every", 200),
-        help="steps between resume checkpoints",
-    )
-    flag(
-        group,
-        "--group-by-length",
-        default=group_by_length,
-        help="train on batches of similar length (shuffled): less padding, faster on CPU"
-        + (" (causal-lm: blocks have one length)" if recovery else ""),
-    )
-
-
-def _causal_lm_recovery() -> Any:
-    """The causal-lm recovery recipe, for the help text (read without importing torch)."""
-    from types import SimpleNamespace
-
+def recovery_default(objective: str, name: str) -> Any:
+    """The recovery's ``name`` setting when a ``cahp prune`` config gives no recovery: the objective's recipe
+    (:data:`cahp.workloads.RECOVERY_RECIPES`, plain values: read without importing torch), else the field's."""
     from cahp.workloads import RECOVERY_RECIPES
 
-    return SimpleNamespace(**RECOVERY_RECIPES["causal-lm"])
+    return RECOVERY_RECIPES[objective].get(name, TRAINING[name].default)
+
+
+def recovery_option(group: Any, name: str, **kwargs: Any) -> argparse.Action:
+    """A ``cahp prune`` recovery option (``TrainingConfig`` field ``name``): its default is the classification
+    recipe's, and the help shows the causal-lm recipe's beside it."""
+    value = recovery_default("classification", name)
+    if not isinstance(value, bool):
+        kwargs.setdefault("shown", f"{value:g} (causal-lm: {recovery_default('causal-lm', name):g})")
+    return config_option(group, TRAINING[name], name, default=value, **kwargs)
+
+
+def add_training_arguments(group: Any, *, recovery: bool = False) -> None:
+    """The training options finetune and prune's recovery share (each adds its own epochs and learning rate;
+    ``recovery``: prune's, whose defaults are the objective's recipe, with ``--recovery-batch-size`` as a second
+    name of ``--batch-size``)."""
+    if not recovery:
+        for name in TRAINING_FIELDS:
+            config_option(group, TRAINING[name], name)
+        return
+    recovery_option(group, "batch_size", flags=("--batch-size", "--recovery-batch-size"))
+    for name in ("warmup_ratio", "weight_decay", "checkpoint_every"):
+        recovery_option(group, name)
+    recovery_option(
+        group, "group_by_length", help=f"{TRAINING['group_by_length'].help} (causal-lm: blocks have one length)"
+    )
 
 
 # ---- from arguments to configs ----------------------------------------------------------------------------------

@@ -28,23 +28,18 @@ from cahp.commands.options import (
     add_task_arguments,
     add_training_arguments,
     apply_options,
-    budget_text,
     check_output_folder,
-    comma_list,
     command_line,
+    config_option,
     first_process,
-    flag,
     fraction_up_to_one,
     non_negative_float,
     open_fraction,
-    option,
-    positive_float,
     positive_int,
     read_config,
-    seed_value,
-    subset_option,
-    unit_interval,
+    recovery_option,
 )
+from cahp.settings import LM, PRUNE, PRUNE_RECOVERY_OBJECTIVE, RECOVERY_OBJECTIVE, REQUIRED
 
 if TYPE_CHECKING:
     from cahp.pipeline import PruneConfig
@@ -63,12 +58,13 @@ LM_FIELDS: dict[str, tuple[str, ...]] = {
 SHARED_LM_FIELDS: dict[str, str] = {"data_dir": "lm.data_dir", "calibration_batch_size": "lm.calibration_batch_size"}
 
 
-#: ``cahp prune``: option dest -> dotted path(s) in PruneConfig. The budget, ``--method-setting`` and the
-#: method-setting shortcuts are merged separately (:func:`prune_config`).
+#: ``cahp prune``: option dest -> dotted path(s) in PruneConfig. ``--keep`` / ``--sparsity``, ``--method-setting``,
+#: the method-setting shortcuts and the generated method-setting options are merged separately (:func:`prune_config`).
 PRUNE_FIELDS: dict[str, tuple[str, ...]] = {
     "model": ("model",),
     "objective": ("objective",),
     "method": ("method",),
+    "budget": ("budget",),
     "allow_empty_layers": ("allow_empty_layers",),
     "uniform_layers": ("uniform_layers",),
     "gqa_mode": ("gqa_mode",),
@@ -126,21 +122,8 @@ def add_parser(sub: Any) -> None:
         help="with --config: refuse to replay when the model's weights differ from the ones the run recorded "
         "(default: say so in one line and prune it anyway)",
     )
-    option(
-        parser,
-        "--model",
-        default=None,
-        shown="the --config file's; required without one",
-        help="the model: a fine-tuned classifier (classification) or a causal LM (causal-lm): folder, alias or hub id",
-    )
-    option(
-        parser,
-        "--objective",
-        default="classification",
-        shown="classification; `cahp prune-lm` is `cahp prune --objective causal-lm`",
-        help="the workload: classification (a fine-tuned classifier on --task), causal-lm (a decoder LLM on its "
-        "language-modelling loss over --corpus), or a registered third-party workload",
-    )
+    for name in ("model", "objective"):
+        config_option(parser, PRUNE[name], name)
     add_output_arguments(parser)
     _add_method_arguments(parser)
     _add_budget_arguments(parser)
@@ -148,30 +131,16 @@ def add_parser(sub: Any) -> None:
     _add_recovery_arguments(parser)
 
     report = parser.add_argument_group("evaluation and latency")
-    option(
-        report,
-        "--eval-splits",
-        default=["validation", "test"],
-        type=comma_list,
-        help="splits evaluated before pruning, after pruning and after recovery, comma-separated",
-    )
-    subset_option(report, "--eval-max-examples", "evaluate on a seeded stratified subset of each split")
-    option(report, "--latency-batch-size", default=32, type=positive_int, help="batch of the latency measurement")
-    option(report, "--latency-seq-len", default=128, type=positive_int, help="tokens per sequence, latency")
-    option(report, "--latency-repeats", default=10, type=positive_int, help="timed repeats of every speed measurement")
+    for name in ("eval_splits", "eval_max_examples", "latency_batch_size", "latency_seq_len", "latency_repeats"):
+        config_option(report, PRUNE[name], name)
     add_task_arguments(parser)
     _add_lm_arguments(parser)
+    parser.defer(add_method_setting_arguments)  # reads the method registry: only when `cahp prune` is used
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     method = parser.add_argument_group("method")
-    option(
-        method,
-        "--method",
-        default="cahp",
-        help="any registered method (`cahp methods` lists them); replaying a run with another method drops "
-        "the run's method settings",
-    )
+    config_option(method, PRUNE["method"], "method")
     method.add_argument(
         "--method-setting",
         "--scorer-setting",
@@ -182,32 +151,23 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="a setting of the method, repeatable (e.g. --method-setting steps=400); VALUE is read as JSON when "
         "it parses (numbers, true/false, null, objects), else as text (default: the method's own settings)",
     )
-    option(
-        method,
-        "--seed",
-        default=42,
-        type=seed_value,
-        help="seeds the method, the calibration subset and the recovery fine-tune",
-    )
-    subset_option(method, "--calibration-size", "examples of the calibration split (a seeded class-stratified subset)")
-    option(
-        method,
-        "--calibration-batch-size",
-        default=32,
-        type=positive_int,
-        help="calibration examples per batch, for methods that do not set their own",
-    )
+    for name in ("seed", "calibration_size"):
+        config_option(method, PRUNE[name], name)
+    lm_batch = LM["calibration_batch_size"].default  # the option sets lm's on causal-lm (SHARED_LM_FIELDS)
+    shown = f"{PRUNE['calibration_batch_size'].default} (causal-lm: {lm_batch})"
+    config_option(method, PRUNE["calibration_batch_size"], "calibration_batch_size", shown=shown)
 
 
 def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_argument_group("budget and constraints")
     exclusive = budget.add_mutually_exclusive_group()
+    auto = PRUNE["budget"].default
     exclusive.add_argument(
         "--keep",
         type=positive_int,
         default=None,
         metavar="K",
-        help="keep K heads in all (default: auto, the method finds its own count; methods without one need "
+        help=f"keep K heads in all (default: {auto}, the method finds its own count; methods without one need "
         "--keep or --sparsity)",
     )
     exclusive.add_argument(
@@ -215,24 +175,11 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         type=open_fraction,
         default=None,
         metavar="S",
-        help="remove this share of the heads, strictly between 0 and 1 (default: auto, see --keep)",
+        help=f"remove this share of the heads, strictly between 0 and 1 (default: {auto}, see --keep)",
     )
-    exclusive.add_argument(
-        "--budget",
-        type=budget_text,
-        default=None,
-        metavar="{auto,keep=K,sparsity=S}",
-        help="the budget as text, e.g. to replay a run with --budget auto (default: auto, see --keep)",
-    )
-    flag(budget, "--allow-empty-layers", default=False, help="a layer may lose every head")
-    flag(budget, "--uniform-layers", default=False, help="keep the same number of heads in every layer")
-    option(
-        budget,
-        "--gqa-mode",
-        default="groups",
-        choices=["groups", "uniform"],
-        help="grouped-query attention: remove whole key-value groups, or the same number of query heads in every group",
-    )
+    config_option(exclusive, PRUNE["budget"], "budget")
+    for name in ("allow_empty_layers", "uniform_layers", "gqa_mode"):
+        config_option(budget, PRUNE[name], name)
 
 
 def _add_shortcut_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,112 +257,126 @@ def _add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery = parser.add_argument_group(
         "recovery fine-tune (--recovery-epochs 0: retraining-free; defaults: the objective's recipe)"
     )
-    option(
+    recovery_option(
         recovery,
-        "--recovery-epochs",
-        default=3.0,
-        shown="3 (causal-lm: 0)",
-        type=non_negative_float,
+        "epochs",
+        flags=("--recovery-epochs",),
         help="passes over the training split (causal-lm: over the calibration blocks)",
     )
-    option(
-        recovery,
-        "--recovery-learning-rate",
-        default=2e-5,
-        shown="2e-05 (causal-lm: 5e-05)",
-        type=positive_float,
-        help="peak learning rate",
-    )
-    subset_option(recovery, "--recovery-max-examples", "recover on a seeded stratified subset of the training split")
-    add_training_arguments(recovery, group_by_length=True, recovery=True)
-    option(
-        recovery,
-        "--recovery-lora-rank",
-        default=None,
-        type=positive_int,
-        metavar="R",
-        shown="none: every weight trains",
-        help="train rank-R LoRA adapters on the attention and MLP projections instead, merged before saving "
-        "(needs pip install 'cahp[lora]')",
-    )
-    option(
-        recovery,
-        "--recovery-loss",
-        default="kd",
-        choices=["ce", "kd", "kd-relations"],
-        help="ce: the task's own loss (cross-entropy on the labels; causal-lm: on the next tokens); kd: plus "
-        "distillation of the unpruned model's logits; kd-relations: plus its q/k/v self-attention relations "
-        "(causal on causal-lm) (docs/recovery.md)",
-    )
-    option(recovery, "--kd-temperature", default=2.0, type=positive_float, help="kd: softening temperature")
-    option(recovery, "--kd-alpha", default=0.5, type=unit_interval, help="kd: weight of the label loss")
-    option(recovery, "--relation-heads", default=8, type=positive_int, help="kd-relations: relation heads per layer")
-    option(recovery, "--relation-layers", default="all", help="kd-relations: all, last, or layer numbers like 4,5")
-    option(recovery, "--relation-weight", default=1.0, type=non_negative_float, help="kd-relations: its weight")
-    option(
-        recovery,
-        "--hidden-weight",
-        default=0.0,
-        type=non_negative_float,
-        help="kd-relations: weight of hidden-state matching (0: off)",
-    )
-
-
-def _task_names(text: str) -> list[str]:
-    """``"sst2,mnli"`` -> ``["sst2", "mnli"]``; ``"none"`` -> ``[]``."""
-    return [] if text.strip().lower() == "none" else comma_list(text)
-
-
-def _batch_sizes(text: str) -> list[int]:
-    """``"1,8"`` -> ``[1, 8]`` (positive whole numbers)."""
-    return [positive_int(item) for item in comma_list(text)]
+    recovery_option(recovery, "learning_rate", flags=("--recovery-learning-rate",))
+    config_option(recovery, PRUNE["recovery_max_examples"], "recovery_max_examples")
+    add_training_arguments(recovery, recovery=True)
+    config_option(recovery, PRUNE["recovery_lora_rank"], "recovery_lora_rank")
+    objective = {**RECOVERY_OBJECTIVE.defaults(), **PRUNE_RECOVERY_OBJECTIVE}  # PruneConfig's recovery_objective
+    for name, spec in RECOVERY_OBJECTIVE.items():
+        config_option(recovery, spec, name, default=objective[name])
 
 
 def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
     """The causal-lm objective's text, prompted tasks and generation measurements (``PruneConfig.lm``)."""
-    data = parser.add_argument_group("causal-lm: language-modelling data (also --data-dir, --calibration-batch-size)")
-    option(
-        data,
-        "--corpus",
-        default="mnli-premises",
-        help="mnli-premises (offline stand-in for WikiText), a .txt/.jsonl/.csv/.tsv file (.gz too), or a hub "
-        "dataset like wikitext:wikitext-2-raw-v1",
-    )
-    option(data, "--corpus-column", default=None, shown="text", help="text column of a record file or hub dataset")
-    option(data, "--context-length", default=256, type=positive_int, help="tokens per block")
-    option(data, "--stride", default=None, type=positive_int, shown="the context length", help="tokens between blocks")
-    option(data, "--calibration-blocks", default=32, type=positive_int, help="calibration blocks (and recovery data)")
-    option(data, "--eval-blocks", default=32, type=positive_int, help="perplexity blocks")
-    option(data, "--eval-batch-size", default=8, type=positive_int, help="blocks per perplexity forward")
+    groups = {
+        "causal-lm: language-modelling data (also --data-dir, --calibration-batch-size)": (
+            "corpus", "corpus_column", "context_length", "stride", "calibration_blocks", "eval_blocks",
+            "eval_batch_size",
+        ),
+        "causal-lm: zero-shot prompted classification": (
+            "prompted", "prompted_split", "prompted_examples", "prompted_batch_size",
+        ),
+        "causal-lm: generation measurements (and --latency-repeats)": (
+            "continuation_tokens", "generation_batch_sizes", "prompt_tokens", "new_tokens",
+        ),
+    }  # fmt: skip
+    for title, names in groups.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            config_option(group, LM[name], name)
 
-    prompted = parser.add_argument_group("causal-lm: zero-shot prompted classification")
-    option(
-        prompted,
-        "--prompted",
-        default=["sst2"],
-        type=_task_names,
-        metavar="A,B",
-        help="tasks (sst2, sst5, mnli) or none",
-    )
-    option(prompted, "--prompted-split", default="validation", help="the split evaluated")
-    option(
-        prompted, "--prompted-examples", default=200, type=positive_int, help="a seeded stratified subset of the split"
-    )
-    option(prompted, "--prompted-batch-size", default=16, type=positive_int, help="prompts per forward")
 
-    measure = parser.add_argument_group("causal-lm: generation measurements (and --latency-repeats)")
-    option(measure, "--continuation-tokens", default=16, type=positive_int, help="tokens of each greedy continuation")
-    option(
-        measure,
-        "--generation-batch-sizes",
-        default=[1, 8],
-        shown="1,8",
-        type=_batch_sizes,
-        metavar="A,B",
-        help="batch sizes of the prefill and generation timing",
-    )
-    option(measure, "--prompt-tokens", default=128, type=positive_int, help="prompt tokens, prefill and generation")
-    option(measure, "--new-tokens", default=32, type=positive_int, help="tokens generated per prompt, timing")
+# ---- the method-setting options, generated from the registry ----------------------------------------------------
+
+#: The dest of a generated method-setting option: this prefix, the method, ``:``, the setting.
+METHOD_SETTING_DEST = "method_setting:"
+
+
+def method_setting_flag(method: str, setting: str) -> str:
+    """The option of ``method``'s ``setting``: ``--fisher-max-examples``."""
+    return f"--{method}-{setting.replace('_', '-')}"
+
+
+def json_value(text: str) -> Any:
+    """A JSON value (an object or a list)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"must be JSON, got {text!r}") from None
+
+
+def json_or_text(text: str) -> Any:
+    """JSON when it parses (numbers, true/false, null, objects), else the text (as ``--method-setting`` reads it)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _setting_kind(default: Any) -> dict[str, Any]:
+    """How an option reads a setting whose default is ``default``: by its type (a ``bool``: ``--x`` / ``--no-x``),
+    JSON for objects and lists, JSON or text where the default (``None``, or none) says nothing."""
+    if isinstance(default, bool):
+        return {"action": argparse.BooleanOptionalAction}
+    for kind, metavar in ((int, "N"), (float, "X"), (str, "TEXT")):
+        if isinstance(default, kind):
+            return {"type": kind, "metavar": metavar}
+    return {"type": json_value if isinstance(default, dict | list) else json_or_text, "metavar": "JSON"}
+
+
+def add_method_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """A group ``settings of METHOD`` for every registered method with settings (plugins too, read from their
+    cards without importing them): ``--METHOD-SETTING``, given only when set, and taken only when ``--method`` is
+    METHOD (:func:`prune_config`). A flag another option already has is left out (``--method-setting`` sets it)."""
+    from cahp.methods.base import available_methods
+
+    for method, info in available_methods().items():
+        if not info.settings:
+            continue
+        group = parser.add_argument_group(f"settings of {method}")
+        for setting in info.settings:
+            default = info.defaults.get(setting, REQUIRED)
+            if default is REQUIRED:
+                shown = "none: the method requires it"
+            else:
+                shown = json.dumps(default) if isinstance(default, dict | list | type(None)) else str(default)
+            text = (info.setting_help.get(setting) or f"the {setting} setting of {method}").replace("``", "")
+            try:
+                group.add_argument(
+                    method_setting_flag(method, setting),
+                    dest=f"{METHOD_SETTING_DEST}{method}:{setting}",
+                    default=None,
+                    help=f"{text} (default: {shown})".replace("%", "%%"),
+                    **_setting_kind(default),
+                )
+            except argparse.ArgumentError:  # a name another option has: a plugin's flag never shadows one
+                continue
+
+
+def _given_method_settings(args: argparse.Namespace, method: str) -> dict[tuple[str, ...], Any]:
+    """The generated method-setting options given, as ``{(setting,): value}``.
+
+    Raises:
+        UsageError: one belongs to a method other than ``method``.
+    """
+    given: dict[tuple[str, ...], Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith(METHOD_SETTING_DEST) or value is None:
+            continue
+        owner, _, setting = dest.removeprefix(METHOD_SETTING_DEST).rpartition(":")
+        if owner != method:
+            raise UsageError(
+                f"{method_setting_flag(owner, setting)} is a setting of method {owner}, and this run's method is "
+                f"{method}: add --method {owner}, or drop it"
+            )
+        given[(setting,)] = value
+    return given
 
 
 # ---- from arguments to the config -------------------------------------------------------------------------------
@@ -438,7 +399,8 @@ def key_values(pairs: Sequence[str]) -> dict[str, Any]:
 def prune_config(args: argparse.Namespace) -> PruneConfig:
     """The PruneConfig of parsed ``cahp prune`` arguments: ``--config`` (or the defaults) + given flags.
 
-    Method settings merge key by key: the replayed run's, then the shortcut options (``--metric``, ...), then
+    Method settings merge key by key: the replayed run's, then the shortcut options (``--metric``, ...), then the
+    generated ones of the run's method (``--fisher-max-examples``; another method's is a usage error), then
     ``--method-setting``. A ``--method`` other than the replayed run's starts from no settings; a setting that
     changes ``NAME`` drops the replayed ``NAME_settings`` (they belonged to the old ``NAME``).
     """
@@ -451,7 +413,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     args.replayed = None
     if args.config is not None:
         raw = read_config(args.config, "prune")
-        inputs = raw.get("inputs") if isinstance(raw.get("inputs"), dict) else {}
+        inputs: dict[str, Any] = raw["inputs"] if isinstance(raw.get("inputs"), dict) else {}
         args.replayed = inputs or None
         recorded = inputs.get("model_path")
         if (
@@ -484,6 +446,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
         for dest, keys in METHOD_SETTING_SHORTCUTS.items()
         if getattr(args, dest, None) is not None
     }
+    given.update(_given_method_settings(args, config.method))
     given.update({(key,): value for key, value in key_values(args.method_setting or []).items()})
     for keys, value in given.items():
         companion = f"{keys[0]}_settings"
@@ -509,11 +472,10 @@ def _set_setting(settings: dict[str, Any], keys: tuple[str, ...], value: Any) ->
 
 
 def _with_budget(config: Any, args: argparse.Namespace) -> Any:
-    """``config`` with the budget given by ``--budget``, or ``--keep`` / ``--sparsity`` (unchanged when none is)."""
+    """``config`` with the budget given by ``--keep`` / ``--sparsity`` (unchanged when neither is; ``--budget`` is
+    an option of :data:`PRUNE_FIELDS`, and the three exclude each other)."""
     from cahp.methods.plan import Budget
 
-    if args.budget is not None:
-        return dataclasses.replace(config, budget=args.budget)
     if args.keep is not None or args.sparsity is not None:
         return dataclasses.replace(config, budget=Budget.from_options(args.keep, args.sparsity).label())
     return config
@@ -544,7 +506,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if distributed.is_main():
         print(summary(report))
-        views = "report.json, report.html and plots" if "accuracy" in report else "report.json and plots"
+        views = (
+            "report.json, report.html and plots"
+            if (Path(args.out) / "report.html").is_file()
+            else "report.json and plots"
+        )
         print(f"pruned model, {views} saved to {args.out}")
     distributed.shutdown()
     return 0

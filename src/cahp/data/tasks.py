@@ -264,7 +264,7 @@ class RawRows:
             self.lines = [None] * len(self.rows)
 
     def where(self, index: int) -> str:
-        line = self.lines[index]  # type: ignore[index]
+        line = self.lines[index]  # type: ignore[index]  # never None after __post_init__
         return f"{self.source}, line {line}" if line is not None else f"{self.source}, record {index + 1}"
 
 
@@ -314,7 +314,8 @@ def read_rows(path: Path) -> RawRows:
 
 
 def _read_json_lines(handle: io.TextIOBase, path: Path) -> RawRows:
-    rows, lines = [], []
+    rows: list[dict[str, Any]] = []
+    lines: list[int | None] = []
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
@@ -334,7 +335,8 @@ def _read_json_lines(handle: io.TextIOBase, path: Path) -> RawRows:
 
 def _read_csv(handle: io.TextIOBase, path: Path) -> RawRows:
     reader = csv.DictReader(handle)
-    rows, lines = [], []
+    rows: list[dict[str, Any]] = []
+    lines: list[int | None] = []
     try:
         for row in reader:
             rows.append(row)
@@ -605,8 +607,8 @@ def _load_custom(
 ) -> TaskData:
     folder = Path(task).expanduser()
     if folder.is_dir():
-        files = {split: find_split_file(folder, split) for split in CANONICAL_SPLITS}
-        files = {split: path for split, path in files.items() if path is not None}
+        found = {split: find_split_file(folder, split) for split in CANONICAL_SPLITS}
+        files = {split: path for split, path in found.items() if path is not None}
         if "train" not in files and "test" not in files and "validation" not in files:
             raise DataError(f"folder {folder} holds no train/validation/test file (.jsonl[.gz], .json[.gz], .csv[.gz])")
         raw = {split: read_rows(path) for split, path in files.items()}

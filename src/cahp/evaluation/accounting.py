@@ -19,6 +19,9 @@ rotary embeddings and masking (elementwise work, linear in ``seq_len``, usually 
 
 from __future__ import annotations
 
+from typing import cast
+
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -38,7 +41,7 @@ def attention_flops(model: PreTrainedModel, seq_len: int) -> int:
     total = 0
     for layer, geometry in zip(adapter.layer_modules(model), layer_geometries(model), strict=True):
         for projection in adapter.attention_projections(layer):
-            total += 2 * seq_len * projection.weight.numel()
+            total += 2 * seq_len * cast(torch.Tensor, projection.weight).numel()
         total += 2 * 2 * geometry.query_heads * seq_len * seq_len * geometry.head_dim
     return total
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
 from cahp.errors import CahpError
@@ -41,7 +42,7 @@ def _parameter_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.inference_mode()
-def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Any]:
+def kv_cache_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Bytes of key-value cache per token of context, counted and measured.
 
     Args:
@@ -108,7 +109,8 @@ def _generate(
 ) -> torch.Tensor:
     """Greedy generation of ``new_tokens`` tokens with the KV cache; returns ``[batch, L + new]``. ``exact``: exactly
     that many (EOS does not stop it, as timing needs); otherwise at most that many (EOS stops it)."""
-    return model.generate(
+    generate = cast(Callable[..., torch.Tensor], model.generate)  # the token ids: no return_dict_in_generate
+    return generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=new_tokens,
@@ -157,8 +159,8 @@ def measure_generation(
     first = next(iter(models.values()))
     by_batch: dict[str, Any] = {}
     for batch_size in batch_sizes:
-        prefill_batch = {**synthetic_batch(first, batch_size, prompt_tokens), "use_cache": True}
-        prefill = measure_latency(models, prefill_batch, repeats=repeats, warmup=1)  # type: ignore[arg-type]
+        prefill_batch: dict[str, Any] = {**synthetic_batch(first, batch_size, prompt_tokens), "use_cache": True}
+        prefill = measure_latency(models, prefill_batch, repeats=repeats, warmup=1)
         input_ids = prefill_batch["input_ids"]
         for model in models.values():  # warm-up
             _generate(model, input_ids, new_tokens, pad_token_id)

@@ -206,9 +206,9 @@ def read_method_card(target: str) -> MethodInfo | None:
 
 def _card_literal(tree: ast.Module) -> dict[str, Any] | None:
     for node in tree.body:
-        targets = (
-            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        )
+        if not isinstance(node, ast.Assign | ast.AnnAssign):
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         if any(isinstance(t, ast.Name) and t.id == CARD_NAME for t in targets) and node.value is not None:
             try:
                 value = ast.literal_eval(node.value)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from cahp.scoring.base import get_scorer, scorer_class
 from cahp.scoring.gradient import normalize_layers
 from cahp.selection.cahp import CAHPSelector, profiles_from_moments
 from cahp.selection.clustering import Clustering
-from cahp.selection.representatives import HeadSelection, default_head_ids, select_representatives
+from cahp.selection.representatives import HeadSelection, Representative, default_head_ids, select_representatives
 from cahp.signatures.collector import Convergence, GateSalience, choose_batches, signature_sweep, sweep_batches
 from cahp.surgery import is_pruned
 
@@ -211,7 +211,8 @@ class CAHP(PruningMethod):
                 "cahp needs an unpruned model (signatures and salience cover every head); fit it before pruning"
             )
         scorer = self.salience_scorer()
-        order = "shuffled" if self.converge_tol is not None else "sorted"
+        salience_batches: int | None
+        order: Literal["sorted", "shuffled"] = "shuffled" if self.converge_tol is not None else "sorted"
         consumers = []
         if self.sweep == "shared":
             total = len(sweep_batches(calibration.examples.lengths, self.batch_size, order=order, seed=self.seed))
@@ -358,7 +359,7 @@ def cluster_priority(
         clustering.labels,
         salience,
         medoids=clustering.medoids,
-        representative=representative,  # type: ignore[arg-type]
+        representative=cast(Representative, representative),  # one of them: CAHP checks its settings
         allow_empty_layers=True,
         head_ids=default_head_ids(grid.layers, grid.heads),
     )

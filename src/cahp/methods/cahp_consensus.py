@@ -25,7 +25,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -35,7 +35,15 @@ from cahp.methods.base import register_method
 from cahp.methods.cahp import CAHP, cluster_priority
 from cahp.methods.plan import Budget, Constraints, KeepPlan
 from cahp.selection.cahp import HeadSpaceSettings
-from cahp.selection.clustering import Clustering, cluster_heads, distinct_points, embed_heads, head_distances, sweep_k
+from cahp.selection.clustering import (
+    Clustering,
+    Embedding,
+    cluster_heads,
+    distinct_points,
+    embed_heads,
+    head_distances,
+    sweep_k,
+)
 from cahp.selection.knee import find_knee
 
 CONSENSUS_METHODS = ("average", "kmedoids")
@@ -80,7 +88,7 @@ def run_head_space(profiles: np.ndarray, settings: HeadSpaceSettings, seed: int)
         warnings.simplefilter("ignore", UserWarning)
         embedding = embed_heads(
             np.asarray(profiles).astype(np.float32),
-            method=settings.embedding,
+            method=cast(Embedding, settings.embedding),  # one of them: CAHP checks its settings
             perplexity=settings.perplexity,
             n_iter=settings.tsne_iterations,
             seed=seed,

@@ -464,10 +464,11 @@ def write_bench_report(out: str | Path) -> Path:
             return "–"
         return " / ".join(metric.versus(row[s]["mean"], reference[s]["mean"]) for s in stages)
 
+    def stage_value(stage: str) -> Callable[[dict[str, Any]], str]:
+        return lambda row: _fmt(row[stage], metric.digits)
+
     for stage, title in stages.items():
-        lines += _markdown_table(
-            f"{metric.title} {title}", methods, budgets, show(lambda r, s=stage: _fmt(r[s], metric.digits))
-        )
+        lines += _markdown_table(f"{metric.title} {title}", methods, budgets, show(stage_value(stage)))
 
     def macro_f1(method: str, budget: str) -> str:
         scores = table[method].get(budget, {}).get("macro_f1", {})
@@ -622,7 +623,8 @@ def _style(method: str, index: int, focus: str | None, control: str | None) -> d
         return {"color": "black", "ls": "--", "marker": "x"}
     if method == focus:
         return {"color": "#c44e52", "ls": "-", "marker": "o", "lw": 2.2}
-    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]  # no red, no grey
+    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap's list of colours
+    palette = [c for i, c in enumerate(colours) if i not in (3, 7)]  # no red, no grey
     return {"color": palette[index % len(palette)], "ls": "-", "marker": "."}
 
 

@@ -54,8 +54,8 @@ def plot_kept_heads(kept_heads_by_layer: dict[str, list[int]], heads: int, path:
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    for layer in range(layers):
-        ax.text(heads - 0.5, layer, f" {int(grid[layer].sum())}", va="center", ha="left", fontsize=8)
+    for row in range(layers):
+        ax.text(heads - 0.5, row, f" {int(grid[row].sum())}", va="center", ha="left", fontsize=8)
     ax.set_title(f"{title}: {int(grid.sum())} of {grid.size} heads kept", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -110,7 +110,7 @@ class DistinctTickFormatter(ticker.Formatter):
 _CATEGORY_COLOURS = [
     colour
     for name in ("tab20", "tab20b", "tab20c")
-    for colour in plt.get_cmap(name).colors  # type: ignore[attr-defined]
+    for colour in plt.get_cmap(name).colors  # type: ignore[attr-defined]  # a ListedColormap's list of colours
 ]
 #: Above this many cells a categorical panel does not print its ids inside the cells.
 _MAX_LABELLED_CELLS = 400

@@ -109,7 +109,8 @@ class AttentionAttributionScorer(HeadScorer):
                 (gradient,) = torch.autograd.grad(target, attention)  # type: ignore[arg-type]
             gradient = gradient.double() / alpha
             integral = gradient if integral is None else integral + gradient
-        attribution = attention.detach().double() * integral / self.steps  # type: ignore[union-attr]
+        # steps >= 1: the loop has set both
+        attribution = attention.detach().double() * integral / self.steps  # type: ignore[union-attr, operator]
         real = batch["attention_mask"].bool()  # [b, s]: padded rows and keys take no part in the max
         attribution = attribution.masked_fill(~(real[:, None, :, None] & real[:, None, None, :]), -torch.inf)
         return attribution.amax(dim=(2, 3)).sum(0).cpu()

@@ -10,7 +10,7 @@ for EACH query head of the group). Biases are ignored.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from cahp.adapters import get_adapter
 from cahp.scoring.base import HeadScorer, register_scorer
 
 if TYPE_CHECKING:
+    from cahp.adapters.geometry import ProjectionKind
     from cahp.calibration import Calibration
 
 
@@ -58,14 +59,19 @@ class MagnitudeScorer(HeadScorer):
         size = geometry.head_dim
         reads = torch.tensor(geometry.kv_positions(), dtype=torch.long)  # the key-value head of each query head
         scores = np.zeros((adapter.num_layers(model), geometry.query_heads))
+        projections: tuple[tuple[ProjectionKind, str], ...] = (
+            ("query", adapter.query),
+            ("key", adapter.key),
+            ("value", adapter.value),
+        )
         for layer, module in enumerate(adapter.layer_modules(model)):
             norms = {}  # query: [heads]; key, value: [kv_heads]
-            for kind, path in (("query", adapter.query), ("key", adapter.key), ("value", adapter.value)):
-                weight = module.get_submodule(path).weight
+            for kind, path in projections:
+                weight = cast(torch.Tensor, module.get_submodule(path).weight)
                 norms[kind] = _squared_norms(
                     weight, geometry.rows(kind), geometry.out_axis, geometry.heads_of(kind), size
                 )
-            output = module.get_submodule(adapter.output).weight
+            output = cast(torch.Tensor, module.get_submodule(adapter.output).weight)
             o_norms = _squared_norms(output, geometry.output_columns(), geometry.in_axis, geometry.query_heads, size)
             shared = (norms["key"] + norms["value"])[reads]
             scores[layer] = (norms["query"] + shared + o_norms).sqrt().double().numpy()

@@ -9,13 +9,13 @@ CAHP's settings (the selector reads them from the method).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from cahp.errors import CahpError, DataError
-from cahp.scoring.separability import separability_profiles
-from cahp.selection.clustering import embed_heads, head_distances, sweep_k
+from cahp.scoring.separability import Metric, separability_profiles
+from cahp.selection.clustering import Embedding, embed_heads, head_distances, sweep_k
 from cahp.selection.knee import find_knee
 from cahp.selection.representatives import normalize_salience
 from cahp.signatures.stats import StreamingMoments
@@ -47,8 +47,8 @@ def profiles_from_moments(moments: StreamingMoments, *, metric: str = "jm", vari
     return separability_profiles(
         moments.mean_,
         moments.variance(ddof=variance_ddof),
-        metric=metric,  # type: ignore[arg-type]
-        counts=moments.count_,  # type: ignore[arg-type]
+        metric=cast(Metric, metric),  # one of them: CAHP checks its settings
+        counts=moments.count_,
     )
 
 
@@ -131,7 +131,7 @@ class CAHPSelector:
             warnings.filterwarnings("ignore", message="all .* head profiles are identical")
             self.embedding_ = embed_heads(
                 self.profiles_.astype(np.float32),
-                method=settings.embedding,  # type: ignore[arg-type]
+                method=cast(Embedding, settings.embedding),  # one of them: CAHP checks its settings
                 perplexity=settings.perplexity,
                 n_iter=settings.tsne_iterations,
                 seed=settings.seed,

@@ -34,6 +34,7 @@ Steps (the reference's choices: Kneedle on a degree-6 polynomial fit, ``curve="c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +132,7 @@ def find_knee(
         coefficients, fitted = mss.copy(), mss.copy()
     else:
         coefficients, fitted = np.zeros(0), np.full_like(mss, np.nan)
-    common = {
+    common: dict[str, Any] = {
         "ks": int_ks,
         "mss": mss,
         "fitted": fitted,

@@ -143,8 +143,8 @@ def select_representatives(
         for layer in layers:
             if kept[layer]:
                 continue
-            members = [g for g, (lay, _) in enumerate(head_ids) if lay == layer]
-            best = members[int(np.argmax(scores[members]))]
+            in_layer = [g for g, (lay, _) in enumerate(head_ids) if lay == layer]
+            best = in_layer[int(np.argmax(scores[in_layer]))]
             kept[layer].add(head_ids[best][1])
             guardrail.append(head_ids[best])
 

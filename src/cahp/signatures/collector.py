@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -161,7 +161,7 @@ class GateSalience:
     After the sweep: :meth:`result` (reduced over processes), ``seconds_`` (time in the backward passes).
     """
 
-    def __init__(self, positions: Sequence[int], layers: int, heads: int, device: torch.device | str) -> None:
+    def __init__(self, positions: Iterable[int], layers: int, heads: int, device: torch.device | str) -> None:
         self.positions = frozenset(int(p) for p in positions)
         self.gates = torch.ones(layers, heads, device=device, requires_grad=True)
         self.sums = torch.zeros(layers, heads, dtype=torch.float64, device=device)  # [layers, heads]

@@ -35,8 +35,7 @@ import json
 import operator
 import os
 import shutil
-from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import transformers
@@ -48,6 +47,13 @@ KEPT_HEADS_KEY = "cahp_kept_heads"
 KEPT_KV_HEADS_KEY = "cahp_kept_kv_heads"
 LAYOUT_KEY = "cahp_layout"
 MODELING_FILE = "modeling_cahp.py"
+
+if TYPE_CHECKING:  # functools.cache, typed as keeping the signature (its Hashable arguments refuse `type[...]`)
+    _Function = TypeVar("_Function")
+
+    def cache(function: _Function, /) -> _Function: ...
+else:
+    from functools import cache
 
 #: The ``AutoModel...`` classes registered (and written to ``auto_map``) for every family that has them.
 AUTO_MODEL_CLASSES: tuple[str, ...] = (
@@ -116,13 +122,13 @@ def pruned_model_class(stock: type[transformers.PreTrainedModel]) -> type[transf
             finish_pruned_folder(save_directory)
         return saved
 
-    pruned = type(
+    pruned: type[transformers.PreTrainedModel] = type(
         CLASS_PREFIX + stock.__name__,
         (stock,),
         {
             "__init__": __init__,
             "save_pretrained": save_pretrained,
-            "config_class": pruned_config_class(stock.config_class),
+            "config_class": pruned_config_class(cast(type[transformers.PretrainedConfig], stock.config_class)),
             "__module__": __name__,
             "__doc__": f"{stock.__name__} with the attention heads recorded in config.{KEPT_HEADS_KEY}.",
         },
@@ -131,16 +137,20 @@ def pruned_model_class(stock: type[transformers.PreTrainedModel]) -> type[transf
     return pruned
 
 
-def _register_base_model(pruned: type, stock: type) -> None:
+def _register_base_model(pruned: type[transformers.PreTrainedModel], stock: type[transformers.PreTrainedModel]) -> None:
     """Let ``AutoModel.from_config(pruned config)`` build the pruned base model: task models such as Llama's
     ``...ForSequenceClassification`` build their base model that way, also when loaded as remote code."""
+    # both classes have a config class (transformers types it as optional); the mapping's values are model classes
+    # here (transformers types them as tokenizer pairs too)
+    stock_config = cast(type[transformers.PretrainedConfig], stock.config_class)
+    pruned_config = cast(type[transformers.PretrainedConfig], pruned.config_class)
     try:
-        stock_base = transformers.AutoModel._model_mapping[stock.config_class]
+        stock_base = cast(type[transformers.PreTrainedModel], transformers.AutoModel._model_mapping[stock_config])
     except (KeyError, ValueError):
         return
-    if pruned.config_class not in transformers.AutoModel._model_mapping:
+    if pruned_config not in transformers.AutoModel._model_mapping:
         base = pruned if stock_base is stock else pruned_model_class(stock_base)
-        transformers.AutoModel.register(pruned.config_class, base, exist_ok=True)
+        transformers.AutoModel.register(pruned_config, base, exist_ok=True)
 
 
 def __getattr__(name: str) -> type:
@@ -239,7 +249,7 @@ def record_problem(record: Any, key: str, heads: int, layers: int) -> str | None
 # ---- shrinking a freshly built model -----------------------------------------------------------------------
 
 
-def shrink_to_record(model: nn.Module, config: Any) -> None:
+def shrink_to_record(model: transformers.PreTrainedModel, config: Any) -> None:
     """Resize every pruned layer of ``model`` (just built with the ORIGINAL shapes) to the recorded heads.
 
     New parameters are the leading slices of the old ones (on the meta device while ``from_pretrained`` builds
@@ -255,7 +265,7 @@ def shrink_to_record(model: nn.Module, config: Any) -> None:
             f"{type(kept).__name__} and {type(layout).__name__}. Load the folder cahp saved, unchanged."
         )
     kept_kv = getattr(config, KEPT_KV_HEADS_KEY, None) or kept
-    layers = model.base_model.get_submodule(layout["layers"])
+    layers = cast(nn.ModuleList, model.base_model.get_submodule(layout["layers"]))
     problem = record_problem(kept, KEPT_HEADS_KEY, layout["query_heads"], len(layers)) or (
         record_problem(kept_kv, KEPT_KV_HEADS_KEY, layout["kv_heads"], len(layers)) if kept_kv is not kept else None
     )
@@ -267,7 +277,7 @@ def shrink_to_record(model: nn.Module, config: Any) -> None:
     for index, layer in enumerate(layers):
         query_heads = list(kept.get(str(index), range(layout["query_heads"])))
         kv_heads = len(kept_kv.get(str(index), range(layout["kv_heads"])))
-        width = layer.get_submodule(layout["output"]).weight.shape[in_axis]
+        width = cast(torch.Tensor, layer.get_submodule(layout["output"]).weight).shape[in_axis]
         if width == layout["query_heads"] * layout["head_dim"] and (query_heads, kv_heads) != (
             list(range(layout["query_heads"])),
             layout["kv_heads"],
@@ -292,7 +302,7 @@ def _shrink_layer(layer: nn.Module, layout: dict[str, Any], query_heads: list[in
         setattr(attention, layout["kv_groups_attr"], queries // kv_heads)
     if layout["per_head_argument"]:
         name, position = layout["per_head_argument"]
-        attention._cahp_per_head_argument = (name, position, tuple(query_heads))
+        attention._cahp_per_head_argument = (name, position, tuple(query_heads))  # type: ignore[assignment]
         attention.register_forward_pre_hook(_select_kept_heads_of_argument, with_kwargs=True)
     if not queries:
         inner = (
@@ -300,7 +310,12 @@ def _shrink_layer(layer: nn.Module, layout: dict[str, Any], query_heads: list[in
             if layout["output"].startswith(layout["attention"] + ".")
             else None
         )
-        attention._cahp_headless = (inner, head_dim, layout["probs_need_output_attentions"], layout["cache_arguments"])
+        attention._cahp_headless = (  # type: ignore[assignment]
+            inner,
+            head_dim,
+            layout["probs_need_output_attentions"],
+            layout["cache_arguments"],
+        )
         attention.__class__ = _headless_class(type(attention))
 
 
@@ -309,25 +324,27 @@ def _resize(projection: nn.Module, transposed: bool, *, outputs: int | None = No
     """Keep the first ``outputs`` output / ``inputs`` input features of a ``nn.Linear`` (weight ``[out, in]``)
     or a transposed ``Conv1D`` (weight ``[in, out]``); the bias follows the outputs."""
     out_axis, in_axis = (1, 0) if transposed else (0, 1)
-    weight = projection.weight
+    original = weight = cast(torch.Tensor, projection.weight)
     if outputs is not None:
         weight = weight.narrow(out_axis, 0, outputs)
-        if getattr(projection, "bias", None) is not None:
-            projection.bias = nn.Parameter(projection.bias[:outputs].clone(), projection.bias.requires_grad)
+        bias: torch.Tensor | None = getattr(projection, "bias", None)
+        if bias is not None:
+            projection.bias = nn.Parameter(bias[:outputs].clone(), bias.requires_grad)
     if inputs is not None:
         weight = weight.narrow(in_axis, 0, inputs)
-    projection.weight = nn.Parameter(weight.clone(), projection.weight.requires_grad)
+    projection.weight = nn.Parameter(weight.clone(), original.requires_grad)
+    # nn.Module types its attributes as Tensor | Module; these are the layer's int sizes
     if transposed:
-        projection.nx, projection.nf = weight.shape
+        projection.nx, projection.nf = weight.shape  # type: ignore[assignment]
     else:
-        projection.out_features, projection.in_features = weight.shape
+        projection.out_features, projection.in_features = weight.shape  # type: ignore[assignment]
 
 
 def _select_kept_heads_of_argument(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Forward pre-hook: slice a ``[batch, original_heads, q, k]`` argument to the layer's kept heads."""
-    name, position, kept = module._cahp_per_head_argument
+    name, position, kept = cast(tuple[str, int, tuple[int, ...]], module._cahp_per_head_argument)
     if kwargs.get(name) is not None:
         kwargs[name] = kwargs[name][:, list(kept)]
     elif len(args) > position and args[position] is not None:
@@ -350,7 +367,9 @@ def _headless_forward(self: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch
     inner output projection), probs ``[batch, 0, seq, key_len]``.
     """
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    inner_output, head_dim, probs_on_request, cache_arguments = self._cahp_headless
+    inner_output, head_dim, probs_on_request, cache_arguments = cast(
+        tuple[str | None, int, bool, tuple[str, ...]], self._cahp_headless
+    )
     batch, query_len = hidden_states.shape[0], hidden_states.shape[-2]
     key_len = query_len
     cache_object = next((kwargs[name] for name in cache_arguments if kwargs.get(name) is not None), None)

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import copy
 import json
-from functools import cache
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import transformers
 from safetensors import SafetensorError, safe_open
@@ -47,7 +46,13 @@ from cahp.errors import (
     UnreadableWeightsError,
 )
 from cahp.surgery.autoload import register_auto_classes
-from cahp.surgery.modeling_cahp import CLASS_PREFIX, MODEL_TYPE_PREFIX, pruned_model_class, record_problem
+from cahp.surgery.modeling_cahp import (  # cache: functools.cache, typed as keeping the signature
+    CLASS_PREFIX,
+    MODEL_TYPE_PREFIX,
+    cache,
+    pruned_model_class,
+    record_problem,
+)
 from cahp.surgery.removal import KEPT_HEADS_KEY, KEPT_KV_HEADS_KEY, _check_structure, apply_kept_heads, is_pruned
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -86,8 +91,11 @@ def load_pruned(path: str | PathLike[str], **from_pretrained_kwargs: Any) -> Pre
         if from_pretrained_kwargs.pop(refused, False):
             raise PrunedModelError(f"load_pruned checks every weight of a pruned folder; drop {refused}=True")
     try:
-        model, info = loading_class.from_pretrained(
-            path, ignore_mismatched_sizes=True, output_loading_info=True, **from_pretrained_kwargs
+        model, info = cast(  # output_loading_info=True: (model, loading info)
+            tuple[PreTrainedModel, dict[str, Any]],
+            loading_class.from_pretrained(
+                path, ignore_mismatched_sizes=True, output_loading_info=True, **from_pretrained_kwargs
+            ),
         )
     except PruningError as error:
         raise PrunedRecordError(f"{path}: config.json records a structure the model cannot have: {error}") from error
@@ -193,7 +201,8 @@ def check_record(config: PretrainedConfig, where: Any = "the model") -> None:
 def _model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
-        return AutoModel._model_mapping[type(config)]
+        # a model class: transformers types the mapping's values as (slow, fast) tokenizer pairs too
+        return cast(type[PreTrainedModel], AutoModel._model_mapping[type(config)])
     model_class = getattr(transformers, architectures[0].removeprefix(CLASS_PREFIX), None)
     if model_class is None:
         raise ModelNotFoundError(
@@ -208,7 +217,7 @@ def _shrinking_subclass(model_class: type[PreTrainedModel]) -> type[PreTrainedMo
     """``model_class`` whose ``__init__`` applies the pruning record of its config right after building."""
 
     def __init__(self: PreTrainedModel, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
-        record = {key: getattr(config, key, None) for key in (KEPT_HEADS_KEY, KEPT_KV_HEADS_KEY)}
+        record: dict[str, Any] = {key: getattr(config, key, None) for key in (KEPT_HEADS_KEY, KEPT_KV_HEADS_KEY)}
         pristine = copy.deepcopy(config)  # the record describes the result of surgery, not its input
         for key, value in record.items():
             if value is not None:

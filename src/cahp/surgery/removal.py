@@ -48,8 +48,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Mapping
-from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -57,6 +56,7 @@ from transformers import PreTrainedModel
 
 from cahp.adapters import ArchitectureAdapter, HeadGeometry, get_adapter
 from cahp.errors import PruningError
+from cahp.surgery.modeling_cahp import cache  # functools.cache, typed as keeping the signature
 
 GqaMode = Literal["groups", "uniform"]
 
@@ -317,7 +317,7 @@ def _resize_layer(
     """Keep the query / key-value heads at CURRENT ``q_positions`` / ``kv_positions`` of one layer, whose
     rows and columns ``geometry`` (the layer as it is now) locates; ``kept_q`` are their original numbers."""
     output = layer.get_submodule(adapter.output)
-    device = output.weight.device
+    device = cast(torch.Tensor, output.weight).device
     for path, kinds in adapter.input_projections().items():
         _keep_outputs(layer.get_submodule(path), geometry.kept_rows(kinds, q_positions, kv_positions, device), geometry)
     _keep_inputs(output, geometry.output_columns(q_positions, device), geometry)
@@ -338,16 +338,21 @@ def _resize_layer(
 @torch.no_grad()
 def _keep_outputs(projection: nn.Module, index: torch.Tensor, geometry: HeadGeometry) -> None:
     """Keep output features ``index`` of a ``nn.Linear`` (weight ``[out, in]``) or ``Conv1D`` (``[in, out]``)."""
-    _replace_parameter(projection, "weight", projection.weight.index_select(geometry.out_axis, index))
-    if getattr(projection, "bias", None) is not None:
-        _replace_parameter(projection, "bias", projection.bias.index_select(0, index))
+    _replace_parameter(
+        projection, "weight", cast(torch.Tensor, projection.weight).index_select(geometry.out_axis, index)
+    )
+    bias: torch.Tensor | None = getattr(projection, "bias", None)
+    if bias is not None:
+        _replace_parameter(projection, "bias", bias.index_select(0, index))
     setattr(projection, "nf" if geometry.transposed else "out_features", int(index.numel()))
 
 
 @torch.no_grad()
 def _keep_inputs(projection: nn.Module, index: torch.Tensor, geometry: HeadGeometry) -> None:
     """Keep input features ``index`` of a ``nn.Linear`` or ``Conv1D``; the bias is untouched."""
-    _replace_parameter(projection, "weight", projection.weight.index_select(geometry.in_axis, index))
+    _replace_parameter(
+        projection, "weight", cast(torch.Tensor, projection.weight).index_select(geometry.in_axis, index)
+    )
     setattr(projection, "nx" if geometry.transposed else "in_features", int(index.numel()))
 
 
@@ -366,7 +371,7 @@ def _slice_shared_argument(attention: nn.Module, kept_q: list[int], argument: tu
     ``from_pretrained`` keep them; the hook is installed once and reads them at every call.
     """
     first_time = not hasattr(attention, "_cahp_per_head_argument")
-    attention._cahp_per_head_argument = (*argument, tuple(kept_q))
+    attention._cahp_per_head_argument = (*argument, tuple(kept_q))  # type: ignore[assignment]  # a plain attribute
     if first_time:
         attention.register_forward_pre_hook(_select_kept_heads_of_argument, with_kwargs=True)
 
@@ -374,7 +379,7 @@ def _slice_shared_argument(attention: nn.Module, kept_q: list[int], argument: tu
 def _select_kept_heads_of_argument(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    name, position, kept = module._cahp_per_head_argument
+    name, position, kept = cast(tuple[str, int, tuple[int, ...]], module._cahp_per_head_argument)
     if kwargs.get(name) is not None:
         kwargs[name] = kwargs[name][:, list(kept)]
     elif len(args) > position and args[position] is not None:
@@ -387,7 +392,12 @@ def _select_kept_heads_of_argument(
 
 def _make_headless(attention: nn.Module, adapter: ArchitectureAdapter, head_dim: int) -> None:
     inner_output = adapter.output[len(adapter.attention) + 1 :] if adapter.output_inside_attention() else None
-    attention._cahp_headless = (inner_output, head_dim, adapter.probs_need_output_attentions, adapter.cache_arguments)
+    attention._cahp_headless = (  # type: ignore[assignment]  # a plain attribute, not a Tensor or Module
+        inner_output,
+        head_dim,
+        adapter.probs_need_output_attentions,
+        adapter.cache_arguments,
+    )
     attention.__class__ = _headless_class(type(attention))
 
 
@@ -405,7 +415,9 @@ def _headless_forward(self: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch
     ``[batch, seq, hidden]`` (bias of the inner output projection), and probs ``[batch, 0, seq, key_len]``.
     """
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    inner_output, head_dim, probs_on_request, cache_arguments = self._cahp_headless
+    inner_output, head_dim, probs_on_request, cache_arguments = cast(
+        tuple[str | None, int, bool, tuple[str, ...]], self._cahp_headless
+    )
     batch, query_len = hidden_states.shape[0], hidden_states.shape[-2]
     cache = next((kwargs[name] for name in cache_arguments if kwargs.get(name) is not None), None)
     key_len = _append_nothing_to_cache(self, cache, hidden_states, head_dim)

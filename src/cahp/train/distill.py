@@ -33,13 +33,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from cahp.adapters import get_adapter
 from cahp.data.batching import EncodedSplit, iter_batches
@@ -256,9 +257,10 @@ class ProjectionRecorder:
         self.vectors = {}
         if not self.layers:
             return self
-        adapter = get_adapter(self.model)
-        modules = adapter.layer_modules(self.model)
-        geometries = layer_geometries(self.model)
+        model = cast(PreTrainedModel, self.model)  # a transformers model (a LoRA wrapper's base model)
+        adapter = get_adapter(model)
+        modules = adapter.layer_modules(model)
+        geometries = layer_geometries(model)
         for layer in self.layers:
             geometry = geometries[layer]
             if geometry.query_heads == 0:
@@ -330,7 +332,7 @@ class Distillation:
         relations = objective.loss == "kd-relations"
         hidden = relations and objective.hidden_weight > 0
         if self._layers is None:
-            base = unwrapped(student)
+            base = cast(PreTrainedModel, unwrapped(student))
             self._layers = objective.layers(len(get_adapter(base).layer_modules(base)))
         layers = self._layers if relations else []
         inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -409,7 +411,7 @@ class LanguageModelDistillation:
         objective = self.objective
         relations = objective.loss == "kd-relations"
         if self._layers is None:
-            base = unwrapped(student)
+            base = cast(PreTrainedModel, unwrapped(student))
             self._layers = objective.layers(len(get_adapter(base).layer_modules(base)))
         layers = self._layers if relations else []
         inputs = self.lm.model_inputs(batch)

@@ -25,6 +25,7 @@ from cahp.models import (
 )
 from cahp.outputs import StagedOutput, check_output_target, write_json
 from cahp.runtime import place
+from cahp.settings import FINETUNE, TASK
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 
 PROTOCOLS = ("auto", "standard", "offline")
@@ -38,13 +39,13 @@ class TaskOptions:
         ConfigError: a setting out of range (``max_length >= 1``, one or two ``text_columns``, ...).
     """
 
-    task: str = "sst5"
-    data_dir: str | None = None
-    protocol: str = "auto"
-    text_columns: list[str] | None = None
-    label_column: str = "label"
-    num_labels: int | None = None
-    max_length: int = 128
+    task: str = TASK.field("task")
+    data_dir: str | None = TASK.field("data_dir")
+    protocol: str = TASK.field("protocol")
+    text_columns: list[str] | None = TASK.field("text_columns")  # noqa: RUF009 (its default: None)
+    label_column: str = TASK.field("label_column")
+    num_labels: int | None = TASK.field("num_labels")
+    max_length: int = TASK.field("max_length")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,11 +111,11 @@ class FinetuneConfig:
         ConfigError: e.g. ``training.epochs`` not > 0, ``max_train_examples`` < 1.
     """
 
-    model: str = "minilm-l6"
+    model: str = FINETUNE.field("model")
     task: TaskOptions = field(default_factory=TaskOptions)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    max_train_examples: int | None = None
-    eval_splits: tuple[str, ...] = ("validation", "test")
+    max_train_examples: int | None = FINETUNE.field("max_train_examples")
+    eval_splits: tuple[str, ...] = FINETUNE.field("eval_splits")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -118,7 +118,8 @@ def set_seed(seed: int) -> None:
 
 
 def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -231,7 +232,7 @@ def train_model(
 
     model.train()
     progress = progress and distributed.is_main()
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    trainable: list[torch.Tensor] = [parameter for parameter in model.parameters() if parameter.requires_grad]
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)

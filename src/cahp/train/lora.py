@@ -35,7 +35,7 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
     the model but its output head, skipping projections that pruning left without rows or columns."""
     from transformers.pytorch_utils import Conv1D
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     return [
         name
         for name, module in model.named_modules()

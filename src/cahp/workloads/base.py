@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel
 
     from cahp.calibration import Calibration
     from cahp.data.batching import EncodedSplit
@@ -68,7 +69,7 @@ class Workload(ABC):
     description: ClassVar[str] = ""
     default_recovery: ClassVar[TrainingConfig | None] = None
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: Any
 
     def __init__(self, config: Any, progress: bool = False) -> None:
@@ -104,7 +105,7 @@ class Workload(ABC):
         """The recovery's ``loss_fn`` (``None``: the model's own loss); ``teacher`` is the unpruned model."""
         return None
 
-    def measure(self, dense: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+    def measure(self, dense: PreTrainedModel, pruned: PreTrainedModel) -> dict[str, Any]:
         """Dense vs pruned speed, measured in one run (default: nothing measured)."""
         return {}
 
@@ -126,7 +127,7 @@ class Workload(ABC):
         heads = report["heads"]
         return f"heads kept: {heads['kept']} of {heads['total']} ({report.get('method')})"
 
-    def save(self, model: torch.nn.Module, folder: Any) -> dict[str, Any]:
+    def save(self, model: PreTrainedModel, folder: Any) -> dict[str, Any]:
         """Save the pruned ``model`` (and its tokenizer) to ``folder``; returns how (recorded in the report)."""
         from cahp.surgery.autoload import save_pruned
 

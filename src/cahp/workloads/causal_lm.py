@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from cahp.calibration import Calibration, CausalLanguageModeling, lm_calibration
 from cahp.config import check_counts, check_text_lists, check_texts
@@ -179,7 +180,7 @@ class LMData:
 
     calibration: LMBlocks
     evaluation: LMBlocks
-    prompted: dict[str, tuple[Any, list[str]]]
+    prompted: dict[str, tuple[Any, tuple[str, ...]]]
 
 
 def corpus_label(description: dict[str, Any]) -> str:
@@ -260,7 +261,7 @@ class CausalLMWorkload(Workload):
             return LanguageModelDistillation(objective, teacher)
         return lm_loss_fn()
 
-    def measure(self, dense: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+    def measure(self, dense: PreTrainedModel, pruned: PreTrainedModel) -> dict[str, Any]:
         """KV cache bytes per token, prefill latency and generation tokens/s, dense vs pruned in one run."""
         kv_dense, kv_pruned = kv_cache_bytes_per_token(dense), kv_cache_bytes_per_token(pruned)
         generation = measure_generation(
@@ -366,7 +367,7 @@ class CausalLMWorkload(Workload):
         lines.append(f"saved as a {report['export']['format']} config ({report['export']['why']})")
         return "\n".join(lines)
 
-    def save(self, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    def save(self, model: PreTrainedModel, folder: Path) -> dict[str, Any]:
         """Save the pruned model: a stock config when one describes it (every layer kept the same query and
         key-value heads; loads without cahp), else the ``cahp_`` config (loads with cahp or trust_remote_code)."""
         try:

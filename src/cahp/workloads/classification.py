@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from cahp.calibration import Calibration, SequenceClassification
 from cahp.data import EncodedSplit, encode_split, fingerprint_split
@@ -112,7 +113,7 @@ class ClassificationWorkload(Workload):
             self.distillation_setup = self._distillation.costs() if self._distillation else {}
         return self._distillation
 
-    def measure(self, dense: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+    def measure(self, dense: PreTrainedModel, pruned: PreTrainedModel) -> dict[str, Any]:
         """Latency of a synthetic batch, dense vs pruned on the CPU in one run, and FLOPs per sequence."""
         config = self.config
         seq = config.latency_seq_len
