@@ -306,8 +306,11 @@ def prune(
     grid = HeadGrid.of(model)
     engine = Engine(model, calibration, say=print_line if progress else None)
     settings = run_settings(config)
-    if replayed is not None and distributed.is_main():
-        check_replayed_model(replayed, engine.fingerprints["model"], strict)
+    if replayed is not None:  # rank 0 says it (or refuses, and every process stops with it)
+        fingerprint = engine.fingerprints["model"]
+        distributed.together(
+            lambda: check_replayed_model(replayed, fingerprint, strict) if distributed.is_main() else None
+        )
 
     def plan_stage(stages: StageCache) -> KeepPlan:
         return KeepPlan.from_dict(
