@@ -32,6 +32,7 @@ from cahp.methods.base import available_methods, get_method, method_info
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import resolve_model
 from cahp.outputs import StagedOutput, check_output_target, write_json
+from cahp.reconstruction import check_reconstruction, post_surgery_steps
 from cahp.reporting.html_report import write_prune_html
 from cahp.reporting.model_card import write_model_card
 from cahp.reporting.plots import plot_head_space, plot_kept_heads, plot_mss_curve
@@ -71,6 +72,8 @@ class PruneConfig:
         uniform_layers: keep the same number of heads in every layer.
         gqa_mode: grouped-query attention: ``groups`` (whole key-value groups) or ``uniform`` (the same number of
             query heads in every group); the budget is made expressible before selection.
+        reconstruct: the post-surgery reconstruction (:mod:`cahp.reconstruction`): ``none`` (no step), ``bias``,
+            ``scale`` or ``weights``, fitted on the method's calibration.
         seed: the method's seed (and the calibration subset's; ``cahp prune --seed`` seeds the recovery too).
         calibration_size: ``classification``: examples of the calibration split (``task.calibration_split``: the
             training split; offline MNLI: its held-out share), a seeded class-stratified subset; ``None`` = all.
@@ -102,6 +105,7 @@ class PruneConfig:
     allow_empty_layers: bool = PRUNE.field("allow_empty_layers")
     uniform_layers: bool = PRUNE.field("uniform_layers")
     gqa_mode: str = PRUNE.field("gqa_mode")
+    reconstruct: str = PRUNE.field("reconstruct")
     seed: int = PRUNE.field("seed")
     calibration_size: int | None = PRUNE.field("calibration_size")
     calibration_batch_size: int = PRUNE.field("calibration_batch_size")
@@ -181,6 +185,8 @@ class PruneConfig:
                 raise CahpError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.gqa_mode not in ("groups", "uniform"):
             raise CahpError(f"gqa_mode must be 'groups' or 'uniform', got {self.gqa_mode!r}")
+        if self.reconstruct not in PRUNE["reconstruct"].choices:  # type: ignore[operator]
+            raise CahpError(f"reconstruct must be one of none, bias, scale, weights, got {self.reconstruct!r}")
         if not isinstance(self.budget, str):
             raise CahpError(f"budget must be 'auto', 'keep=K' or 'sparsity=S', got {self.budget!r}")
         check_counts(
@@ -262,6 +268,7 @@ def run_settings(config: PruneConfig, measure: bool = True) -> RunSettings:
         recovery=config.training,
         recovery_lora_rank=config.recovery_lora_rank,
         measure=measure,
+        post_surgery=post_surgery_steps(config.reconstruct, config.sample_seed),
     )
 
 
@@ -298,6 +305,7 @@ def prune(
         workload = get_workload(config.objective)(config, progress)
         check_fits_model(config, budget, HeadGrid.of(workload.model))
         workload.check_model(config)
+        check_reconstruction(workload.model, config.reconstruct)
         place(workload.model)
         return budget, constraints, workload, workload.calibration(config.sample_seed)
 

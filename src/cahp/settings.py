@@ -235,6 +235,13 @@ PRUNE = FieldSpecs(
             "groups",
             choices=("groups", "uniform"),
         ),
+        "reconstruct": FieldSpec(
+            "after surgery, re-fit each layer's output projection to the unpruned layer's attention output on the "
+            "calibration data, no gradient step (docs/reconstruction.md): the removed heads' mean into the bias, one "
+            "scale per kept head, or a ridge refit of the kept heads' weights",
+            "none",
+            choices=("none", "bias", "scale", "weights"),
+        ),
         "seed": FieldSpec("seeds the method, the calibration subset and the recovery fine-tune", 42, type="seed_value"),
         "calibration_size": FieldSpec(
             "examples of the calibration split (a seeded class-stratified subset)",

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from cahp.methods.base import PruningMethod, available_methods, get_method, meth
 from cahp.methods.plan import Budget, Constraints, HeadGrid, KeepPlan
 from cahp.models import cahp_home
 from cahp.outputs import write_json
+from cahp.reconstruction import MODES as RECONSTRUCT_MODES
+from cahp.reconstruction import check_reconstruction, post_surgery_steps
 from cahp.reporting.bench_report import (
     Metric,
     budget_label,
@@ -82,6 +84,7 @@ RESULT_KEYS = (
     "allow_empty_layers",
     "uniform_layers",
     "gqa_mode",
+    "reconstruct",
 )
 
 
@@ -114,6 +117,8 @@ class BenchConfig:
         eval_splits: splits evaluated after pruning and after recovery.
         eval_max_examples: evaluate on a stratified subset of each split (``None`` = all).
         allow_empty_layers, uniform_layers, gqa_mode: the constraints of every plan (see ``cahp prune``).
+        reconstruct: every cell's post-surgery reconstruction (``cahp prune --reconstruct``), fitted on the cell's
+            calibration: ``none``, ``bias``, ``scale`` or ``weights``.
         objective: ``classification`` (the default: ``model`` is a fine-tuned classifier, cells report accuracy) or
             ``causal-lm`` (``model`` is a causal LM: every method is fitted on the language-modelling loss of
             ``lm``'s calibration blocks, cells report perplexity on its evaluation blocks and the zero-shot accuracy
@@ -151,6 +156,7 @@ class BenchConfig:
     allow_empty_layers: bool = False
     uniform_layers: bool = False
     gqa_mode: str = "groups"
+    reconstruct: str = "none"
     objective: str = "classification"
     lm: LMOptions | None = None
     calibration_batch_size: int = 32
@@ -229,6 +235,10 @@ def _validate(config: BenchConfig) -> None:
     if not config.is_lm and config.lm is not None:
         raise CahpError(
             'bench config: "lm" sets the text of a "causal-lm" grid; give "objective": "causal-lm" or drop "lm"'
+        )
+    if config.reconstruct not in RECONSTRUCT_MODES:
+        raise CahpError(
+            f'bench config: "reconstruct" must be one of {", ".join(RECONSTRUCT_MODES)}, got {config.reconstruct!r}'
         )
     if not isinstance(config.methods, list) or not config.methods:
         raise CahpError('bench config: "methods" must list at least one method (`cahp methods` lists them)')
@@ -334,6 +344,7 @@ class _Bench:
         self.work = get_workload(config.objective)(config, progress)
         self.metric = grid_metric(record)  # what the cells record, under which key
         self.model, self.tokenizer = self.work.model, self.work.tokenizer
+        check_reconstruction(self.model, config.reconstruct)
         place(self.model)
         self.grid = HeadGrid.of(self.model)
         self.n_heads = self.grid.total
@@ -417,7 +428,9 @@ class _Bench:
         start = time.perf_counter()
         plan, fitted, cached = self.plan(method, seed, budget)
         planned = time.perf_counter()
-        outcome = execute(self.work, plan, self.settings_, StageCache(None, progress=False), before=dense)
+        sample_seed = self.config.calibration_seed + (seed if self.config.resample_calibration else 0)
+        settings = replace(self.settings_, post_surgery=post_surgery_steps(self.config.reconstruct, sample_seed))
+        outcome = execute(self.work, plan, settings, StageCache(None, progress=False), before=dense)
         end = time.perf_counter()
         recovery_run = outcome.recovery_run
         after_pruning = self._results(outcome.quality["pruned"]) if outcome.quality["pruned"] is not None else None

@@ -68,6 +68,7 @@ PRUNE_FIELDS: dict[str, tuple[str, ...]] = {
     "allow_empty_layers": ("allow_empty_layers",),
     "uniform_layers": ("uniform_layers",),
     "gqa_mode": ("gqa_mode",),
+    "reconstruct": ("reconstruct",),
     "seed": ("seed", "recovery.seed"),
     "calibration_size": ("calibration_size",),
     "calibration_batch_size": ("calibration_batch_size",),
@@ -267,6 +268,7 @@ def _add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     config_option(recovery, PRUNE["recovery_max_examples"], "recovery_max_examples")
     add_training_arguments(recovery, recovery=True)
     config_option(recovery, PRUNE["recovery_lora_rank"], "recovery_lora_rank")
+    config_option(recovery, PRUNE["reconstruct"], "reconstruct")
     objective = {**RECOVERY_OBJECTIVE.defaults(), **PRUNE_RECOVERY_OBJECTIVE}  # PruneConfig's recovery_objective
     for name, spec in RECOVERY_OBJECTIVE.items():
         config_option(recovery, spec, name, default=objective[name])
