@@ -467,6 +467,7 @@ class _Bench:
             "recovery_objective": self.config.recovery_objective.loss,
             **({"lora": recovery_run["lora"]} if "lora" in recovery_run else {}),
             "teacher": teacher,
+            **({"post_surgery": outcome.post_surgery} if outcome.post_surgery else {}),
             "seconds": {
                 "scoring": float(getattr(fitted, "fit_seconds_", 0.0)),
                 "selection": round(planned - start, 2),
