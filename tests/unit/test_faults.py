@@ -60,6 +60,7 @@ import torch
 
 from cahp.cli import main
 from tests.conftest import tiny_bert_folder, tiny_task_folder
+from tests.unit.test_distributed import one_thread
 
 REPO = Path(__file__).resolve().parents[2]
 #: How often the parent looks at the staging folder, and how long a child may take to reach its boundary.
@@ -205,17 +206,6 @@ WORKLOADS: dict[str, Callable[[dict[str, Path]], Workload]] = {
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch with one thread, as the subprocesses run it (OMP_NUM_THREADS=1): float sums depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_in_process(argv: Sequence[str]) -> int:
