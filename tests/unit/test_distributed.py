@@ -611,3 +611,33 @@ def test_an_early_failure_on_one_process_is_every_process_error(
     assert err.count("cahp: error:") == 2 and err.count("cannot read the model on this process") == 2
     assert "process 1 stopped with ModelNotFoundError" in err, "rank 0 stops with rank 1's error"
     assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing written, no lock left"
+
+
+@two_processes
+def test_two_process_reconstruction_equals_one_process(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--reconstruct weights`` under 2 processes: the Gram sums are all-reduced, so the per-layer errors and the
+    reconstructed model's accuracy are the one-process ones."""
+    import json
+
+    from cahp.cli import main
+
+    model, task = tiny_run
+
+    def argv(out: Path) -> list[str]:
+        arguments = _prune_argv(model, task, out)
+        arguments[arguments.index("--recovery-epochs") + 1] = "0"
+        return [*arguments, "--reconstruct", "weights", "--calibration-size", "24"]
+
+    (tmp_path / "argv").write_text("\n".join(argv(tmp_path / "two")))
+    main_result, other = run_two_processes("prune", tmp_path)
+    assert main_result["status"] == other["status"] == 0
+    with one_thread():
+        assert main(argv(tmp_path / "one")) == 0
+    two, one = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("two", "one"))
+    assert two["kept_heads_by_layer"] == one["kept_heads_by_layer"]
+    records = [report["post_surgery"]["reconstruction"] for report in (two, one)]
+    assert records[0]["tokens"] == records[1]["tokens"] > 0, "every calibration token counted once"
+    for two_layer, one_layer in zip(records[0]["layers"], records[1]["layers"], strict=True):
+        for key in ("error_before", "error_after"):
+            assert two_layer[key] == pytest.approx(one_layer[key], rel=1e-6, abs=1e-9), key
+    assert two["accuracy"]["after_pruning"]["test"]["accuracy"] == one["accuracy"]["after_pruning"]["test"]["accuracy"]
