@@ -395,7 +395,6 @@ def build_report(
 ) -> dict[str, Any]:
     """``report.json``: what every run records, then the workload's own sections (:meth:`Workload.report`)."""
     grid, plan = outcome.grid, outcome.plan
-    kv_kept = workload_kv_kept(outcome.model)
     calibration = outcome.calibration
     report: dict[str, Any] = {
         "model": config.model,
@@ -413,7 +412,7 @@ def build_report(
             "requested": plan.heads_requested,
             "kept": outcome.kept,
             "kv_total": grid.layers * grid.kv_heads,
-            "kv_kept": kv_kept,
+            "kv_kept": outcome.kv_kept,
             "gqa_mode": config.gqa_mode,
             "uniform_layers": config.uniform_layers,
         },
@@ -438,13 +437,6 @@ def build_report(
         }
     )
     return report
-
-
-def workload_kv_kept(model: Any) -> int:
-    """Key-value heads the pruned model has, in all."""
-    from cahp.surgery import kept_kv_heads_by_layer
-
-    return sum(len(heads) for heads in kept_kv_heads_by_layer(model).values())
 
 
 def _write_views(report: dict[str, Any], folder: Path, workload: Any) -> None:

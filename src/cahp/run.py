@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from transformers import PreTrainedModel
 
 from cahp import distributed
 from cahp.calibration import Calibration
@@ -28,7 +29,7 @@ from cahp.methods.plan import HeadGrid, KeepPlan
 from cahp.outputs import atomic_write, read_cache
 from cahp.runtime import on_cpu, place
 from cahp.stages import StageCache
-from cahp.surgery import heads_to_remove, kept_heads_by_layer, prune_heads
+from cahp.surgery import heads_to_remove, kept_heads_by_layer, kept_kv_heads_by_layer, prune_heads
 from cahp.surgery.removal import GqaMode
 from cahp.train.loop import TrainingConfig, set_seed, train_model
 from cahp.train.lora import add_lora, describe_lora, merge_lora
@@ -72,6 +73,7 @@ class RunOutcome:
         model: the pruned (and recovered) model.
         grid: the unpruned model's head grid.
         kept_heads_by_layer: the heads the pruned model has, per layer.
+        kept_kv_heads_by_layer: its key-value heads, per layer (the query heads without grouped-query attention).
         quality: ``{"before", "pruned", "recovered"}``: the workload's evaluation of the unpruned model, right
             after surgery (and post-surgery steps), and after recovery (``None`` without recovery).
         recovery_run: the recovery's record (history, seconds, teacher costs, LoRA), empty without recovery.
@@ -84,9 +86,10 @@ class RunOutcome:
     """
 
     plan: KeepPlan
-    model: torch.nn.Module
+    model: PreTrainedModel
     grid: HeadGrid
     kept_heads_by_layer: dict[int, list[int]]
+    kept_kv_heads_by_layer: dict[int, list[int]]
     quality: dict[str, Any]
     recovery_run: dict[str, Any]
     post_surgery: dict[str, Any]
@@ -99,6 +102,10 @@ class RunOutcome:
     @property
     def kept(self) -> int:
         return sum(len(heads) for heads in self.kept_heads_by_layer.values())
+
+    @property
+    def kv_kept(self) -> int:
+        return sum(len(heads) for heads in self.kept_kv_heads_by_layer.values())
 
 
 def execute(
@@ -164,6 +171,7 @@ def execute(
         model=pruned,
         grid=grid,
         kept_heads_by_layer=kept,
+        kept_kv_heads_by_layer=kept_kv_heads_by_layer(pruned),
         quality={"before": before, "pruned": pruned_quality, "recovered": recovered_quality},
         recovery_run=recovery_run,
         post_surgery=post_records,
@@ -192,7 +200,8 @@ def _recover(
         set_seed(settings.recovery.seed)
         start = time.perf_counter()
         loss = workload.recovery_loss(dense)
-        before = loss.costs() if loss is not None and hasattr(loss, "costs") else {}
+        costs = getattr(loss, "costs", None)  # a distillation loss reports what its teacher cost
+        before = costs() if costs is not None else {}
         trained = pruned if rank is None else add_lora(pruned, rank)
         history = train_model(
             trained,
@@ -215,10 +224,9 @@ def _recover(
                 atomic_write(merged, lambda path: torch.save({"model": pruned.state_dict()}, path))
         pruned.eval()
         record["seconds"] = round(time.perf_counter() - start, 2)
-        if loss is not None and hasattr(loss, "costs"):
-            costs = loss.costs()
-            record.update({key: round(value - before.get(key, 0), 2) for key, value in costs.items()})
-            setup = getattr(workload, "distillation_setup", None)
+        if costs is not None:  # this run's teacher work, and the one-time setup shared by every run of the loss
+            record.update({key: round(value - before.get(key, 0), 2) for key, value in costs().items()})
+            setup = getattr(loss, "setup_costs", None)
             if setup:
                 record["shared_setup"] = setup
         return record

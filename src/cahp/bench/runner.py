@@ -50,10 +50,9 @@ from cahp.reporting.bench_report import (
     planned_cells,
     write_bench_report,
 )
-from cahp.run import RunSettings, execute
+from cahp.run import RunOutcome, RunSettings, execute
 from cahp.runtime import place
 from cahp.stages import StageCache
-from cahp.surgery import kept_kv_heads_by_layer
 from cahp.train.distill import RecoveryObjective
 from cahp.train.finetune import TaskOptions
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed, set_seed
@@ -409,15 +408,14 @@ class _Bench:
         method_object = engine.fit(method, self.settings(method, seed), asked)
         return method_object.plan(asked, self.constraints), method_object, engine.last_fit_cached
 
-    def _kv_record(self, model: Any) -> dict[str, Any]:
+    def _kv_record(self, outcome: RunOutcome) -> dict[str, Any]:
         """Key-value heads kept and the KV cache's bytes per token of a pruned causal LM."""
         from cahp.evaluation.generation import kv_cache_bytes_per_token
 
-        kept = sum(len(heads) for heads in kept_kv_heads_by_layer(model).values())
         return {
-            "kv_kept": kept,
+            "kv_kept": outcome.kv_kept,
             "kv_total": self.grid.layers * self.grid.kv_heads,
-            "kv_bytes_per_token": kv_cache_bytes_per_token(model)["bytes_per_token"],
+            "kv_bytes_per_token": kv_cache_bytes_per_token(outcome.model)["bytes_per_token"],
         }
 
     # ---- cells -------------------------------------------------------------------------------------------
@@ -439,8 +437,8 @@ class _Bench:
         teacher: dict[str, Any] = {
             key: recovery_run[key] for key in ("teacher_seconds", "teacher_forwards") if key in recovery_run
         }
-        if teacher and self.config.objective == "classification":
-            teacher["shared_setup"] = recovery_run.get("shared_setup", getattr(self.work, "distillation_setup", {}))
+        if "shared_setup" in recovery_run:  # the classifier teacher's logit pass, once per grid
+            teacher["shared_setup"] = recovery_run["shared_setup"]
         record = plan.to_dict()
         record.pop("details")
         recovery_seconds = recovery_run.get("seconds", 0.0)
@@ -457,7 +455,7 @@ class _Bench:
             "kept_heads_by_layer": {str(layer): hs for layer, hs in outcome.kept_heads_by_layer.items()},
             "selected_heads_by_layer": {str(layer): hs for layer, hs in plan.kept_heads_by_layer.items()},
             "guardrail_heads": [list(h) for h in plan.guardrail_heads],
-            **(self._kv_record(outcome.model) if self.config.is_lm else {}),
+            **(self._kv_record(outcome) if self.config.is_lm else {}),
             "plan": record,
             "calibration": self.engine(seed).calibration.description,
             "budget_aware": bool(fitted.budget_aware),

@@ -304,12 +304,19 @@ class Distillation:
         self.teacher_logits: torch.Tensor | None = None  # [examples, classes], kd only
         self.teacher_seconds = 0.0
         self.teacher_forwards = 0
+        #: what :meth:`prepare` cost (``kd``'s logit pass), shared by every recovery that uses this loss
+        self.setup_costs: dict[str, Any] = {}
         self._layers: list[int] | None = None
 
     def prepare(self, tokenizer: Any, data: EncodedSplit, batch_size: int, progress: bool = False) -> None:
-        """``kd``: compute the teacher's logits for every training example once (deterministic batches)."""
-        if self.objective.loss != "kd":
-            return
+        """``kd``: compute the teacher's logits for every training example once (deterministic batches); records
+        what that cost in :attr:`setup_costs`."""
+        if self.objective.loss == "kd":
+            self._teacher_logits(tokenizer, data, batch_size, progress)
+        self.setup_costs = self.costs()
+
+    def _teacher_logits(self, tokenizer: Any, data: EncodedSplit, batch_size: int, progress: bool) -> None:
+        """``[examples, classes]`` logits of the teacher in length-sorted batches, kept in :attr:`teacher_logits`."""
         device = model_device(self.teacher)
         start = time.perf_counter()
         logits: torch.Tensor | None = None

@@ -38,7 +38,6 @@ from cahp.evaluation.prompted import default_prompt, evaluate_prompted
 from cahp.methods.plan import Budget
 from cahp.models import load_causal_lm
 from cahp.settings import LM
-from cahp.surgery import kept_kv_heads_by_layer
 from cahp.surgery.autoload import save_pruned, stock_config_dict
 from cahp.train.distill import LanguageModelDistillation, LossFn, objective_loss
 from cahp.train.finetune import subsample
@@ -312,7 +311,7 @@ class CausalLMWorkload(Workload):
                 },
             },
             "kept_kv_heads_by_layer": {
-                str(layer): heads for layer, heads in sorted(kept_kv_heads_by_layer(outcome.model).items())
+                str(layer): heads for layer, heads in sorted(outcome.kept_kv_heads_by_layer.items())
             },
             "quality": {"dense": quality["before"], "pruned": quality["pruned"], "recovered": quality["recovered"]},
             "after": after,

@@ -58,8 +58,6 @@ class ClassificationWorkload(Workload):
             )
         self._recovery_data: EncodedSplit | None = None
         self._distillation: Distillation | None = None
-        #: the teacher's one-time costs (``kd``'s logit pass), shared by every run of this workload
-        self.distillation_setup: dict[str, Any] = {}
 
     def check_model(self, config: Any) -> None:
         positions = getattr(self.model.config, "max_position_embeddings", None)
@@ -110,7 +108,6 @@ class ClassificationWorkload(Workload):
             self._distillation = build_recovery_loss(
                 objective, teacher, self.tokenizer, self.recovery_data(), EVAL_BATCH_SIZE, self.progress
             )
-            self.distillation_setup = self._distillation.costs() if self._distillation else {}
         return self._distillation
 
     def measure(self, dense: PreTrainedModel, pruned: PreTrainedModel) -> dict[str, Any]:
