@@ -101,7 +101,9 @@ def method_budget_settings(
     if not method_info(name).budget_aware:
         return dict(settings)
     if budget is None or budget.is_auto:
-        raise CahpError(f"method {name!r} is fitted for a number of heads: give a budget with --keep K or --sparsity S")
+        raise CahpError(
+            f"method {name!r} is fitted for a number of heads: give a budget (--keep, --sparsity, --flops or --latency)"
+        )
     return {**settings, "keep": budget.heads(grid.total)}
 
 
@@ -131,6 +133,8 @@ class Engine:
         self._calibration_fingerprint: str | None = None
         self._fitted: dict[str, PruningMethod] = {}
         self._processes_checked = False
+        self._costs: dict[tuple[str, str | None], Any] = {}
+        self._typical_length: int | None = None
         #: whether the last :meth:`fit` reused a fit (from memory or the cache) instead of computing it
         self.last_fit_cached = False
 
@@ -189,7 +193,62 @@ class Engine:
         self, name: str, settings: dict[str, Any], budget: Budget, constraints: Constraints | None = None
     ) -> KeepPlan:
         """Fit ``name`` (or reuse it) and return its keep-plan for ``budget`` under ``constraints``."""
-        return self.fit(name, settings, budget).plan(budget, constraints or Constraints())
+        return self.plan_and_method(name, settings, budget, constraints)[0]
+
+    def plan_and_method(
+        self, name: str, settings: dict[str, Any], budget: Budget, constraints: Constraints | None = None
+    ) -> tuple[KeepPlan, PruningMethod]:
+        """The keep-plan of :meth:`plan` and the fitted method that made it.
+
+        A ``flops=F`` / ``latency=L`` budget becomes the most heads whose plan costs at most that share
+        (:func:`cahp.methods.cost.plan_within`); a budget-aware method is fitted for the count at which any placement
+        fits. Every plan's details give its FLOPs share at the task's typical length (``budget_cost``), so a
+        report states the budget both as heads and as FLOPs (and as predicted latency under a latency budget).
+        """
+        from cahp.methods.cost import cost_shares, placement_plan, plan_within
+
+        constraints = constraints or Constraints()
+        if not budget.is_cost:
+            method = self.fit(name, settings, budget)
+            plan = method.plan(budget, constraints)
+            plan.details["budget_cost"] = cost_shares(plan, self.cost("flops", constraints))
+            return plan, method
+        cost = self.cost(budget.mode, constraints)
+        if method_info(name).budget_aware:
+            placed = plan_within(
+                budget, lambda k: placement_plan(k, self.grid, constraints), self.grid, constraints, cost
+            )
+            heads = Budget.keep(placed.heads_requested)
+            method = self.fit(name, settings, heads)
+            plan = method.plan(heads, constraints)
+            plan.budget = budget
+        else:
+            method = self.fit(name, settings, budget)
+            plan = plan_within(budget, lambda k: method.plan(Budget.keep(k), constraints), self.grid, constraints, cost)
+        extra = () if cost.kind == "flops" else (cost,)
+        plan.details["budget_cost"] = {
+            "kind": cost.kind,
+            "asked": budget.value,
+            **cost_shares(plan, self.cost("flops", constraints), *extra),
+        }
+        return plan, method
+
+    def cost(self, kind: str, constraints: Constraints) -> Any:
+        """The model's :class:`~cahp.methods.cost.FlopsCost` at the calibration's typical length, or its
+        :class:`~cahp.methods.cost.LatencyCost` at the calibration batch size (measured once per constraints)."""
+        from cahp.methods.cost import FlopsCost, LatencyCost, typical_length
+
+        key = (kind, constraints.gqa if kind == "latency" else None)
+        if key not in self._costs:
+            if self._typical_length is None:
+                self._typical_length = typical_length(self.model, self.calibration)
+            if kind == "flops":
+                self._costs[key] = FlopsCost(self.model, self._typical_length)
+            else:
+                batch, length = self.calibration.batch_size, self._typical_length
+                self.say(f"measuring the latency table (batches of {batch} x {length} tokens)")
+                self._costs[key] = LatencyCost(self.model, constraints, batch, length)
+        return self._costs[key]
 
     def _key(self, name: str, settings: dict[str, Any]) -> str:
         payload = json.dumps(

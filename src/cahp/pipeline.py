@@ -66,8 +66,9 @@ class PruneConfig:
         method: a registered method (``cahp methods`` lists them): ``cahp`` or any head scorer (global top-K).
         method_settings: that method's settings (for example ``{"steps": 400}`` for ``l0``, ``{"metric":
             "bhattacharyya"}`` for ``cahp``); ``seed`` defaults to :attr:`seed`.
-        budget: ``"auto"`` (the method finds its own head count, like CAHP's knee), ``"keep=K"`` or
-            ``"sparsity=S"`` (share of heads removed).
+        budget: ``"auto"`` (the method finds its own head count, like CAHP's knee), ``"keep=K"``,
+            ``"sparsity=S"`` (share of heads removed), ``"flops=F"`` or ``"latency=L"`` (the most heads whose plan
+            costs at most that share of the unpruned model: :mod:`cahp.methods.cost`).
         allow_empty_layers: let a layer lose every head.
         uniform_layers: keep the same number of heads in every layer.
         gqa_mode: grouped-query attention: ``groups`` (whole key-value groups) or ``uniform`` (the same number of
@@ -188,7 +189,7 @@ class PruneConfig:
         if self.reconstruct not in PRUNE["reconstruct"].choices:  # type: ignore[operator]
             raise CahpError(f"reconstruct must be one of none, bias, scale, weights, got {self.reconstruct!r}")
         if not isinstance(self.budget, str):
-            raise CahpError(f"budget must be 'auto', 'keep=K' or 'sparsity=S', got {self.budget!r}")
+            raise CahpError(f"budget must be auto, keep=K, sparsity=S, flops=F or latency=L, got {self.budget!r}")
         check_counts(
             self,
             ("calibration_size", "recovery_max_examples", "eval_max_examples", "recovery_lora_rank"),
@@ -237,8 +238,8 @@ def check_config(config: PruneConfig) -> tuple[Budget, Constraints]:
         )
     if budget.is_auto and not info.finds_own_budget:
         raise CahpError(
-            f"method {config.method!r} has no automatic head count: give a budget with --keep K or --sparsity S "
-            "(`cahp methods` says which methods find their own)"
+            f"method {config.method!r} has no automatic head count: give a budget with --keep, --sparsity, --flops or "
+            "--latency (`cahp methods` says which methods find their own)"
         )
     settings = config.settings()
     if info.budget_aware and not budget.is_auto:
@@ -255,7 +256,7 @@ def check_config(config: PruneConfig) -> tuple[Budget, Constraints]:
 def check_fits_model(config: PruneConfig, budget: Budget, grid: HeadGrid) -> None:
     """Refuse what the loaded model cannot do, before any work: ``keep=K`` above its head count, or relation
     layers it does not have."""
-    if not budget.is_auto:
+    if not budget.is_auto and not budget.is_cost:
         budget.heads(grid.total)
     if config.recovery_objective.loss == "kd-relations" and config.training.epochs > 0:
         config.recovery_objective.layers(grid.layers)
@@ -411,6 +412,8 @@ def build_report(
             "total": grid.total,
             "requested": plan.heads_requested,
             "kept": outcome.kept,
+            "budget": plan.budget.label(),
+            "flops_share": plan.details.get("budget_cost", {}).get("flops_share"),
             "kv_total": grid.layers * grid.kv_heads,
             "kv_kept": outcome.kv_kept,
             "gqa_mode": config.gqa_mode,

@@ -225,7 +225,7 @@ PRUNE = FieldSpecs(
             "the budget as text, e.g. to replay a run with --budget auto",
             "auto",
             type="budget_text",
-            metavar="{auto,keep=K,sparsity=S}",
+            metavar="{auto,keep=K,sparsity=S,flops=F,latency=L}",
             shown="{default}, see --keep",
         ),
         "allow_empty_layers": FieldSpec("a layer may lose every head", False),

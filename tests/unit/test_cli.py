@@ -263,7 +263,7 @@ EXPECTED_OPTIONS: dict[tuple[str, str], tuple[str, str | None, str | None, list[
     ("prune", "--budget"): (
         "budget",
         "budget_text",
-        "{auto,keep=K,sparsity=S}",
+        "{auto,keep=K,sparsity=S,flops=F,latency=L}",
         None,
         "the budget as text, e.g. to replay a run with --budget auto (default: auto, see --keep)",
     ),

@@ -38,6 +38,7 @@ SCORER_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gradient-empty": ("gradient", {"batch_size": 32}),
     "hies": ("hies", {"batch_size": 4}),
     "fisher": ("fisher", {"max_examples": 12}),
+    "kwon": ("kwon", {"max_examples": 12}),
     "attattr": ("attattr", {"steps": 2, "batch_size": 4, "max_examples": 10}),
     "l0": ("l0", {"steps": 6, "batch_size": 5}),
     "l0-empty": ("l0", {"steps": 4, "batch_size": 1}),
@@ -50,7 +51,7 @@ SCORER_CASES: dict[str, tuple[str, dict[str, Any]]] = {
 def test_every_builtin_scorer_has_a_case() -> None:
     from cahp.scoring import BUILTIN_SCORERS
 
-    assert {name for name, _ in SCORER_CASES.values()} == set(BUILTIN_SCORERS)
+    assert {name for name, _ in SCORER_CASES.values()} == {*BUILTIN_SCORERS, "kwon"}  # kwon: Fisher blocks
 
 
 # ---- helpers that run in every process ----------------------------------------------------------------------

@@ -97,7 +97,9 @@ class BenchConfig:
         out: output folder (cells, fitted methods, summary, plots).
         task: the task options (``cahp finetune``'s); a string is the task name.
         methods: registered methods (``cahp methods``).
-        budgets: fractions of heads KEPT in ``(0, 1]`` and/or ``"knee"`` (the auto budget: see the module docs).
+        budgets: fractions of heads KEPT in ``(0, 1]``, ``"knee"`` (the auto budget: see the module docs) and/or
+            cost budgets ``"flops=F"`` / ``"latency=L"`` (the most heads whose plan costs at most that share of the
+            dense model: :mod:`cahp.methods.cost`).
         seeds: the seeds of every method.
         deterministic_seeds: without ``resample_calibration``: how many of ``seeds`` a deterministic method runs.
         calibration_size, calibration_seed: the calibration examples (stratified subset of the calibration split;
@@ -246,7 +248,7 @@ def _validate(config: BenchConfig) -> None:
     if unknown:
         raise CahpError(f'bench config: unknown method(s) {unknown} in "methods"; available: {", ".join(registered)}')
     if not isinstance(config.budgets, list) or not config.budgets:
-        raise CahpError('bench config: "budgets" must list fractions of heads kept in (0, 1] and/or "knee"')
+        raise CahpError('bench config: "budgets" must list fractions of heads kept in (0, 1], "knee" or "flops=F"')
     for budget in config.budgets:
         if budget == KNEE:
             if not any(registered[m].finds_own_budget for m in config.methods):
@@ -254,9 +256,12 @@ def _validate(config: BenchConfig) -> None:
                 raise CahpError(
                     f'bench config: budget "knee" needs a method that finds its own head count ({", ".join(own)})'
                 )
+        elif isinstance(budget, str):
+            if not Budget.parse(budget).is_cost:
+                raise CahpError(f'bench config: a text budget is "knee", "flops=F" or "latency=L", got {budget!r}')
         elif isinstance(budget, bool) or not isinstance(budget, int | float) or not 0.0 < float(budget) <= 1.0:
             raise CahpError(
-                f'bench config: "budgets" holds fractions of heads kept in (0, 1] or "knee", got {budget!r}'
+                f'bench config: "budgets" holds fractions of heads kept in (0, 1], "knee" or "flops=F", got {budget!r}'
             )
     if not isinstance(config.seeds, list) or not config.seeds or not all(isinstance(s, int) for s in config.seeds):
         raise CahpError('bench config: "seeds" must list at least one whole number')
@@ -397,6 +402,8 @@ class _Bench:
         return plan.heads_requested
 
     def budget_for(self, method: str, seed: int, budget: Budget_) -> Budget:
+        if isinstance(budget, str) and budget != KNEE:
+            return Budget.parse(budget)
         if budget != KNEE:
             return Budget.keep(_kept_fraction_heads(float(budget), self.n_heads))
         return Budget.auto() if method_info(method).finds_own_budget else Budget.keep(self.auto_heads(seed))
@@ -405,8 +412,8 @@ class _Bench:
         """The keep-plan of one cell, the fitted method, and whether the fit came from the cache."""
         engine = self.engine(seed)
         asked = self.budget_for(method, seed, budget)
-        method_object = engine.fit(method, self.settings(method, seed), asked)
-        return method_object.plan(asked, self.constraints), method_object, engine.last_fit_cached
+        plan, method_object = engine.plan_and_method(method, self.settings(method, seed), asked, self.constraints)
+        return plan, method_object, engine.last_fit_cached
 
     def _kv_record(self, outcome: RunOutcome) -> dict[str, Any]:
         """Key-value heads kept and the KV cache's bytes per token of a pruned causal LM."""
@@ -440,13 +447,13 @@ class _Bench:
         if "shared_setup" in recovery_run:  # the classifier teacher's logit pass, once per grid
             teacher["shared_setup"] = recovery_run["shared_setup"]
         record = plan.to_dict()
-        record.pop("details")
+        details = record.pop("details")
         recovery_seconds = recovery_run.get("seconds", 0.0)
         return {
             "method": method,
             "seed": seed,
             "budget": budget_label(budget),
-            "budget_fraction": None if budget == KNEE else float(budget),
+            "budget_fraction": None if isinstance(budget, str) else float(budget),
             "keep": plan.heads_requested,
             "heads_total": self.n_heads,
             "layers": self.grid.layers,
@@ -455,6 +462,7 @@ class _Bench:
             "kept_heads_by_layer": {str(layer): hs for layer, hs in outcome.kept_heads_by_layer.items()},
             "selected_heads_by_layer": {str(layer): hs for layer, hs in plan.kept_heads_by_layer.items()},
             "guardrail_heads": [list(h) for h in plan.guardrail_heads],
+            "budget_cost": details.get("budget_cost"),
             **(self._kv_record(outcome) if self.config.is_lm else {}),
             "plan": record,
             "calibration": self.engine(seed).calibration.description,

@@ -33,7 +33,11 @@ def methods(args: argparse.Namespace) -> int:
     from cahp.methods.base import ENTRY_POINT_GROUP, available_methods
 
     for info in available_methods().values():
-        budget = "finds its own budget (auto) or takes one" if info.finds_own_budget else "needs --keep or --sparsity"
+        budget = (
+            "finds its own budget (auto) or takes one"
+            if info.finds_own_budget
+            else "needs a budget (--keep, --sparsity, --flops, --latency)"
+        )
         print(f"{info.name:<12} {_plain(info.description)}")
         settings = ", ".join(name for name in info.settings if name != "seed") or "none"
         print(f"{'':<12} {info.kind}; {budget}; settings: {settings}")

@@ -129,7 +129,7 @@ METAVARS: dict[Callable[[str], Any], str] = {
 
 
 def budget_text(text: str) -> str:
-    """``auto``, ``keep=K`` or ``sparsity=S``, checked and normalised."""
+    """``auto``, ``keep=K``, ``sparsity=S``, ``flops=F`` or ``latency=L``, checked and normalised."""
     from cahp.methods.plan import Budget
 
     try:

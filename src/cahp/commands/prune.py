@@ -178,6 +178,23 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"remove this share of the heads, strictly between 0 and 1 (default: {auto}, see --keep)",
     )
+    exclusive.add_argument(
+        "--flops",
+        type=fraction_up_to_one,
+        default=None,
+        metavar="F",
+        help="keep the most heads whose model costs at most this share of the unpruned model's FLOPs at the task's "
+        "typical length (the calibration examples' mean; attention is only part of a model, so there is a floor: "
+        f"the error says it) (default: {auto}, see --keep)",
+    )
+    exclusive.add_argument(
+        "--latency",
+        type=fraction_up_to_one,
+        default=None,
+        metavar="L",
+        help="keep the most heads whose model's latency, predicted from a lookup table measured on this machine at "
+        f"the calibration batch shape, is at most this share of the unpruned model's (default: {auto}, see --keep)",
+    )
     config_option(exclusive, PRUNE["budget"], "budget")
     for name in ("allow_empty_layers", "uniform_layers", "gqa_mode"):
         config_option(budget, PRUNE[name], name)
@@ -474,12 +491,13 @@ def _set_setting(settings: dict[str, Any], keys: tuple[str, ...], value: Any) ->
 
 
 def _with_budget(config: Any, args: argparse.Namespace) -> Any:
-    """``config`` with the budget given by ``--keep`` / ``--sparsity`` (unchanged when neither is; ``--budget`` is
-    an option of :data:`PRUNE_FIELDS`, and the three exclude each other)."""
+    """``config`` with the budget given by ``--keep`` / ``--sparsity`` / ``--flops`` / ``--latency`` (unchanged when
+    none is; ``--budget`` is an option of :data:`PRUNE_FIELDS`, and the five exclude each other)."""
     from cahp.methods.plan import Budget
 
-    if args.keep is not None or args.sparsity is not None:
-        return dataclasses.replace(config, budget=Budget.from_options(args.keep, args.sparsity).label())
+    given = (args.keep, args.sparsity, args.flops, args.latency)
+    if any(value is not None for value in given):
+        return dataclasses.replace(config, budget=Budget.from_options(*given).label())
     return config
 
 

@@ -1,7 +1,8 @@
 """Budgets, constraints and the keep-plan every method returns.
 
 * :class:`Budget`: how many heads to keep — ``auto`` (a method that finds its own count, like CAHP's knee),
-  ``keep=K`` or ``sparsity=S`` (share of heads removed).
+  ``keep=K``, ``sparsity=S`` (share of heads removed), or a cost: ``flops=F`` / ``latency=L`` (the most heads whose
+  plan costs at most that share of the unpruned model's FLOPs or measured latency; :mod:`cahp.methods.cost`).
 * :class:`Constraints`: what shapes of pruning are allowed — at least ``min_heads_per_layer`` heads per
   layer (default 1; 0 lets a layer lose every head), the same count in every layer (``uniform_layers``),
   and for grouped-query attention whole key-value groups (``gqa="groups"``) or the same count in every
@@ -20,7 +21,9 @@ from typing import Any, Literal
 
 from cahp.errors import CahpError
 
-BudgetMode = Literal["auto", "keep", "sparsity"]
+BudgetMode = Literal["auto", "keep", "sparsity", "flops", "latency"]
+#: Budgets given as a share of a cost of the unpruned model, resolved to a head count by :mod:`cahp.methods.cost`.
+COST_MODES = ("flops", "latency")
 GqaConstraint = Literal["groups", "uniform"]
 
 
@@ -56,20 +59,27 @@ class HeadGrid:
 
 @dataclass(frozen=True)
 class Budget:
-    """How many heads to keep. Build with :meth:`auto`, :meth:`keep`, :meth:`sparsity` or :meth:`parse`."""
+    """How many heads to keep. Build with :meth:`auto`, :meth:`keep`, :meth:`sparsity`, :meth:`cost` or
+    :meth:`parse`."""
 
     mode: BudgetMode = "auto"
     value: float | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "keep", "sparsity"):
-            raise CahpError(f"a budget is auto, keep=K or sparsity=S, got mode {self.mode!r}")
+        if self.mode not in ("auto", "keep", "sparsity", *COST_MODES):
+            raise CahpError(f"a budget is auto, keep=K, sparsity=S, flops=F or latency=L, got mode {self.mode!r}")
         if self.mode == "auto" and self.value is not None:
             raise CahpError("an auto budget takes no value")
         if self.mode == "keep" and (self.value is None or int(self.value) != self.value or self.value < 1):
             raise CahpError(f"keep=K needs a whole number of heads of at least 1, got {self.value!r}")
         if self.mode == "sparsity" and (self.value is None or not 0.0 < float(self.value) < 1.0):
             raise CahpError(f"sparsity=S is the share of heads removed, strictly between 0 and 1, got {self.value!r}")
+        if self.mode in COST_MODES and (
+            isinstance(self.value, bool) or not isinstance(self.value, int | float) or not 0.0 < self.value <= 1.0
+        ):
+            raise CahpError(
+                f"{self.mode}=F is the share of the unpruned model's {self.mode} to keep, in (0, 1], got {self.value!r}"
+            )
 
     @classmethod
     def auto(cls) -> Budget:
@@ -84,8 +94,13 @@ class Budget:
         return cls("sparsity", float(share_removed))
 
     @classmethod
+    def cost(cls, mode: str, share: float) -> Budget:
+        """``flops=F`` or ``latency=L``: keep the most heads whose plan costs at most ``share`` of the dense model's."""
+        return cls(mode, float(share))  # type: ignore[arg-type]
+
+    @classmethod
     def parse(cls, text: str) -> Budget:
-        """``"auto"``, ``"keep=K"`` or ``"sparsity=S"``."""
+        """``"auto"``, ``"keep=K"``, ``"sparsity=S"``, ``"flops=F"`` or ``"latency=L"``."""
         mode, _, raw = text.strip().partition("=")
         if mode == "auto" and not raw:
             return cls.auto()
@@ -94,22 +109,40 @@ class Budget:
                 return cls.keep(int(raw))
             if mode == "sparsity":
                 return cls.sparsity(float(raw))
+            if mode in COST_MODES:
+                return cls.cost(mode, float(raw))
         except ValueError:
             pass
-        raise CahpError(f"a budget is 'auto', 'keep=K' or 'sparsity=S', got {text!r}")
+        raise CahpError(f"a budget is 'auto', 'keep=K', 'sparsity=S', 'flops=F' or 'latency=L', got {text!r}")
 
     @classmethod
-    def from_options(cls, keep: int | None = None, sparsity: float | None = None) -> Budget:
-        """The budget of ``--keep`` / ``--sparsity`` (neither: auto)."""
-        if keep is not None and sparsity is not None:
-            raise CahpError("give either --keep or --sparsity, not both")
-        if keep is not None:
-            return cls.keep(keep)
-        return cls.sparsity(sparsity) if sparsity is not None else cls.auto()
+    def from_options(
+        cls,
+        keep: int | None = None,
+        sparsity: float | None = None,
+        flops: float | None = None,
+        latency: float | None = None,
+    ) -> Budget:
+        """The budget of ``--keep`` / ``--sparsity`` / ``--flops`` / ``--latency`` (none of them: auto)."""
+        options = {"keep": keep, "sparsity": sparsity, "flops": flops, "latency": latency}
+        given = {name: float(value) for name, value in options.items() if value is not None}
+        if len(given) > 1:
+            raise CahpError(f"give one budget, not {' and '.join('--' + name for name in given)}")
+        if not given:
+            return cls.auto()
+        ((mode, value),) = given.items()
+        if mode == "keep":
+            return cls.keep(int(value))
+        return cls.sparsity(value) if mode == "sparsity" else cls.cost(mode, value)
 
     @property
     def is_auto(self) -> bool:
         return self.mode == "auto"
+
+    @property
+    def is_cost(self) -> bool:
+        """A ``flops=F`` or ``latency=L`` budget: its head count depends on the model and the method's plans."""
+        return self.mode in COST_MODES
 
     def heads(self, total: int) -> int:
         """Heads to keep out of ``total`` (``sparsity``: ``round((1 - S) * total)`` half up, at least 1).
@@ -119,6 +152,11 @@ class Budget:
         """
         if self.mode == "auto":
             raise CahpError("an auto budget has no head count of its own: the method finds it")
+        if self.is_cost:
+            raise CahpError(
+                f"a {self.mode} budget has no head count of its own: cahp.methods.cost.plan_within finds it from the "
+                "method's plans"
+            )
         if self.mode == "keep":
             if int(self.value) > total:  # type: ignore[arg-type]
                 raise CahpError(f"keep={int(self.value)} is more than the model's {total} heads")  # type: ignore[arg-type]

@@ -54,7 +54,8 @@ class TopK(PruningMethod):
         grid = self.check_fitted()
         if budget.is_auto:
             raise CahpError(
-                f"method {self.name!r} has no automatic head count: give a budget (--keep K or --sparsity S); "
+                f"method {self.name!r} has no automatic head count: give a budget (--keep, --sparsity, --flops or "
+                "--latency); "
                 "`cahp methods` lists the methods that find their own"
             )
         heads = budget.heads(grid.total)

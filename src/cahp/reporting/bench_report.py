@@ -76,8 +76,11 @@ LEGACY_SHARED_FIT = "cahp_shared.json"  # CAHP's signatures and salience, comput
 
 
 def budget_label(budget: float | str) -> str:
-    """A budget as cell files and tables name it: ``"knee"`` or the kept fraction (``0.3``)."""
-    return "knee" if budget == "knee" else f"{float(budget):g}"
+    """A budget as cell files and tables name it: ``"knee"``, a cost budget (``"flops=0.7"``) or the kept fraction
+    (``0.3``)."""
+    if isinstance(budget, str):
+        return budget if budget == "knee" or "=" in budget else f"{float(budget):g}"
+    return f"{float(budget):g}"
 
 
 def focus_method(config: dict[str, Any]) -> str | None:

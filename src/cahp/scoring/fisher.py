@@ -15,6 +15,7 @@ Seed: it only draws the subset when the calibration set has more than ``max_exam
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,11 +57,22 @@ class FisherScorer(HeadScorer):
         self.max_examples = max_examples
 
     def _score(self, model: PreTrainedModel, calibration: Calibration) -> np.ndarray:
-        examples = calibration.subset(self.max_examples, self.seed)
-        gates = torch.ones(*head_grid(model), device=model_device(model), requires_grad=True)
-        fisher = torch.zeros(gates.shape, dtype=torch.float64)
-        with head_mask(model, gates):
-            for batch in examples.batches(self.batch_size):
-                (gradient,) = torch.autograd.grad(examples.loss(model, batch), gates)
-                fisher += gradient.double().pow(2).cpu()
+        fisher = torch.zeros(head_grid(model), dtype=torch.float64)
+        for gradient in mask_gradients(model, calibration, self.batch_size, self.max_examples, self.seed):
+            fisher += gradient.pow(2)
         return distributed.all_reduce_sum(fisher).numpy()  # this process's batches -> every process's
+
+
+def mask_gradients(
+    model: PreTrainedModel, calibration: Calibration, batch_size: int, max_examples: int | None, seed: int
+) -> Iterator[torch.Tensor]:
+    """``dL(batch) / dm`` ``[layers, heads]`` float64 on the CPU for each of this process's batches of ``batch_size``
+    examples of a seeded subset of at most ``max_examples`` calibration examples (gates ``m = 1`` on every head's
+    context, weights frozen): the statistics of the mask Fisher information (diagonal: :class:`FisherScorer`; per
+    layer blocks: ``kwon``)."""
+    examples = calibration.subset(max_examples, seed)
+    gates = torch.ones(*head_grid(model), device=model_device(model), requires_grad=True)
+    with head_mask(model, gates):
+        for batch in examples.batches(batch_size):
+            (gradient,) = torch.autograd.grad(examples.loss(model, batch), gates)
+            yield gradient.double().cpu()
