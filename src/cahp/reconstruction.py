@@ -2,20 +2,24 @@
 pruned layer's attention output matches the unpruned layer's (``--reconstruct none|bias|scale|weights``).
 
 For every layer ``l``, bottom up, the step accumulates over the calibration batches (the ``Calibration`` the method
-was fitted on; padding excluded through the batch's ``attention_mask``), in float64 and without storing any
-activation, the statistics of the UNPRUNED layer's concatenated head contexts ``c`` ``[D]`` (``D`` = heads *
+was fitted on; padding excluded through the batch's ``attention_mask``), in float64 and without keeping any
+activation in memory, the statistics of the UNPRUNED layer's concatenated head contexts ``c`` ``[D]`` (``D`` = heads *
 head_dim, the input of its output projection):
 
 * ``G = sum_t c_t c_t^T`` ``[D, D]``, ``s = sum_t c_t`` ``[D]`` and the token count ``n``.
 
-The inputs are the PRUNED model's own: the pruned model runs on each batch up to layer ``l`` (layers below already
-reconstructed; the forward stops there), a forward pre-hook on its attention module takes that module's arguments
-(the hidden states ``[batch, seq, hidden]``, masks, position embeddings, MPNet's unsliced position bias) and calls
-the unpruned layer's attention module with them; its context is read at the input of its output projection (or is
-the attention module's output where the projection sits outside it: BERT). A kept head's context is the same in
-both layers on the same input, so the pruned layer's output is ``W_o[:, K] c_K + b_o`` and the target
-``Y = W_o c + b_o``: every fit and every error below is a function of ``(G, s, n)`` alone. The sums are
-all-reduced across processes (:func:`cahp.distributed.all_reduce_sums`), so ``torchrun`` equals one process.
+The inputs are the PRUNED model's own (layers below ``l`` already reconstructed), kept on disk one layer at a
+time (:class:`LayerInputs`, a temporary folder removed at the end, also on error): one capture pass of the pruned
+model records, for each batch, every layer's call arguments except the hidden states (masks, position embeddings and
+ids, MPNet's unsliced position bias; caches dropped; the objects that layers share are stored once) and layer 0's
+input hidden states ``[batch, seq, hidden]``. For layer ``l``, the pruned layer runs on each stored input until a
+forward pre-hook on its attention module takes that module's arguments and calls the unpruned layer's attention
+module with them; its context is read at the input of its output projection (or is the attention module's output
+where the projection sits outside it: BERT). Once fitted, the pruned layer runs on each stored input and its output
+replaces it: layer ``l + 1``'s input. A kept head's context is the same in both layers on the same input, so the
+pruned layer's output is ``W_o[:, K] c_K + b_o`` and the target ``Y = W_o c + b_o``: every fit and every error below
+is a function of ``(G, s, n)`` alone. The sums are all-reduced across processes
+(:func:`cahp.distributed.all_reduce_sums`), so ``torchrun`` equals one process.
 
 Modes (``K``: the kept heads' columns, ``R``: the removed ones, ``mu = s / n``):
 
@@ -32,21 +36,29 @@ number exceeds :data:`MAX_CONDITION`, or whose result would raise the layer's er
 and the record says so. The record holds, per layer, the relative error ``sum ||Y_hat - Y||^2 / sum ||Y||^2`` on
 the calibration tokens before and after.
 
-Cost: the pruned model runs up to layer ``l`` for every ``l`` (about ``(L + 1) / 2`` forward passes over the
-calibration data) plus one unpruned attention module per layer; the solves are ``D x D``.
+Cost (recorded as ``layer_calls`` and ``forward_passes``): the capture pass runs the pruned model up to its last
+layer; each layer then runs once up to its attention module, plus the unpruned attention module (statistics), and,
+except the last, once more whole (to advance the inputs). Counting every layer call as a whole layer that is
+``(3 L - 2) / L`` forward passes (under 3), really about 2 passes of the pruned model plus the attention modules of
+one unpruned pass. The solves are ``D x D``. Memory holds one batch's activations; the disk holds one layer's input
+hidden states and the layers' arguments for the whole calibration set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from cahp import distributed
 from cahp.adapters import get_adapter
@@ -122,17 +134,152 @@ def post_surgery_steps(reconstruct: str, sample_seed: int) -> tuple[tuple[str, P
 
 
 class _Stop(Exception):
-    """Raised by the capture hook: the pruned model's forward need not go past the layer being fitted."""
+    """Raised by a forward pre-hook: the forward need not go further (the capture pass at the last layer, a
+    statistics call at the layer's attention module)."""
+
+
+@dataclass(frozen=True)
+class _LayerCall:
+    """One layer's call arguments without its hidden states.
+
+    Attributes:
+        args: the positional arguments after the hidden states (all of them where those came by keyword).
+        kwargs: the keyword arguments, ``hidden_states`` left out.
+        keyword: the hidden states came as ``hidden_states=`` (else as the first positional argument).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    keyword: bool
+
+    def with_hidden(self, hidden: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of the call on ``hidden`` ``[batch, seq, hidden]``."""
+        if self.keyword:
+            return self.args, {**self.kwargs, "hidden_states": hidden}
+        return (hidden, *self.args), self.kwargs
+
+
+class LayerInputs:
+    """Each of this process's calibration batches' input to one layer of the pruned model, on disk, advanced one
+    layer at a time (module docs).
+
+    ``folder`` holds per batch ``i``: ``calls-i.pt``, written once by :meth:`capture`, with the batch's attention
+    mask ``[batch, seq]`` (``None`` without one) and every layer's :class:`_LayerCall` (an argument that several
+    layers get as the same object is pickled once and loads as one object); and ``hidden-i.pt``, the current
+    layer's input hidden states ``[batch, seq, hidden]``, replaced by :meth:`advance`.
+
+    Attributes:
+        layers: the pruned model's layer modules.
+        batches: batches stored.
+        layer_calls: layer-module calls per stage: ``capture`` (whole layers run by the capture pass),
+            ``statistics`` (layers run up to their attention module, :func:`layer_statistics`), ``advance`` (whole
+            layers).
+    """
+
+    def __init__(self, model: PreTrainedModel, folder: Path) -> None:
+        adapter = get_adapter(model)
+        self.layers = adapter.layer_modules(model)
+        self.batches = 0
+        self.layer_calls = {"capture": 0, "statistics": 0, "advance": 0}
+        self._model = model
+        self._folder = folder
+        self._cache_arguments = adapter.cache_arguments
+
+    @torch.no_grad()
+    def capture(self, calibration: Calibration) -> None:
+        """Run the model once on every batch (this process's share), stopping at the last layer's pre-hook, and
+        store each batch's layer arguments and layer 0's hidden states.
+
+        Caches are dropped (an argument that is a :class:`transformers.Cache`, or is named in the adapter's
+        ``cache_arguments``, becomes ``None``; ``use_cache`` is left out): the layers are called again, once each.
+
+        Raises:
+            ReconstructionError: the forward did not call every layer.
+        """
+        calls: dict[int, _LayerCall] = {}
+        state: dict[str, torch.Tensor] = {}
+        last = len(self.layers) - 1
+
+        def record(layer: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            keyword = "hidden_states" in kwargs
+            hidden, rest = (kwargs["hidden_states"], args) if keyword else (args[0], args[1:])
+            kept = {
+                name: None if name in self._cache_arguments or isinstance(value, Cache) else value
+                for name, value in kwargs.items()
+                if name not in ("hidden_states", "use_cache")
+            }
+            calls[layer] = _LayerCall(tuple(None if isinstance(v, Cache) else v for v in rest), kept, keyword)
+            if layer == 0:
+                state["hidden"] = hidden
+            if layer == last:
+                raise _Stop
+
+        hooks = [
+            module.register_forward_pre_hook(partial(record, layer), with_kwargs=True, prepend=True)
+            for layer, module in enumerate(self.layers)
+        ]
+        try:
+            for batch in calibration.batches():
+                calls.clear()
+                with contextlib.suppress(_Stop):
+                    calibration.forward(self._model, batch)
+                missing = [layer for layer in range(len(self.layers)) if layer not in calls]
+                if missing:
+                    raise ReconstructionError(f"reconstruction: the model's forward did not call its layers {missing}")
+                torch.save(
+                    {"mask": batch.get("attention_mask"), "calls": [calls[layer] for layer in range(len(self.layers))]},
+                    self._path("calls", self.batches),
+                )
+                self._save_hidden(self.batches, state["hidden"])
+                self.batches += 1
+                self.layer_calls["capture"] += last
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def inputs(self, layer: int) -> Iterator[tuple[int, torch.Tensor | None, tuple[Any, ...], dict[str, Any]]]:
+        """``(batch index, attention mask [batch, seq] or None, args, kwargs)`` of layer ``layer``'s call on each
+        stored batch; the hidden states must be that layer's (:meth:`advance` up to it)."""
+        for index in range(self.batches):
+            stored = torch.load(self._path("calls", index), weights_only=False)
+            hidden = torch.load(self._path("hidden", index), weights_only=True)
+            args, kwargs = stored["calls"][layer].with_hidden(hidden)
+            yield index, stored["mask"], args, kwargs
+
+    @torch.no_grad()
+    def advance(self, layer: int) -> None:
+        """Replace each batch's hidden states, layer ``layer``'s input, with that layer's output: layer
+        ``layer + 1``'s input (a layer returns the hidden states or a tuple that starts with them)."""
+        module = self.layers[layer]
+        for index, _, args, kwargs in self.inputs(layer):
+            output = module(*args, **kwargs)
+            self._save_hidden(index, output[0] if isinstance(output, tuple) else output)
+            self.layer_calls["advance"] += 1
+
+    def forward_passes(self) -> float:
+        """The layer calls so far as forward passes over the stored batches (each call counted as a whole layer)."""
+        calls = sum(self.layer_calls.values())
+        return calls / (len(self.layers) * self.batches) if self.batches else 0.0
+
+    def _path(self, kind: str, index: int) -> Path:
+        return self._folder / f"{kind}-{index}.pt"
+
+    def _save_hidden(self, index: int, hidden: torch.Tensor) -> None:
+        torch.save(hidden.clone(), self._path("hidden", index))  # a clone: a view would save its whole storage
 
 
 @torch.no_grad()
-def layer_statistics(
-    dense: PreTrainedModel, pruned: PreTrainedModel, calibration: Calibration, layer: int
-) -> LayerStatistics:
-    """``(G, s, n)`` of the unpruned layer ``layer``'s contexts on the pruned model's inputs to that layer, summed over
-    this process's calibration batches and all-reduced across processes."""
-    adapter = get_adapter(pruned)
-    pruned_attention = adapter.attention_modules(pruned)[layer]
+def layer_statistics(dense: PreTrainedModel, inputs: LayerInputs, layer: int) -> LayerStatistics:
+    """``(G, s, n)`` of the unpruned layer ``layer``'s contexts on the pruned model's inputs to that layer (``inputs``,
+    advanced to ``layer``), summed over this process's calibration batches and all-reduced across processes.
+
+    Raises:
+        ReconstructionError: the pruned layer did not call its attention module, or the unpruned one did not call
+            its output projection.
+    """
+    adapter = get_adapter(dense)
+    pruned_layer = inputs.layers[layer]
+    pruned_attention = pruned_layer.get_submodule(adapter.attention)
     dense_attention = adapter.attention_modules(dense)[layer]
     dense_output = adapter.output_projections(dense)[layer]
     width = layer_geometries(dense)[layer].query_heads * adapter.head_size(dense)
@@ -147,8 +294,6 @@ def layer_statistics(
 
     def run_dense(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal gram, total, count
-        kwargs = {name: (None if name in adapter.cache_arguments else value) for name, value in kwargs.items()}
-        kwargs.pop("use_cache", None)
         state.pop("context", None)
         outputs = dense_attention(*args, **kwargs)
         context = state.get("context") if adapter.output_inside_attention() else outputs[0]
@@ -167,15 +312,19 @@ def layer_statistics(
         count += context.shape[0]
         raise _Stop
 
-    capture = pruned_attention.register_forward_pre_hook(run_dense, with_kwargs=True, prepend=True)
+    run = pruned_attention.register_forward_pre_hook(run_dense, with_kwargs=True, prepend=True)
     read = dense_output.register_forward_pre_hook(read_context, with_kwargs=True)
     try:
-        for batch in calibration.batches():
-            state["mask"] = batch.get("attention_mask")
-            with contextlib.suppress(_Stop):
-                calibration.forward(pruned, batch)
+        for _, mask, args, kwargs in inputs.inputs(layer):
+            state["mask"] = mask
+            try:
+                pruned_layer(*args, **kwargs)
+            except _Stop:
+                inputs.layer_calls["statistics"] += 1
+                continue
+            raise ReconstructionError(f"reconstruction: layer {layer} of the pruned model did not call its attention")
     finally:
-        capture.remove()
+        run.remove()
         read.remove()
     gram, total, count = distributed.all_reduce_sums(gram, total, count)
     return LayerStatistics(gram, total, float(count))
@@ -317,6 +466,7 @@ def fit_layer(
     return new_weight, new_bias, record
 
 
+@torch.no_grad()
 def reconstruct(dense: PreTrainedModel, pruned: PreTrainedModel, calibration: Calibration, mode: str) -> dict[str, Any]:
     """Reconstruct ``pruned`` in place, layer by layer, bottom up, toward ``dense`` (module docs); the record.
 
@@ -327,8 +477,9 @@ def reconstruct(dense: PreTrainedModel, pruned: PreTrainedModel, calibration: Ca
         mode: ``bias``, ``scale`` or ``weights`` (``none``: nothing is done).
 
     Returns:
-        ``{"mode", "tokens", "batches", "seconds", "fallbacks", "layers": [{"layer", "kept_heads", "error_before",
-        "error_after", ...}]}`` (errors: relative MSE of the attention output on the calibration tokens).
+        ``{"mode", "tokens", "batches", "fallbacks", "seconds", "layer_calls", "forward_passes", "layers": [{"layer",
+        "kept_heads", "error_before", "error_after", ...}]}`` (errors: relative MSE of the attention output on the
+        calibration tokens; ``layer_calls`` and ``forward_passes``: this process's cost, :class:`LayerInputs`).
     """
     check_reconstruction(pruned, mode)
     if mode == "none":
@@ -338,38 +489,44 @@ def reconstruct(dense: PreTrainedModel, pruned: PreTrainedModel, calibration: Ca
     head_dim = adapter.head_size(pruned)
     dense_kept, pruned_kept = kept_heads_by_layer(dense), kept_heads_by_layer(pruned)
     dense_geometries = layer_geometries(dense)
+    projections = adapter.output_projections(pruned)
     modes = {module: module.training for module in (dense, pruned)}
     dense.eval()
     pruned.eval()
     layers: list[dict[str, Any]] = []
     tokens = 0.0
     try:
-        for layer, projection in enumerate(adapter.output_projections(pruned)):
-            heads = [dense_kept[layer].index(head) for head in pruned_kept[layer]]
-            entry: dict[str, Any] = {"layer": layer, "kept_heads": len(heads)}
-            if not dense_kept[layer]:
-                layers.append({**entry, "note": "the unpruned layer has no heads"})
-                continue
-            stats = layer_statistics(dense, pruned, calibration, layer)
-            tokens = stats.count
-            dense_projection = adapter.output_projections(dense)[layer]
-            device = stats.gram.device
-            kept_columns = dense_geometries[layer].output_columns(heads, device=device)
-            new_weight, new_bias, record = fit_layer(
-                stats,
-                output_weight(dense_projection, adapter.transposed).to(device),
-                _on(output_bias(dense_projection), device),
-                kept_columns,
-                head_dim,
-                output_weight(projection, adapter.transposed).to(device),
-                _on(output_bias(projection), device),
-                mode,
-            )
-            write_output_projection(projection, new_weight, new_bias, adapter.transposed)
-            record.pop("kept_columns")
-            record["error_before"] = _round(record["error_before"])
-            record["error_after"] = _round(record["error_after"])
-            layers.append({**entry, **record})
+        with tempfile.TemporaryDirectory(prefix="cahp-reconstruction-") as folder:
+            inputs = LayerInputs(pruned, Path(folder))
+            inputs.capture(calibration)
+            for layer, projection in enumerate(projections):
+                heads = [dense_kept[layer].index(head) for head in pruned_kept[layer]]
+                entry: dict[str, Any] = {"layer": layer, "kept_heads": len(heads)}
+                if not dense_kept[layer]:
+                    layers.append({**entry, "note": "the unpruned layer has no heads"})
+                else:
+                    stats = layer_statistics(dense, inputs, layer)
+                    tokens = stats.count
+                    dense_projection = adapter.output_projections(dense)[layer]
+                    device = stats.gram.device
+                    kept_columns = dense_geometries[layer].output_columns(heads, device=device)
+                    new_weight, new_bias, record = fit_layer(
+                        stats,
+                        output_weight(dense_projection, adapter.transposed).to(device),
+                        _on(output_bias(dense_projection), device),
+                        kept_columns,
+                        head_dim,
+                        output_weight(projection, adapter.transposed).to(device),
+                        _on(output_bias(projection), device),
+                        mode,
+                    )
+                    write_output_projection(projection, new_weight, new_bias, adapter.transposed)
+                    record.pop("kept_columns")
+                    record["error_before"] = _round(record["error_before"])
+                    record["error_after"] = _round(record["error_after"])
+                    layers.append({**entry, **record})
+                if layer + 1 < len(projections):
+                    inputs.advance(layer)
     finally:
         for module, training in modes.items():
             module.train(training)
@@ -379,6 +536,8 @@ def reconstruct(dense: PreTrainedModel, pruned: PreTrainedModel, calibration: Ca
         "batches": calibration.num_batches(),
         "fallbacks": sum(1 for entry in layers if entry.get("fallback")),
         "seconds": round(time.perf_counter() - start, 2),
+        "layer_calls": dict(inputs.layer_calls),
+        "forward_passes": round(inputs.forward_passes(), 2),
         "layers": layers,
     }
 

@@ -2,26 +2,33 @@
 
 Tiny random models from ``tiny_models`` (3 layers x 4 query heads; Llama-style: 2 key-value groups), padded
 calibration batches, the plans of ``tiny_models.plan_for`` (uneven, one layer losing every head; whole groups for
-GQA). Errors are checked two ways: from the step's statistics, and measured on the model's own forward.
+GQA). Errors are checked two ways: from the step's statistics, and measured on the model's own forward. The step's
+inputs, kept on disk and advanced one layer at a time, give what the full forward of the pruned model up to each layer
+gave (the step's earlier way, kept here as the reference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from transformers import Cache
 
+from cahp import reconstruction
 from cahp.adapters import get_adapter
 from cahp.calibration import Calibration, SequenceClassification
 from cahp.data.batching import EncodedSplit
-from cahp.reconstruction import ReconstructionError, check_reconstruction, reconstruct
+from cahp.reconstruction import LayerInputs, LayerStatistics, ReconstructionError, check_reconstruction, reconstruct
 from cahp.surgery import load_pruned, prune_heads
 from cahp.surgery.autoload import save_pruned
 from cahp.surgery.reconstruct import can_store_output_bias
+from cahp.surgery.removal import layer_geometries
 from tests.unit.test_cahp_families import tiny_tokenizer
 from tests.unit.tiny_models import FAMILIES, LABELS, SPECS, VOCAB, build_model, plan_for
 
@@ -272,3 +279,157 @@ def test_cahp_prune_reconstruct_weights_end_to_end_and_in_a_bench_cell(tmp_path:
     for split, result in report["accuracy"]["after_pruning"].items():
         figures = {key: value for key, value in result.items() if key not in strip and "second" not in key}
         assert {key: cell["accuracy"]["after_pruning"][split][key] for key in figures} == figures
+
+
+class _Stop(Exception):
+    """Stops the reference's forward at the layer being fitted."""
+
+
+@torch.no_grad()
+def full_forward_statistics(dense: Any, pruned: Any, calibration: Calibration, layer: int) -> LayerStatistics:
+    """The reference: ``(G, s, n)`` of the unpruned layer ``layer`` with the pruned model's FULL forward run on every
+    batch up to that layer's attention module (the step's earlier way, about ``(L + 1) / 2`` passes)."""
+    adapter = get_adapter(pruned)
+    dense_attention = adapter.attention_modules(dense)[layer]
+    width = layer_geometries(dense)[layer].query_heads * adapter.head_size(dense)
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    total = torch.zeros(width, dtype=torch.float64)
+    count = 0
+    state: dict[str, Any] = {}
+
+    def read_context(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state["context"] = args[0] if args else kwargs["input"]
+
+    def run_dense(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        nonlocal gram, total, count
+        kwargs = {name: (None if name in adapter.cache_arguments else value) for name, value in kwargs.items()}
+        kwargs.pop("use_cache", None)
+        outputs = dense_attention(*args, **kwargs)
+        context = state["context"] if adapter.output_inside_attention() else outputs[0]
+        context = context.double().reshape(-1, context.shape[-1])
+        if state["mask"] is not None:
+            context = context[state["mask"].reshape(-1) != 0]
+        gram += context.t() @ context
+        total += context.sum(0)
+        count += context.shape[0]
+        raise _Stop
+
+    hooks = [
+        adapter.attention_modules(pruned)[layer].register_forward_pre_hook(run_dense, with_kwargs=True, prepend=True),
+        adapter.output_projections(dense)[layer].register_forward_pre_hook(read_context, with_kwargs=True),
+    ]
+    try:
+        for batch in calibration.batches():
+            state["mask"] = batch.get("attention_mask")
+            with contextlib.suppress(_Stop):
+                calibration.forward(pruned, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return LayerStatistics(gram, total, float(count))
+
+
+def full_forward_reconstruct(
+    dense: Any, pruned: Any, calibration: Calibration, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """The step with the reference statistics in place of the stored inputs'."""
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            reconstruction,
+            "layer_statistics",
+            lambda dense, inputs, layer: full_forward_statistics(dense, pruned, calibration, layer),
+        )
+        return reconstruct(dense, pruned, calibration, mode)
+
+
+def _prune(dense: Any, family: str, gqa_mode: str) -> Any:
+    if gqa_mode == "groups":
+        return pruned_copy(dense, family)
+    pruned = copy.deepcopy(dense)
+    prune_heads(pruned, {0: [1, 3], 1: [0, 1, 2, 3], 2: [0, 2]}, gqa_mode="uniform")
+    return pruned
+
+
+@pytest.mark.parametrize(
+    ("family", "gqa_mode"), [*((family, "groups") for family in FAMILIES), ("llama", "uniform"), ("qwen2", "uniform")]
+)
+def test_the_stored_inputs_give_the_full_forward_results(
+    family: str, gqa_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every family and mode: the same record errors, output projections and logits as with the pruned model's
+    full forward up to each layer (padded batches; one layer without heads; GQA groups and uniform)."""
+    dense = build_model(family)
+    calibration = tiny_calibration(family)
+    adapter = get_adapter(dense)
+    for mode in modes_for(dense):
+        stored, reference = _prune(dense, family, gqa_mode), _prune(dense, family, gqa_mode)
+        record = reconstruct(dense, stored, calibration, mode)
+        expected = full_forward_reconstruct(dense, reference, calibration, mode, monkeypatch)
+        assert record["tokens"] == expected["tokens"] > 0
+        for got, want in zip(record["layers"], expected["layers"], strict=True):
+            assert got.keys() == want.keys(), mode
+            for key in ("error_before", "error_after"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), (mode, got["layer"], key)
+        for got_projection, want_projection in zip(
+            adapter.output_projections(stored), adapter.output_projections(reference), strict=True
+        ):
+            torch.testing.assert_close(got_projection.weight, want_projection.weight, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(stored, calibration), logits(reference, calibration), atol=1e-5, rtol=1e-5)
+
+
+def test_the_cost_is_counted_and_under_three_forward_passes() -> None:
+    """3 batches, 3 layers: the capture pass runs layers 0 and 1, every layer runs once to its attention module
+    (statistics), layers 0 and 1 once more whole; ``(3 L - 2) / L`` passes."""
+    dense = build_model("llama")
+    pruned = pruned_copy(dense, "llama")
+    record = reconstruct(dense, pruned, tiny_calibration("llama"), "weights")
+    assert record["layer_calls"] == {"capture": 6, "statistics": 9, "advance": 6}
+    assert record["forward_passes"] == pytest.approx(7 / 3, abs=0.01)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mpnet"])
+def test_the_layers_shared_arguments_are_stored_once(family: str, tmp_path: Path) -> None:
+    """Llama's rotary embeddings and mask, GPT-2's mask, MPNet's position bias: every layer gets the same object,
+    stored once (it loads as one object); the hidden states are stored apart, and caches are dropped."""
+    dense = build_model(family)
+    inputs = LayerInputs(pruned_copy(dense, family), tmp_path)
+    inputs.capture(tiny_calibration(family))
+    assert inputs.batches == 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f"{kind}-{index}.pt" for kind in ("calls", "hidden") for index in range(3)
+    ]
+    calls = torch.load(tmp_path / "calls-0.pt", weights_only=False)["calls"]
+    hidden = torch.load(tmp_path / "hidden-0.pt")
+    first = [*calls[0].args, *calls[0].kwargs.values()]
+    shared = [value for value in first if isinstance(value, (torch.Tensor, tuple))]
+    assert shared, "the layers get masks or position arguments"
+    for call in calls[1:]:
+        values = [*call.args, *call.kwargs.values()]
+        assert all(any(value is other for other in values) for value in shared)
+    assert not any(isinstance(value, torch.Tensor) and value.shape == hidden.shape for value in first)
+    assert all("use_cache" not in call.kwargs for call in calls)
+    assert not any(isinstance(value, Cache) for call in calls for value in [*call.args, *call.kwargs.values()])
+
+
+def test_the_temporary_folder_is_removed_after_success_and_after_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dense = build_model("bert")
+    calibration = tiny_calibration("bert")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    reconstruct(dense, pruned_copy(dense, "bert"), calibration, "weights")
+    assert not list(tmp_path.iterdir())
+
+    seen: list[int] = []
+    fit = reconstruction.fit_layer
+
+    def fail_on_the_second_layer(*args: Any, **kwargs: Any) -> Any:
+        seen.append(len(list(next(tmp_path.iterdir()).iterdir())))  # the folder holds the stored inputs
+        if len(seen) == 2:
+            raise RuntimeError("stop")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruction, "fit_layer", fail_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="stop"):
+        reconstruct(dense, pruned_copy(dense, "bert"), calibration, "weights")
+    assert seen == [6, 6] and not list(tmp_path.iterdir())
