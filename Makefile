@@ -36,6 +36,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m mypy
+	$(PY) benchmarks/check_claims.py
 
 bench-finetune: install-all
 	$(PY) benchmarks/finetune_baselines.py
