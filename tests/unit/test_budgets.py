@@ -162,11 +162,7 @@ def test_rearrangement_keeps_the_complementary_heads() -> None:
     assert rearranged(fisher, [2, 3], grid, Constraints()) == [2, 3]
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_rearrangement_is_never_worse_than_the_search(exact: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Exactly, or greedily with swaps (the path of layers with too many choices to try)."""
-    if not exact:
-        monkeypatch.setattr("cahp.methods.kwon.EXACT_CHOICES", 0)
+def test_rearrangement_is_never_worse_than_the_search() -> None:
     rng = np.random.default_rng(0)
     grid = HeadGrid(1, 6, 6)
     for _ in range(20):
