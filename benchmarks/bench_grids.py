@@ -81,7 +81,9 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
     """``results/bench/overview.md``: accuracy after recovery at budgets of ``max_fraction`` or fewer heads
     (and the knee) for every published grid, the best method of each column in bold. A grid named
     ``<grid>_<suffix>`` whose config differs only in :data:`VARIANT_KEYS` (some methods with other settings)
-    adds its rows to ``<grid>``'s table."""
+    adds its rows to ``<grid>``'s table. A grid with repeated cells (a budget that resolved to another budget's
+    heads, two seeds that chose the same heads) says how many of its cells are distinct, and a mean over seeds that
+    repeat each other how many distinct cells it stands on."""
     import json
 
     from cahp.bench import BenchConfig
@@ -105,6 +107,7 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
         "",
         f"Accuracy after recovery (mean over seeds) with {max_fraction:.0%} of the heads or fewer; `knee` is",
         "CAHP's k*. Bold: the best method of the column. Written by `python benchmarks/bench_grids.py`.",
+        "Repeated cells (same method, heads and results) count once: see each grid's summary.",
         "",
     ]
     for name, (summary, config) in grids.items():
@@ -138,6 +141,8 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
             notes.append("retraining-free: accuracy right after pruning")
         if summary.get("cells", 0) < summary.get("cells_planned", 0):
             notes.append(f"partial: {summary['cells']} of {summary['cells_planned']} cells, see its summary")
+        if summary.get("cells_distinct", summary.get("cells", 0)) < summary.get("cells", 0):
+            notes.append(f"{summary['cells_distinct']} distinct of its {summary['cells']} cells")
         lines += [
             f"## {name} ({'; '.join(notes)})",
             "",
@@ -151,7 +156,9 @@ def overview(names: list[str], max_fraction: float = 0.3) -> Path:
                     cells.append("–")
                     continue
                 stats = row[b]["after_recovery"]
-                text = f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f} (n={stats['n']})" if stats["n"] > 1 else "")
+                distinct = row[b].get("distinct", stats["n"])
+                seeds = f"n={stats['n']}" + (f", {distinct} distinct" if distinct < stats["n"] else "")
+                text = f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f} ({seeds})" if stats["n"] > 1 else "")
                 cells.append(f"**{text}**" if stats["mean"] == best[b] else text)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")

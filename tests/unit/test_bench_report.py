@@ -1,10 +1,12 @@
 """The bench summary built from hand-written cell folders: the planned cells (order, seeds under both
 calibration rules), a focus method other than cahp, a control other than random, fit timings counted once,
-and folders of earlier versions (config keys, ``scores/``)."""
+folders of earlier versions (config keys, ``scores/``), comparisons paired by seed and repeated cells counted
+once."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,16 @@ import cahp.methods.base as method_registry
 import cahp.scoring.base as scorer_registry
 from cahp.methods.base import PruningMethod, available_methods, register_method
 from cahp.reporting.bench_report import (
+    PERPLEXITY,
     _style,
     control_method,
     fit_seconds,
     focus_method,
     method_seeds,
+    paired_difference,
+    paired_text,
     planned_cells,
+    rebuild_published_summary,
     write_bench_report,
 )
 from cahp.scoring.base import HeadScorer, register_scorer
@@ -115,9 +121,10 @@ def _folder(root: Path, config: dict[str, Any], cells: list[dict[str, Any]]) -> 
 
 
 def _section(summary: str, title: str) -> list[str]:
-    """The table rows under the ``## title`` heading (header lines left out)."""
-    block = summary.split(f"## {title}\n\n", 1)[1].split("\n\n", 1)[0]
-    return block.splitlines()[2:]
+    """The table rows under the ``## title`` heading (header lines left out; a paragraph above the table too)."""
+    block = summary.split(f"## {title}\n\n", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in block.splitlines() if line.startswith("|")]
+    return table[2:]
 
 
 # ---- planned cells ---------------------------------------------------------------------------------------------
@@ -297,3 +304,180 @@ def test_the_summary_names_a_distillation_objective_and_not_cross_entropy() -> N
     kd = {"loss": "kd", "temperature": 2.0, "alpha": 0.5}
     assert _objective_text(kd) == ", distilled from the dense model (kd, T=2.0, alpha=0.5)"
     assert _objective_text({"loss": "ce"}) == _objective_text(None) == ""  # grids from before objectives: ce
+
+
+# ---- paired comparisons ----------------------------------------------------------------------------------------
+
+
+def test_paired_interval_by_hand() -> None:
+    """Differences 0.10, 0.15, 0.20 over seeds 0-2 (seed 3 has no partner): mean 0.15, sample sd 0.05, so the
+    95% interval is 0.15 ± t(0.975, 2) * 0.05 / sqrt(3) with t(0.975, 2) = 4.302653."""
+    result = paired_difference({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.45, 2: 0.5, 3: 0.9})
+    assert result is not None
+    half = 4.302653 * 0.05 / 3**0.5  # 0.124206
+    assert result["seeds"] == [0, 1, 2] and result["n"] == 3
+    assert result["mean"] == pytest.approx(0.15)
+    assert (result["low"], result["high"]) == (
+        pytest.approx(0.15 - half, abs=1e-6),
+        pytest.approx(0.15 + half, abs=1e-6),
+    )
+    assert result["within_noise"] is False
+    assert paired_text(result) == "+0.1500 [+0.0258, +0.2742]"
+
+    around_zero = paired_difference({0: 0.6, 1: 0.45, 2: 0.52}, {0: 0.5, 1: 0.5, 2: 0.5})
+    assert around_zero is not None and around_zero["low"] < 0 < around_zero["high"]
+    assert around_zero["within_noise"] is True and paired_text(around_zero).endswith(" within noise")
+    assert paired_difference({0: 0.5}, {1: 0.5}) is None, "no common seed: nothing to pair"
+
+
+def test_paired_perplexity_is_the_geometric_mean_ratio() -> None:
+    """Perplexity pairs the log-ratio: ratios 2 and 3 average to sqrt(6) (t(0.975, 1) = 12.7062)."""
+    result = paired_difference({0: 20.0, 1: 30.0}, {0: 10.0, 1: 10.0}, PERPLEXITY)
+    assert result is not None
+    assert result["ratio"] == pytest.approx(6**0.5)
+    log_sd = (math.log(3) - math.log(2)) / 2**0.5
+    assert result["ratio_high"] == pytest.approx(math.exp(math.log(6) / 2 + 12.7062 * log_sd / 2**0.5), rel=1e-4)
+    assert result["ratio_low"] < 1 < result["ratio_high"] and result["within_noise"] is True, "two seeds: wide"
+    assert paired_text(result, PERPLEXITY) == (
+        f"x2.449 [x{result['ratio_low']:.3f}, x{result['ratio_high']:.3f}] within noise"
+    )
+
+
+def _paired_grid(root: Path) -> tuple[str, dict[str, Any]]:
+    """gradient against random over seeds 0-2: ahead in every seed at 0.5 (+0.10, +0.12, +0.11), mixed at
+    0.25 (+0.05, -0.04, +0.01); magnitude ran seed 0 only."""
+    random = {0: 0.40, 1: 0.30, 2: 0.35}
+    ahead = {0: 0.10, 1: 0.12, 2: 0.11}
+    mixed = {0: 0.05, 1: -0.04, 2: 0.01}
+    cells = [
+        _cell("random", seed, budget, random[seed], keep=keep)
+        for seed in random
+        for budget, keep in (("0.5", 2), ("0.25", 1))
+    ]
+    cells += [_cell("gradient", seed, "0.5", random[seed] + ahead[seed], keep=2) for seed in random]
+    cells += [_cell("gradient", seed, "0.25", random[seed] + mixed[seed], keep=1) for seed in random]
+    cells += [_cell("magnitude", 0, budget, 0.2, keep=keep) for budget, keep in (("0.5", 2), ("0.25", 1))]
+    config = _config(["gradient", "random", "magnitude"], [0, 1, 2], budgets=[0.5, 0.25], focus="gradient")
+    folder = _folder(root, config, cells)
+    summary = write_bench_report(folder).read_text()
+    return summary, json.loads((folder / "summary.json").read_text())
+
+
+def test_within_noise_only_where_the_interval_contains_zero(tmp_path: Path) -> None:
+    summary, record = _paired_grid(tmp_path / "bench")
+    rows = _section(summary, "Against the random control, paired by seed (accuracy difference, 95% interval)")
+    paired = record["paired"]["vs_control"]["methods"]
+    shown = 0
+    for row in rows:
+        method, budget, _, *stages = [part.strip() for part in row.strip("|").split("|")]
+        for stage, text in zip(("after_pruning", "after_recovery"), stages, strict=True):
+            result = paired[method][budget][stage]
+            inside = result["low"] is not None and result["low"] <= 0 <= result["high"]
+            assert ("within noise" in text) == inside, (method, budget, stage, text)
+            shown += 1
+    assert shown == 8, "gradient and magnitude, two budgets, two stages"
+    gradient = paired["gradient"]
+    assert gradient["0.5"]["after_pruning"]["within_noise"] is False
+    assert gradient["0.25"]["after_recovery"]["within_noise"] is True
+    assert gradient["0.5"]["after_pruning"]["mean"] == pytest.approx(0.11)
+    assert "| gradient | 0.25 | 0, 1, 2 | +0.0067 [" in summary
+    assert record["paired"]["scale"] == "difference"
+    noise = [line for line in summary.splitlines() if "within noise" in line and not line.startswith("|")]
+    assert noise == [line for line in noise if "interval contains zero" in line], "the words explain the rule only"
+
+
+def test_one_common_seed_gives_no_interval(tmp_path: Path) -> None:
+    summary, record = _paired_grid(tmp_path / "bench")
+    magnitude = record["paired"]["vs_control"]["methods"]["magnitude"]["0.5"]["after_pruning"]
+    assert magnitude == {
+        "mean": pytest.approx(0.2 - 0.40),
+        "low": None,
+        "high": None,
+        "n": 1,
+        "seeds": [0],
+        "within_noise": None,
+    }
+    assert "| magnitude | 0.5 | 0 | -0.2000 (one seed) | -0.2000 (one seed) |" in summary
+    best = _section(summary, "gradient vs the best other method, paired by seed (accuracy difference, 95% interval)")
+    assert best[0] == "| 0.5 | after pruning | random | 0, 1, 2 | +0.1100 [+0.0852, +0.1348] |"
+
+
+# ---- distinct cells ------------------------------------------------------------------------------------------
+
+
+def test_a_budget_that_resolves_to_another_budgets_heads_is_counted_once(tmp_path: Path) -> None:
+    """Seed 1's knee keeps the 2 heads of its 0.5 budget and measures the same: one experiment. Seed 0's knee
+    keeps 1 head; random's seed 1 knee keeps the same heads as its 0.5 but measured otherwise (not a repeat)."""
+    cells = [_cell("gradient", seed, "0.5", 0.5 + seed / 100, keep=2) for seed in (0, 1)]
+    cells += [_cell("gradient", 0, "knee", 0.45, keep=1), _cell("gradient", 1, "knee", 0.51, keep=2)]
+    cells += [_cell("random", seed, budget, 0.3 + seed / 100, keep=2) for seed in (0, 1) for budget in ("0.5",)]
+    cells += [_cell("random", 0, "knee", 0.25, keep=1), _cell("random", 1, "knee", 0.33, keep=2)]
+    config = _config(["gradient", "random"], [0, 1], resample_calibration=True)
+    root = _folder(tmp_path / "bench", config, cells)
+    summary = write_bench_report(root).read_text()
+    record = json.loads((root / "summary.json").read_text())
+    assert (record["cells"], record["cells_distinct"], record["cells_planned"]) == (8, 7, 8)
+    assert record["repeated_cells"] == [
+        {"method": "gradient", "seed": 1, "budget": "knee", "same_as": {"seed": 1, "budget": "0.5"}}
+    ]
+    assert "**Distinct cells: 7 of the 8 cells.**" in summary
+    assert "seed 1's `knee` repeats its `0.5` cell for gradient (the budget resolved to the same heads)" in summary
+    assert "so its `knee` mean shares seed 1's cell with its `0.5` mean" in summary
+    assert "Behind this table: 8 cells, 7 distinct." in summary
+    assert record["table"]["gradient"]["knee"]["repeats"] == [{"seed": 1, "same_as": {"seed": 1, "budget": "0.5"}}]
+    assert record["table"]["gradient"]["knee"]["distinct"] == 2 and "repeats" not in record["table"]["random"]["knee"]
+
+
+def test_two_seeds_that_chose_the_same_heads_are_one_experiment(tmp_path: Path) -> None:
+    cells = [_cell("gradient", seed, "0.5", 0.5, keep=2) for seed in (0, 1)]
+    cells += [_cell("gradient", 2, "0.5", 0.52, keep=2), *(_cell("random", s, "0.5", 0.3 + s / 100) for s in (0, 1, 2))]
+    config = _config(["gradient", "random"], [0, 1, 2], budgets=[0.5], resample_calibration=True)
+    root = _folder(tmp_path / "bench", config, cells)
+    summary = write_bench_report(root).read_text()
+    record = json.loads((root / "summary.json").read_text())
+    assert record["cells_distinct"] == 5
+    assert record["table"]["gradient"]["0.5"]["distinct"] == 2
+    assert "gradient's seed 1 repeats its seed 0 at 0.5 (both seeds kept the same heads)" in summary
+    assert "gradient at `0.5`: 2 distinct of 3" in summary
+    assert "Behind this table: 6 cells, 5 distinct." in summary
+
+
+def test_a_grid_without_repeats_says_so(tmp_path: Path) -> None:
+    summary, record = _paired_grid(tmp_path / "bench")
+    assert record["cells_distinct"] == record["cells"] == 14 and record["repeated_cells"] == []
+    assert "**Distinct cells: 14 of the 14 cells.** No two cells repeat each other" in summary
+    assert summary.count("Behind this table: 14 cells, all distinct.") >= 6
+
+
+# ---- a published folder ---------------------------------------------------------------------------------------
+
+
+def test_a_published_folder_is_rebuilt_with_what_it_was_published_with(tmp_path: Path) -> None:
+    """A published grid keeps neither ``scores/`` nor a registry of its time: its timings and planned count come
+    from the summary it was published with; the plots are left alone."""
+    cells = [_cell(method, 0, budget, 0.4, scoring=99.0) for method in ("cahp", "random") for budget in ("0.5", "knee")]
+    root = _folder(tmp_path / "bench", _config(["cahp", "random"], [0], cahp={}, scorer_settings={}), cells)
+    (root / "scores").mkdir()
+    for name, seconds in (("cahp__seed0", 1.5), ("random__seed0", 0.0), ("cahp_shared", 20.0)):
+        (root / "scores" / f"{name}.json").write_text(json.dumps({"seconds": seconds}))
+    write_bench_report(root)
+    published = json.loads((root / "summary.json").read_text())
+    for path in [*(root / "scores").iterdir(), *(root / "plots").iterdir(), root / "report.html"]:
+        path.unlink()
+    (root / "scores").rmdir()
+    (root / "plots").rmdir()
+    summary = rebuild_published_summary(root).read_text()
+    rebuilt = json.loads((root / "summary.json").read_text())
+    assert {key: rebuilt[key] for key in published} == published, "every key keeps its value"
+    assert "| cahp | 1 | 1.5 | 1.0 | 23.5 |" in summary
+    assert not (root / "plots").exists() and not (root / "report.html").exists()
+
+    (root / "summary.json").write_text(json.dumps({**published, "cells_planned": 2}))
+    for path in (root / "cells").glob("random__*"):
+        path.unlink()
+    summary = rebuild_published_summary(root).read_text()
+    assert json.loads((root / "summary.json").read_text())["cells_planned"] == 2
+    assert (
+        "**Complete as published: all 2 cells this config planned then ran.** Today's method registry plans 4."
+        in summary
+    )

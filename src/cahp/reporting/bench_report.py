@@ -9,12 +9,19 @@ Nothing here depends on which methods a grid compares: the config names the ``fo
 summary compares with the best other method, drawn highlighted) and the ``control`` (``random`` by default,
 drawn dashed black, the reference of the gain table); what a method is (deterministic, budget-aware, finds its
 own head count) comes from the method registry (:func:`cahp.methods.base.method_info`).
+
+Comparisons between two methods (against the control, the focus method against the best other) are also given
+paired by seed (:func:`paired_difference`): the mean difference over the seeds both ran with its 95% t interval,
+"within noise" when that interval contains zero. Cells that repeat each other (:func:`repeated_cells`: a budget
+that resolved to another budget's heads, two seeds that chose the same heads) count once, and every table says
+how many distinct cells stand behind it.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from scipy import stats
 
 from cahp.errors import CahpError
 from cahp.methods.base import MethodInfo, method_info
@@ -56,6 +64,15 @@ class Metric:
     def versus(self, value: float, reference: float) -> str:
         """Accuracy: the difference; perplexity: the ratio (it spans orders of magnitude)."""
         return f"{value - reference:+.4f}" if self.higher_is_better else f"x{value / reference:.2f}"
+
+    def paired(self, value: float, reference: float) -> float:
+        """What a paired comparison averages over seeds: the difference (accuracy) or the log-ratio (perplexity,
+        whose ratios multiply: the mean log-ratio is the log of the geometric mean ratio)."""
+        return value - reference if self.higher_is_better else math.log(value / reference)
+
+    def shown(self, paired: float) -> str:
+        """A paired value (or an interval bound) on the metric's own scale: ``+0.0123`` or ``x0.912``."""
+        return f"{paired:+.{self.digits}f}" if self.higher_is_better else f"x{math.exp(paired):.3f}"
 
 
 ACCURACY = Metric("accuracy", "accuracy", "Accuracy", True, 4)
@@ -164,14 +181,33 @@ def knee_method(config: dict[str, Any]) -> str | None:
     return next((m for m in config.get("methods", []) if _known_info(m).finds_own_budget), None)
 
 
-def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple[int, list[str]]:
-    """How many cells the config plans, and summary lines naming those not in the folder yet (none when complete)."""
+def _missing_cells(
+    config: dict[str, Any], cells: list[dict[str, Any]], planned_then: int | None = None
+) -> tuple[int, list[str]]:
+    """How many cells the config plans, and summary lines naming those not in the folder yet (none when complete).
+
+    ``planned_then``: the count a published summary recorded (:func:`rebuild_published_summary`). When today's
+    method registry plans another count, that count is kept and the lines say both.
+    """
     budgets, seeds = config.get("budgets", []), list(config.get("seeds", []))
     planned = [(method, seed, budget_label(budget)) for method, seed, budget in _planned(config, _known_info)]
     done = {(cell["method"], cell["seed"], budget_label(cell["budget"])) for cell in cells}
     missing = [cell for cell in planned if cell not in done]
     if not missing:
-        return len(planned), []
+        return len(planned) if planned_then is None else planned_then, []
+    count = len(planned) - len(missing)
+    if planned_then is None or planned_then == len(planned):
+        header = f"**Partial grid: {count} of the {len(planned)} cells this config plans.**"
+    elif count >= planned_then:
+        header = (
+            f"**Complete as published: all {planned_then} cells this config planned then ran.** "
+            f"Today's method registry plans {len(planned)}."
+        )
+    else:
+        header = (
+            f"**Partial grid: {count} of the {planned_then} cells this config planned when it was published** "
+            f"(today's method registry plans {len(planned)})."
+        )
     by_method: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for method, seed, budget in missing:
         by_method[method][seed].append(budget)
@@ -180,10 +216,7 @@ def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple
     for method, absent in by_method.items():
         named = [f"seed {seed}" + ("" if at == every_budget else f" at {', '.join(at)}") for seed, at in absent.items()]
         parts.append(f"{method} ({'; '.join(named)})")
-    lines = [
-        f"**Partial grid: {len(planned) - len(missing)} of the {len(planned)} cells this config plans.** "
-        f"Not run yet: {', '.join(parts)}. Rerunning `cahp bench` with this config resumes them."
-    ]
+    lines = [f"{header} Not run yet: {', '.join(parts)}. Rerunning `cahp bench` with this config resumes them."]
     # Under the fixed-calibration rule, a method that has cells of the first seeds only while other methods
     # reached later seeds was planned for the first seeds only: the registry then called it deterministic.
     first = seeds[: max(1, int(config.get("deterministic_seeds", 1)))]
@@ -207,7 +240,7 @@ def _missing_cells(config: dict[str, Any], cells: list[dict[str, Any]]) -> tuple
             "methods without randomness of their own. The method registry now says their result depends on the "
             f"seed, so their later seeds are planned too, and their rows come from {which} until those run."
         )
-    return len(planned), [" ".join(lines), ""]
+    return len(planned) if planned_then is None else planned_then, [" ".join(lines), ""]
 
 
 def _listed(names: list[str]) -> str:
@@ -299,6 +332,180 @@ def aggregate(
     return dict(table)
 
 
+CONFIDENCE = 0.95  # of the paired intervals
+
+
+def paired_difference(
+    values: dict[int, float], reference: dict[int, float], metric: Metric = ACCURACY, confidence: float = CONFIDENCE
+) -> dict[str, Any] | None:
+    """A comparison paired by seed over the seeds both sides ran (``None`` when they share none).
+
+    Per seed ``metric.paired(value, reference)``: the difference for accuracy, the log-ratio for perplexity.
+    Returns ``{mean, low, high, n, seeds, within_noise}``: the mean over the ``n`` common ``seeds``, its Student t
+    interval (``n - 1`` degrees of freedom) and whether that interval contains zero. With one common seed there is
+    no interval: ``low``, ``high`` and ``within_noise`` are ``None``. Perplexity adds ``ratio``, ``ratio_low``
+    and ``ratio_high`` (the geometric mean ratio and its interval).
+    """
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    diffs = np.array([metric.paired(values[seed], reference[seed]) for seed in seeds], dtype=np.float64)
+    mean = float(diffs.mean())
+    low: float | None = None
+    high: float | None = None
+    if len(seeds) > 1:
+        quantile = float(stats.t.ppf(0.5 + confidence / 2, len(seeds) - 1))
+        half = quantile * float(diffs.std(ddof=1)) / math.sqrt(len(seeds))
+        low, high = mean - half, mean + half
+    result: dict[str, Any] = {
+        "mean": mean,
+        "low": low,
+        "high": high,
+        "n": len(seeds),
+        "seeds": seeds,
+        "within_noise": None if low is None or high is None else bool(low <= 0.0 <= high),
+    }
+    if not metric.higher_is_better:
+        result["ratio"] = math.exp(mean)
+        result["ratio_low"] = None if low is None else math.exp(low)
+        result["ratio_high"] = None if high is None else math.exp(high)
+    return result
+
+
+def paired_text(paired: dict[str, Any] | None, metric: Metric = ACCURACY) -> str:
+    """``+0.0123 [+0.0040, +0.0206]``, with ``within noise`` when the interval contains zero (perplexity: the
+    ratio ``x0.912 [x0.850, x0.978]``, within noise when it contains 1); ``(one seed)`` without an interval."""
+    if paired is None:
+        return "–"
+    text = metric.shown(paired["mean"])
+    if paired["low"] is None:
+        return f"{text} (one seed)"
+    text += f" [{metric.shown(paired['low'])}, {metric.shown(paired['high'])}]"
+    return f"{text} within noise" if paired["within_noise"] else text
+
+
+def seed_values(
+    cells: list[dict[str, Any]], split: str, metric: Metric = ACCURACY
+) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
+    """``{method: {budget: {stage: {seed: value}}}}``: each cell's ``metric``, what paired comparisons pair."""
+    values: dict[str, dict[str, dict[str, dict[int, float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    for cell in cells:
+        for stage in STAGES:
+            value = cell[metric.results_key][stage][split][metric.name]
+            values[cell["method"]][cell["budget"]][stage][int(cell["seed"])] = float(value)
+    return values
+
+
+def _measured(value: Any) -> Any:
+    """A cell's record without what varies between two runs of one experiment: timings, resumption counts."""
+    if isinstance(value, dict):
+        return {key: _measured(item) for key, item in value.items() if "second" not in key and key != "steps_this_run"}
+    if isinstance(value, list):
+        return [_measured(item) for item in value]
+    return value
+
+
+def cell_identity(cell: dict[str, Any], metric: Metric = ACCURACY) -> str:
+    """What makes two cells one experiment: the method, the kept heads and what was measured (the results of
+    both stages and the recovery's loss history), timings left out. Two cells with the same identity repeat
+    each other to the last digit: a budget that resolved to another budget's heads, or two seeds that chose
+    the same heads (the recovery seed is the same for every cell)."""
+    kept = {str(layer): sorted(int(h) for h in heads) for layer, heads in cell["kept_heads_by_layer"].items() if heads}
+    record = {
+        "method": cell["method"],
+        "kept": kept,
+        "results": _measured(cell.get(metric.results_key, {})),
+        "recovery": _measured([cell.get("recovery_objective"), cell.get("recovery_history", [])]),
+    }
+    return json.dumps(record, sort_keys=True)
+
+
+def repeated_cells(
+    cells: list[dict[str, Any]], budgets: list[str], metric: Metric = ACCURACY
+) -> dict[tuple[str, int, str], tuple[int, str]]:
+    """``{(method, seed, budget): (seed, budget)}``: each cell that repeats another (same :func:`cell_identity`)
+    and the cell it repeats; the grid's distinct cells are the others.
+
+    Of identical cells the first counts: lower seeds first, within a seed the fractions of heads before the
+    budgets resolved from them (``knee``, cost budgets), then in ``budgets`` order. A repeat names a cell of its
+    own seed when there is one (``knee`` repeats that seed's ``0.2``), else the first.
+    """
+
+    def order(cell: dict[str, Any]) -> tuple[int, bool, int]:
+        label = str(cell["budget"])
+        position = budgets.index(label) if label in budgets else len(budgets)
+        return int(cell["seed"]), label == "knee" or "=" in label, position
+
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in sorted(cells, key=order):
+        groups[cell_identity(cell, metric)].append(cell)
+    repeats: dict[tuple[str, int, str], tuple[int, str]] = {}
+    for members in groups.values():
+        for index, cell in enumerate(members[1:], start=1):
+            earlier = members[:index]
+            same = next((other for other in earlier if other["seed"] == cell["seed"]), earlier[0])
+            repeats[(cell["method"], int(cell["seed"]), str(cell["budget"]))] = (int(same["seed"]), str(same["budget"]))
+    return repeats
+
+
+def _original(key: tuple[str, int, str], repeats: dict[tuple[str, int, str], tuple[int, str]]) -> tuple[str, int, str]:
+    """The first of the identical cells that ``key`` names (``key`` itself when it repeats none)."""
+    while key in repeats:
+        key = (key[0], *repeats[key])
+    return key
+
+
+def _behind(
+    cells: list[dict[str, Any]], repeats: dict[tuple[str, int, str], tuple[int, str]], methods: list[str]
+) -> str:
+    """The line under a table: how many cells, and how many distinct ones, stand behind it."""
+    keys = [(cell["method"], int(cell["seed"]), str(cell["budget"])) for cell in cells if cell["method"] in methods]
+    total, distinct = len(keys), len({_original(key, repeats) for key in keys})
+    return f"Behind this table: {total} cells, {'all distinct' if distinct == total else f'{distinct} distinct'}."
+
+
+def _repeats_text(repeats: dict[tuple[str, int, str], tuple[int, str]], table: dict[str, Any]) -> str:
+    """The sentences that name the repeated cells and the means that share them."""
+    within: dict[tuple[int, str, str], list[str]] = defaultdict(list)
+    across: dict[tuple[str, int, int], list[str]] = defaultdict(list)
+    for (method, seed, budget), (first_seed, first_budget) in sorted(repeats.items(), key=lambda item: item[0]):
+        if first_seed == seed:
+            within[(seed, budget, first_budget)].append(method)
+        else:
+            across[(method, seed, first_seed)].append(
+                budget if budget == first_budget else f"{budget} (seed {first_seed}'s {first_budget})"
+            )
+    parts = [
+        f"seed {seed}'s `{budget}` repeats its `{first}` cell{'s' if len(methods) > 1 else ''} for "
+        f"{_listed(sorted(methods))} (the budget resolved to the same heads), so "
+        + (
+            f"their `{budget}` means share seed {seed}'s cell with their `{first}` means"
+            if len(methods) > 1
+            else f"its `{budget}` mean shares seed {seed}'s cell with its `{first}` mean"
+        )
+        for (seed, budget, first), methods in sorted(within.items())
+    ]
+    parts += [
+        f"{method}'s seed {seed} repeats its seed {first_seed} at {_listed(budgets)} (both seeds kept the same heads)"
+        for (method, seed, first_seed), budgets in sorted(across.items())
+    ]
+    thin = [
+        f"{method} at `{budget}`: {row['distinct']} distinct of {len(row['seeds'])}"
+        for method, rows in table.items()
+        for budget, row in rows.items()
+        if row.get("distinct", len(row["seeds"])) < len(row["seeds"])
+    ]
+    text = f"{'; '.join(parts)}."
+    if thin:
+        text += (
+            " Each seed still counts in the means, but a mean over seeds that repeat each other stands on fewer "
+            f"distinct cells than seeds: {'; '.join(thin)}."
+        )
+    return text
+
+
 def fit_seconds(cells: list[dict[str, Any]]) -> dict[str, list[float]]:
     """``{method: [seconds of each fit]}``: the fits the cells used, each counted once.
 
@@ -331,9 +538,17 @@ def _legacy_scoring(out: Path, cells: list[dict[str, Any]]) -> dict[str, list[fl
     return dict(fits)
 
 
-def _timings(out: Path, cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _timings(
+    out: Path, cells: list[dict[str, Any]], recorded: dict[str, Any] | None = None
+) -> dict[str, dict[str, float]]:
     """``{method: {scoring_runs, scoring_seconds_mean, cell_seconds_mean, total_seconds}}``: fits counted once
-    (:func:`fit_seconds`), a cell's own time = prune and evaluate (+ recover and evaluate)."""
+    (:func:`fit_seconds`), a cell's own time = prune and evaluate (+ recover and evaluate).
+
+    Cells of an earlier version (no ``fit_cached``) in a folder without its ``scores/`` (a published grid) take
+    the timings of the ``recorded`` summary: their fits' seconds were in ``scores/``."""
+    earlier = not any("fit_cached" in cell for cell in cells)
+    if recorded and "timings" in recorded and earlier and not (out / "scores").is_dir():
+        return dict(recorded["timings"])
     cell_seconds: dict[str, list[float]] = defaultdict(list)
     for cell in cells:
         seconds = cell["seconds"]
@@ -367,9 +582,26 @@ def _ordered(table: dict[str, Any], preferred: list[str]) -> list[str]:
     return [m for m in preferred if m in table] + sorted(m for m in table if m not in preferred)
 
 
-def write_bench_report(out: str | Path) -> Path:
+def rebuild_published_summary(folder: str | Path) -> Path:
+    """Rewrite ``summary.md`` and ``summary.json`` of a published grid (``benchmarks/results/bench/<name>``: its
+    config, ``dense.json``, cells and the summary it was published with) from its cells; its plots stay.
+
+    A published folder lacks what stayed in the bench folder, so two things come from the summary it was
+    published with: the timings of cells of an earlier version (their fits' seconds were in ``scores/``) and the
+    number of cells its config planned then (today's method registry may plan more seeds for some methods).
+    """
+    folder = Path(folder)
+    recorded = json.loads((folder / "summary.json").read_text())
+    return write_bench_report(folder, figures=False, recorded=recorded)
+
+
+def write_bench_report(out: str | Path, *, figures: bool = True, recorded: dict[str, Any] | None = None) -> Path:
     """Write ``summary.md``, ``summary.json``, the plots and ``report.html`` of a bench folder; returns the summary
-    path."""
+    path.
+
+    ``figures=False`` writes the two summaries only. ``recorded``: the summary a published folder was published
+    with (:func:`rebuild_published_summary`).
+    """
     out = Path(out)
     config = json.loads((out / "bench_config.json").read_text())
     dense = json.loads((out / "dense.json").read_text())
@@ -380,7 +612,20 @@ def write_bench_report(out: str | Path) -> Path:
     methods = _ordered(table, config.get("methods", []))
     budget_order = [budget_label(b) for b in config.get("budgets", [])]
     budgets = [b for b in budget_order if any(b in table[m] for m in methods)]
-    timings = _timings(out, cells)
+    timings = _timings(out, cells, recorded)
+    repeats = repeated_cells(cells, budget_order, metric)
+    for method, rows in table.items():
+        for budget, row in rows.items():
+            keys = {_original((method, seed, str(budget)), repeats) for seed in row["seeds"]}
+            row["distinct"] = len(keys)
+            row_repeats = [
+                {"seed": seed, "same_as": {"seed": first[0], "budget": first[1]}}
+                for seed in row["seeds"]
+                if (first := repeats.get((method, seed, str(budget)))) is not None
+            ]
+            if row_repeats:
+                row["repeats"] = row_repeats
+    values = seed_values(cells, split, metric)
     focus, control = focus_method(config), control_method(config)
     resampled = bool(config.get("resample_calibration", False))
     dense_value = dense[metric.results_key].get(split, {}).get(metric.name, float("nan"))
@@ -447,16 +692,43 @@ def write_bench_report(out: str | Path) -> Path:
         f" `{control}` is the control.",
         "",
     ]
-    planned, missing = _missing_cells(config, cells)
+    planned_then = int(recorded["cells_planned"]) if recorded and "cells_planned" in recorded else None
+    planned, missing = _missing_cells(config, cells, planned_then)
     lines += missing
     if cells and metric is ACCURACY:
         examples = cells[0]["accuracy"]["after_pruning"][split]["examples"]
         error = float(np.sqrt(dense_value * (1 - dense_value) / examples))
         lines += [
             f"Noise: one accuracy on these {examples} examples has a binomial standard error of about ±{error:.4f}, "
-            "so differences below about twice that are within noise.",
+            "so two single cells less than about twice that apart are not told apart by the test set; the paired "
+            "tables test the differences over seeds.",
             "",
         ]
+    distinct = len(cells) - len(repeats)
+    if cells:
+        of = f"the {len(cells)} cells" + (f" ({planned} planned)" if planned != len(cells) else "")
+        cells_text = f"**Distinct cells: {distinct} of {of}.** "
+        cells_text += (
+            "Cells with the same method, kept heads and results (recovery included) are one experiment and count "
+            f"once: {_repeats_text(repeats, table)}"
+            if repeats
+            else "No two cells repeat each other (same method, kept heads and results)."
+        )
+        lines += [cells_text, ""]
+    paired_scale = "difference" if metric.higher_is_better else "log_ratio"
+    paired_text_intro = (
+        "Paired by seed: per seed, the difference between the two methods' accuracies at the same budget; the "
+        f"mean over the seeds both ran, with its {CONFIDENCE:.0%} t interval (n - 1 degrees of freedom). "
+        '"within noise": the interval contains zero. With one common seed there is no interval.'
+        if metric.higher_is_better
+        else "Paired by seed: per seed, the ratio of the two methods' perplexities at the same budget; the geometric "
+        f"mean of these ratios over the seeds both ran, with its {CONFIDENCE:.0%} t interval, both computed on the "
+        'log-ratio (n - 1 degrees of freedom); below 1 is better. "within noise": the interval contains 1 (zero '
+        "on the log scale). With one common seed there is no interval."
+    )
+
+    def behind(shown: list[str]) -> list[str]:
+        return [_behind(cells, repeats, shown), ""]
 
     def show(render: Callable[[dict[str, Any]], str]) -> Callable[[str, str], str]:
         return lambda method, budget: render(table[method][budget]) if budget in table[method] else "–"
@@ -472,6 +744,7 @@ def write_bench_report(out: str | Path) -> Path:
 
     for stage, title in stages.items():
         lines += _markdown_table(f"{metric.title} {title}", methods, budgets, show(stage_value(stage)))
+        lines += behind(methods)
 
     def macro_f1(method: str, budget: str) -> str:
         scores = table[method].get(budget, {}).get("macro_f1", {})
@@ -482,11 +755,13 @@ def write_bench_report(out: str | Path) -> Path:
         lines += _zero_shot_tables(table, methods, budgets, stages, stage_names)
     else:
         lines += _markdown_table(f"Macro-F1 (mean, {stage_names})", methods, budgets, macro_f1)
+        lines += behind(methods)
         lines += [
             "A macro-F1 far below the accuracy means some class is rarely predicted or rarely right: a class the "
             "model never predicts counts as 0 in the mean.",
             "",
         ]
+    paired: dict[str, Any] = {"scale": paired_scale, "confidence": CONFIDENCE}
     if control in table:
         title = (
             f"Gain over the {control} control (mean accuracy, {stage_names})"
@@ -494,18 +769,42 @@ def write_bench_report(out: str | Path) -> Path:
             else f"Perplexity relative to the {control} control (ratio of means, {stage_names}; below 1 is better)"
         )
         lines += _markdown_table(title, [m for m in methods if m != control], budgets, gain)
+        lines += behind(methods)
+        vs_control = {
+            method: {
+                budget: {
+                    stage: paired_difference(values[method][budget][stage], values[control][budget][stage], metric)
+                    for stage in stages
+                }
+                for budget in budgets
+                if budget in table[method] and budget in table[control]
+            }
+            for method in methods
+            if method != control
+        }
+        paired["vs_control"] = {"control": control, "methods": vs_control}
+        lines += _paired_vs_control(vs_control, control, budgets, stages, metric, paired_text_intro)
+        lines += behind(methods)
     if focus in table and len(methods) > 1:
         lines += _focus_vs_best(table, focus, methods, budgets, stages, metric)
+        lines += behind(methods)
+        against_best = _paired_focus_vs_best(table, values, focus, methods, budgets, stages, metric)
+        paired["focus_vs_best"] = {"focus": focus, "budgets": against_best}
+        lines += _paired_focus_table(against_best, focus, stages, metric)
+        lines += behind(methods)
     lines += _markdown_table("Heads kept (mean)", methods, budgets, show(lambda r: f"{r['kept']['mean']:.1f}"))
+    lines += behind(methods)
     if metric is PERPLEXITY:
         kv = show(lambda r: f"{r['kv_kept']['mean']:.1f}")
         lines += _markdown_table("Key-value heads kept (mean; the KV cache shrinks with them)", methods, budgets, kv)
+        lines += behind(methods)
     lines += _markdown_table(
         "Mean relative depth of the kept heads (0 = first layer, 1 = last)",
         methods,
         budgets,
         show(lambda r: f"{r['depth']['mean']:.2f}"),
     )
+    lines += behind(methods)
     seeded = [m for m in methods if any("seed_overlap" in row for row in table[m].values())]
     if seeded:
         lines += _markdown_table(
@@ -514,6 +813,7 @@ def write_bench_report(out: str | Path) -> Path:
             budgets,
             show(lambda r: f"{r['seed_overlap']['mean']:.2f}" if "seed_overlap" in r else "–"),
         )
+        lines += behind(seeded)
     lines += ["## Wall time (seconds)", "", "| method | scoring runs | scoring, mean | cell, mean | total |"]
     lines.append("|---|---|---|---|---|")
     for method in methods:
@@ -544,8 +844,16 @@ def write_bench_report(out: str | Path) -> Path:
             "timings": timings,
             "cells": len(cells),
             "cells_planned": planned,
+            "cells_distinct": distinct,
+            "repeated_cells": [
+                {"method": method, "seed": seed, "budget": budget, "same_as": {"seed": first[0], "budget": first[1]}}
+                for (method, seed, budget), first in sorted(repeats.items())
+            ],
+            "paired": paired,
         },
     )
+    if not figures:
+        return summary
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     if cells:
@@ -587,6 +895,87 @@ def _focus_vs_best(
                 f"| {budget} | {stage.replace('_', ' ')} | {means[focus]:.{digits}f} | {best} "
                 f"{means[best]:.{digits}f} | {metric.versus(means[focus], means[best])} | {rank} of {len(means)} |"
             )
+    return [*lines, ""]
+
+
+def _seeds_text(results: list[dict[str, Any] | None]) -> str:
+    """The common seeds of a row's paired comparisons (``0, 1, 2``)."""
+    seeds: list[int] = next((result["seeds"] for result in results if result is not None), [])
+    return ", ".join(str(seed) for seed in seeds) or "–"
+
+
+def _paired_vs_control(
+    paired: dict[str, dict[str, dict[str, dict[str, Any] | None]]],
+    control: str,
+    budgets: list[str],
+    stages: dict[str, str],
+    metric: Metric,
+    intro: str,
+) -> list[str]:
+    """The gain table's comparisons paired by seed: one row per method and budget, one column per stage."""
+    what = "difference" if metric.higher_is_better else "ratio"
+    lines = [
+        f"## Against the {control} control, paired by seed ({metric.name} {what}, {CONFIDENCE:.0%} interval)",
+        "",
+        intro,
+        "",
+        "| method | budget | seeds | " + " | ".join(stage.replace("_", " ") for stage in stages) + " |",
+        "|---" * (len(stages) + 3) + "|",
+    ]
+    for method, rows in paired.items():
+        for budget in budgets:
+            if budget not in rows:
+                continue
+            results = [rows[budget][stage] for stage in stages]
+            cells = " | ".join(paired_text(result, metric) for result in results)
+            lines.append(f"| {method} | {budget} | {_seeds_text(results)} | {cells} |")
+    return [*lines, ""]
+
+
+def _paired_focus_vs_best(
+    table: dict[str, Any],
+    values: dict[str, dict[str, dict[str, dict[int, float]]]],
+    focus: str,
+    methods: list[str],
+    budgets: list[str],
+    stages: dict[str, str],
+    metric: Metric = ACCURACY,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{budget: {stage: {other, **paired}}}``: the focus method against the best other method by mean (the one
+    :func:`_focus_vs_best` names), paired by seed (:func:`paired_difference`)."""
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for budget in budgets:
+        for stage in stages:
+            means = {m: table[m][budget][stage]["mean"] for m in methods if budget in table[m]}
+            if focus not in means or len(means) < 2:
+                continue
+            best = metric.best({m: v for m, v in means.items() if m != focus})
+            compared = paired_difference(values[focus][budget][stage], values[best][budget][stage], metric)
+            if compared is not None:
+                result.setdefault(budget, {})[stage] = {"other": best, **compared}
+    return result
+
+
+def _paired_focus_table(
+    paired: dict[str, dict[str, dict[str, Any]]], focus: str, stages: dict[str, str], metric: Metric
+) -> list[str]:
+    """The focus method against the best other method, paired by seed: one row per budget and stage."""
+    what = "difference" if metric.higher_is_better else "ratio"
+    sign = "−" if metric.higher_is_better else "/"
+    lines = [
+        f"## {focus} vs the best other method, paired by seed ({metric.name} {what}, {CONFIDENCE:.0%} interval)",
+        "",
+        f"| budget | stage | best other | seeds | {focus} {sign} best other |",
+        "|---|---|---|---|---|",
+    ]
+    for budget, by_stage in paired.items():
+        for stage in stages:
+            if stage in by_stage:
+                result = by_stage[stage]
+                lines.append(
+                    f"| {budget} | {stage.replace('_', ' ')} | {result['other']} | {_seeds_text([result])} | "
+                    f"{paired_text(result, metric)} |"
+                )
     return [*lines, ""]
 
 
