@@ -122,6 +122,16 @@ def test_prune_lm_end_to_end_in_every_mode(mode: str, lm_folders: dict[str, Path
     assert replayed == config
 
 
+def test_the_summary_says_how_the_budget_was_rounded_and_what_the_guardrail_added(
+    lm_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """Whole key-value groups of 2 query heads: keep=7 becomes 8 heads, and the summary line says so."""
+    report = prune_lm(tiny_config(lm_folders, budget="keep=7"), tmp_path / "run", progress=False)
+    first = summary(report).splitlines()[0]
+    assert "budget keep=7: 7 heads rounded to 8" in first
+    assert f"guardrail added {len(report['plan']['guardrail_heads'])}" in first
+
+
 def test_uniform_runs_export_a_stock_config(lm_folders: dict[str, Path], tmp_path: Path) -> None:
     config = tiny_config(lm_folders, gqa_mode="uniform", uniform_layers=True, prompted=())
     report = prune_lm(config, tmp_path / "run", progress=False)
@@ -190,6 +200,8 @@ def test_cahp_is_refused_in_one_line_naming_the_alternatives(lm_folders: dict[st
         ({"generation_batch_sizes": (1, 0)}, "generation_batch_sizes"),
         ({"eval_blocks": 0}, "eval_blocks"),
         ({"method": "no-such-method"}, "no-such-method"),
+        ({"context_length": 100_000}, "--context-length 100000 is longer than the model accepts"),
+        ({"corpus": "/nowhere/corpus.txt", "model": "/nowhere/model"}, "corpus file /nowhere/corpus.txt"),  # first
     ],
 )
 def test_bad_settings_are_refused_before_any_work(

@@ -25,7 +25,7 @@ from cahp.calibration import Calibration, CausalLanguageModeling, lm_calibration
 from cahp.config import check_counts, check_text_lists, check_texts
 from cahp.data import load_task
 from cahp.data.batching import EncodedSplit
-from cahp.data.lm import DEFAULT_CORPUS, LMBlocks, load_blocks
+from cahp.data.lm import DEFAULT_CORPUS, LMBlocks, TextCorpus, load_corpus, make_blocks
 from cahp.errors import CahpError, PrunedModelError
 from cahp.evaluation.generation import (
     CONTINUATION_PROMPTS,
@@ -36,7 +36,7 @@ from cahp.evaluation.generation import (
 from cahp.evaluation.perplexity import perplexity
 from cahp.evaluation.prompted import default_prompt, evaluate_prompted
 from cahp.methods.plan import Budget
-from cahp.models import load_causal_lm
+from cahp.models import load_causal_lm, model_max_length
 from cahp.settings import LM
 from cahp.surgery.autoload import save_pruned, stock_config_dict
 from cahp.train.distill import LanguageModelDistillation, LossFn, objective_loss
@@ -149,19 +149,18 @@ class LMOptions:
 
     def load(self, tokenizer: Any, run_seed: int) -> LMData:
         """The calibration and evaluation blocks and the prompted tasks' examples (subset drawn with
-        ``sample_seed``, else ``run_seed``)."""
-        blocks = {
-            role: load_blocks(
-                tokenizer,
-                self.corpus,
-                role,  # type: ignore[arg-type]
-                context_length=self.context_length,
-                stride=self.stride,
-                max_blocks=count,
-                column=self.corpus_column,
-                data_dir=self.data_dir,
-            )
-            for role, count in (("calibration", self.calibration_blocks), ("evaluation", self.eval_blocks))
+        ``sample_seed``, else ``run_seed``): :meth:`read` then :meth:`encode`."""
+        return self.encode(tokenizer, self.read(run_seed))
+
+    def read(self, run_seed: int) -> LMText:
+        """The text, before any tokenizer (so that a missing corpus is said before a model is loaded).
+
+        Raises:
+            DataError: a corpus or task that cannot be read.
+        """
+        corpora = {
+            role: load_corpus(self.corpus, role, column=self.corpus_column, data_dir=self.data_dir)
+            for role in ("calibration", "evaluation")
         }
         seed = run_seed if self.sample_seed is None else self.sample_seed
         prompted = {}
@@ -169,7 +168,37 @@ class LMOptions:
             task = load_task(name, self.data_dir)
             split = subsample(task.split(self.prompted_split), self.prompted_examples, seed)
             prompted[name] = (split, task.text_columns)
-        return LMData(blocks["calibration"], blocks["evaluation"], prompted)
+        return LMText(corpora, prompted)
+
+    def encode(self, tokenizer: Any, text: LMText) -> LMData:
+        """The blocks of :meth:`read`'s corpora and its prompted examples."""
+        counts = {"calibration": self.calibration_blocks, "evaluation": self.eval_blocks}
+        blocks = {
+            role: make_blocks(tokenizer, corpus, self.context_length, self.stride, counts[role])
+            for role, corpus in text.corpora.items()
+        }
+        return LMData(blocks["calibration"], blocks["evaluation"], text.prompted)
+
+    def check_context_length(self, model: Any, tokenizer: Any) -> None:
+        """Refuse a context length above what the model accepts.
+
+        Raises:
+            CahpError: ``context_length`` above the model's positions (or its tokenizer's limit).
+        """
+        limit = model_max_length(model.config, tokenizer)
+        if limit is not None and self.context_length > limit:
+            raise CahpError(
+                f"--context-length {self.context_length} is longer than the model accepts ({limit} tokens): give "
+                f"--context-length {limit} or less"
+            )
+
+
+@dataclass
+class LMText:
+    """What :meth:`LMOptions.read` reads: ``{role: corpus}`` and ``{task: (examples, text columns)}``."""
+
+    corpora: dict[str, TextCorpus]
+    prompted: dict[str, tuple[Any, tuple[str, ...]]]
 
 
 @dataclass
@@ -225,8 +254,10 @@ class CausalLMWorkload(Workload):
     def __init__(self, config: Any, progress: bool = False) -> None:
         super().__init__(config, progress)
         self.options: LMOptions = config.lm if config.lm is not None else LMOptions()
+        text = self.options.read(config.sample_seed)  # a missing corpus is said before the model is loaded
         self.model, self.tokenizer = load_causal_lm(config.model)
-        self.data = self.options.load(self.tokenizer, config.sample_seed)
+        self.options.check_context_length(self.model, self.tokenizer)
+        self.data = self.options.encode(self.tokenizer, text)
 
     @classmethod
     def check_config(cls, config: Any) -> None:
@@ -330,10 +361,20 @@ class CausalLMWorkload(Workload):
         parameters, and the greedy continuations before and after."""
         heads, quality, after = report["heads"], report["quality"], report["after"]
         ppl = quality["dense"]["perplexity"]
+        plan = report["plan"]
+        budget = Budget.from_dict(plan["budget"])
+        asked = budget.heads(heads["total"]) if budget.mode in ("keep", "sparsity") else None
+        requested = plan["heads_requested"]
+        uniform = ", uniform layers" if heads["uniform_layers"] else ""
+        rounded = (
+            f"{asked} heads rounded to {requested}, what the constraints express"
+            if asked is not None and asked != requested
+            else f"{requested} heads"
+        )
         lines = [
             f"heads kept: {heads['kept']} of {heads['total']} query heads, {heads['kv_kept']} of {heads['kv_total']} "
-            f"key-value heads ({report['method']}, {Budget.from_dict(report['plan']['budget']).label()}, "
-            f"{heads['gqa_mode']} mode{', uniform layers' if heads['uniform_layers'] else ''})",
+            f"key-value heads ({report['method']}, budget {budget.label()}: {rounded}; guardrail added "
+            f"{len(plan['guardrail_heads'])}; {heads['gqa_mode']} mode{uniform})",
             f"perplexity on {ppl['blocks']} blocks of {ppl['context_length']} tokens of "
             f"{report['corpus']['evaluation']['label']}: dense {report['perplexity']['dense']:.2f}, pruned "
             f"{report['perplexity']['pruned']:.2f}"
