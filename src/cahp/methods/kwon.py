@@ -97,14 +97,9 @@ class KwonSearch(PruningMethod):
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
         grid = self.check_fitted()
-        if budget.is_auto:
-            raise CahpError(
-                "method 'kwon' has no automatic head count: give a budget (--keep K, --sparsity S, --flops F or "
-                "--latency L)"
-            )
         constraints = constraints or Constraints()
         search = self.plan_from_priority(
-            self.scores_, budget.heads(grid.total), budget, constraints, {"how": "top-k of the mask Fisher diagonal"}
+            self.scores_, self.budget_heads(budget), budget, constraints, {"how": "top-k of the mask Fisher diagonal"}
         )
         details: dict[str, Any] = {"scores": self.scores_.tolist(), "search_kept_heads_by_layer": {}}
         if not self.rearrange:

@@ -81,6 +81,20 @@ class PruningMethod:
             raise CahpError(f"method {self.name!r} is not fitted: call fit(model, calibration) first")
         return grid
 
+    def budget_heads(self, budget: Budget) -> int:
+        """The head count of a ``keep`` or ``sparsity`` budget, for a method that finds no count of its own.
+
+        Raises:
+            CahpError: an auto budget (the method has no count of its own), or a cost budget (resolved by
+                :func:`cahp.methods.cost.plan_within` before the method plans).
+        """
+        if budget.is_auto:
+            raise CahpError(
+                f"method {self.name!r} has no automatic head count: give a budget (--keep, --sparsity, --flops or "
+                "--latency); `cahp methods` lists the methods that find their own"
+            )
+        return budget.heads(self.check_fitted().total)
+
     def plan_from_priority(
         self,
         priority: np.ndarray,

@@ -51,14 +51,7 @@ class TopK(PruningMethod):
         return self
 
     def plan(self, budget: Budget, constraints: Constraints | None = None) -> KeepPlan:
-        grid = self.check_fitted()
-        if budget.is_auto:
-            raise CahpError(
-                f"method {self.name!r} has no automatic head count: give a budget (--keep, --sparsity, --flops or "
-                "--latency); "
-                "`cahp methods` lists the methods that find their own"
-            )
-        heads = budget.heads(grid.total)
+        heads = self.budget_heads(budget)
         if self.budget_aware and heads != getattr(self.scorer, "keep", heads):
             raise CahpError(
                 f"method {self.name!r} was fitted for keep={self.scorer.keep} heads and cannot plan {heads}: "  # type: ignore[attr-defined]
