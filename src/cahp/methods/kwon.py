@@ -14,11 +14,10 @@ post-surgery step of every run:
    heads are re-chosen to minimise the second-order loss increase ``(1 - m_l)^T I_l (1 - m_l)`` with the layer's
    full Fisher block ``I_l`` ``[heads, heads]``, by Kwon et al.'s greedy pass: from the search's removed units,
    each kept unit in turn (least important first) joins the removed set and the removed unit whose return lowers
-   the objective most goes back. It is a local refinement of the search, never worse by the objective; an exact
-   minimisation of the objective (every choice of units) was tried and chose worse heads on MiniLM-L6 / SST-5
-   (the second-order objective is trusted only near the search's mask). The units are the constraints': heads,
-   whole key-value groups (``A^T I_l A`` with ``A`` the group membership), or, in ``uniform`` grouped-query mode,
-   each group's own heads with the group's count.
+   the objective most goes back. It is a local refinement of the search, never worse by the objective (an exact
+   minimisation, every choice of units, picked the same heads on MiniLM-L6 / SST-5). The units are the
+   constraints': heads, whole key-value groups (``A^T I_l A`` with ``A`` the group membership), or, in ``uniform``
+   grouped-query mode, each group's own heads with the group's count.
 3. **Mask tuning** is ``--reconstruct scale``: one least-squares scale per kept head, layer by layer, regularised
    toward 1 (:mod:`cahp.reconstruction`). ``cahp prune --method kwon --flops F --reconstruct scale`` is the whole
    framework for heads.
