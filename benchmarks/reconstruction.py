@@ -158,6 +158,7 @@ def study_grids(study: str) -> dict[str, dict[str, Any]]:
                 "budgets": RECOVERY_BUDGETS,
                 "reconstruct": mode,
                 "recovery": {"epochs": epochs, **RECOVERY_RECIPE},
+                "recovery_seeding": "per_seed",  # each seed's recovery has its own training seed
                 "recovery_max_examples": STUDIES[study]["recovery_max_examples"],
             }
     return grids
@@ -411,7 +412,8 @@ def markdown(results: dict[str, Any]) -> str:
         lm = study.startswith("smollm2")
         unit = "perplexity (lower is better)" if lm else "test accuracy"
         modes = [m for m in MODES if any(m in b for r in result["table"].values() for b in r.values())]
-        lines += [f"## {result['title']}", "", f"Dense {unit}: {result['dense']}", ""]
+        dense = result["dense"]
+        lines += [f"## {result['title']}", "", f"Dense {unit}: {dense:.4f}" if dense else "Dense: not run", ""]
         budgets = sorted({b for r in result["table"].values() for b in r}, key=lambda b: -float(b))
         for budget in budgets:
             lines += [
@@ -437,7 +439,7 @@ def markdown(results: dict[str, Any]) -> str:
             for _, method, share, cells_text, gain_text in sorted(rows, key=lambda r: r[0], reverse=not lm):
                 share_text = f"{share:.3f}" if share is not None else "–"
                 lines.append(f"| {method} | {share_text} | " + " | ".join(cells_text) + f" | {gain_text} |")
-            lines.append("")
+            lines += ["", *best_lines(result, budget, modes, lm), ""]
         if result.get("recovery"):
             lines += [
                 "### Reconstruction + a short recovery vs recovery alone",
@@ -470,6 +472,30 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines += ["", f"One forward pass over the calibration data: {record['forward_seconds']:.1f} s.", ""]
     return "\n".join(lines) + "\n"
+
+
+def best_lines(result: dict[str, Any], budget: str, modes: list[str], lm: bool) -> list[str]:
+    """Per mode, the best method's mean against dense (points, or a perplexity ratio), and CAHP's where it ran."""
+    dense = result["dense"]
+    lines = []
+    for mode in modes:
+        means = {
+            method: budgets[budget][mode]["mean"]
+            for method, budgets in result["table"].items()
+            if budget in budgets and mode in budgets[budget]
+        }
+        if not means or not dense:
+            continue
+        best = (min if lm else max)(means, key=lambda method: means[method])
+
+        def versus(value: float) -> str:
+            return f"{value / dense:.3f}x dense" if lm else f"{100 * (value - dense):+.1f} points from dense"
+
+        text = f"- `{mode}`: best {best} {means[best]:.4f} ({versus(means[best])})"
+        if "cahp" in means and best != "cahp":
+            text += f"; cahp {means['cahp']:.4f} ({versus(means['cahp'])})"
+        lines.append(text)
+    return lines
 
 
 def main() -> None:

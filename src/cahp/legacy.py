@@ -2,7 +2,8 @@
 
 * :func:`upgrade_prune_record`: a ``run_config.json`` of ``cahp prune`` (or of ``cahp prune-lm``) from before methods
   had one interface, before recovery objectives, or from the separate causal-LM command;
-* :func:`upgrade_bench_record`: a bench config or cell record from before methods had one interface.
+* :func:`upgrade_bench_record`: a bench config or cell record from before methods had one interface, or from
+  before a grid's seed could seed each cell's recovery.
 
 Each takes the raw JSON dictionary and returns one in today's keys (a current record passes unchanged), so that
 configs and resumed runs of earlier versions keep working. (Pruned model folders of earlier versions are upgraded
@@ -71,12 +72,26 @@ def _upgrade_prune_lm_record(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def upgrade_bench_record(raw: dict[str, Any]) -> dict[str, Any]:
-    """A config or record of the bench before methods had one interface, in today's keys.
+    """A config or record of the bench written before methods had one interface, or before
+    ``recovery_seeding`` existed, in today's keys.
 
-    Then CAHP's settings were a ``cahp`` block and head scorers' a ``scorer_settings`` block; every seed used one
-    calibration sample; CAHP's gradient salience used every calibration batch, drawn in the order of
-    ``calibration_seed``, and a scorer named as CAHP's salience took the scorer settings of that name.
+    Before methods had one interface, CAHP's settings were a ``cahp`` block and head scorers' a
+    ``scorer_settings`` block; every seed used one calibration sample; CAHP's gradient salience used every
+    calibration batch, drawn in the order of ``calibration_seed``, and a scorer named as CAHP's salience took the
+    scorer settings of that name.
+
+    Before ``recovery_seeding`` existed, every cell recovered with the recipe's own ``recovery.seed``, whatever
+    its grid seed: a config or record without the key reads as ``"fixed"``, so every committed grid (and a
+    resumed folder of one) keeps its meaning. (A config built in code gets the dataclass default, ``per_seed``.)
     """
+    record = _upgrade_bench_methods(raw)
+    record.setdefault("recovery_seeding", "fixed")
+    return record
+
+
+def _upgrade_bench_methods(raw: dict[str, Any]) -> dict[str, Any]:
+    """A bench config from before methods had one interface (``cahp`` and ``scorer_settings`` blocks) in
+    today's keys; any other passes unchanged (as a copy)."""
     if "cahp" not in raw and "scorer_settings" not in raw:
         return dict(raw)
     if "method_settings" in raw:

@@ -40,6 +40,7 @@ def _config(classifier: tuple[Path, TaskOptions], out: Path) -> BenchConfig:
         method_settings={"cahp": {"tsne_iterations": 250}},
         resample_calibration=False,
         recovery=TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=8),
+        recovery_seeding="fixed",  # the committed grids' rule: a deterministic method runs one seed
         recovery_max_examples=24,
     )
 
@@ -155,9 +156,16 @@ def test_bench_resumes_after_a_kill_and_writes_the_summary(
     assert "Same heads across seeds" in (tmp_path / "bench" / "summary.md").read_text()
     record = tmp_path / "bench" / "bench_config.json"
     older = json.loads(record.read_text())
-    del older["recovery"]["group_by_length"], older["gqa_mode"]  # a record from before these settings existed
+    # a record from before these settings existed
+    del older["recovery"]["group_by_length"], older["gqa_mode"], older["recovery_seeding"]
     record.write_text(json.dumps(older))
     assert run_bench(config, progress=False)["computed"] == 0, "missing settings read as their defaults"
+    assert json.loads(record.read_text())["recovery_seeding"] == "fixed", "an old grid resumes with a fixed seed"
+    assert {json.loads(p.read_text())["recovery_seed"] for p in cells.iterdir()} == {42}
+    config.recovery_seeding = "per_seed"
+    with pytest.raises(CahpError, match="different recovery_seeding"):
+        run_bench(config, progress=False)
+    config.recovery_seeding = "fixed"
     config.recovery = TrainingConfig(epochs=2, learning_rate=1e-3, batch_size=8)
     with pytest.raises(CahpError, match="other settings"):
         run_bench(config, progress=False)
@@ -250,6 +258,8 @@ def test_cahp_salience_from_a_head_scorer(
     assert "cahp seed 0 budget 0.5:" in printed and "pruned (retraining-free)" in printed
     assert "recovered" not in printed, "a retraining-free cell claims no recovered accuracy"
     assert len(list((tmp_path / "bench" / "fitted").glob("cahp__*.pkl"))) == 1
+    cell = json.loads((tmp_path / "bench" / "cells" / "cahp__seed0__0.5.json").read_text())
+    assert cell["recovery_seed"] is None, "no recovery ran"
     summary_md = (tmp_path / "bench" / "summary.md").read_text()
     assert "this grid is retraining-free" in summary_md and "## Accuracy after pruning (no recovery)" in summary_md
     assert "## Accuracy after recovery" not in summary_md, "no recovery: no after-recovery table"
@@ -322,6 +332,7 @@ def test_summaries_show_cache_paths_as_cahp_home(monkeypatch: pytest.MonkeyPatch
         ("deterministic_seeds", 0, "deterministic_seeds must be a positive whole number"),
         ("method_settings", {"random": {"seed": 3}}, "the bench sets them"),
         ("budgets", [0.3, 1.5], "fractions of heads kept"),
+        ("recovery_seeding", "random", '"recovery_seeding" must be one of fixed, per_seed'),
     ],
 )
 def test_bad_bench_config_values_are_named(
@@ -367,3 +378,137 @@ def test_every_committed_grid_config_is_valid_and_each_recovery_study_varies_onl
             allowed = {"recovery_objective"} | ({"recovery"} if " at " in label else set())
             assert differing <= allowed, (study, label, differing)
             assert record["recovery_objective"]["loss"] == label.split(" ")[0], (study, label)
+
+
+# ---- what a grid seed varies ------------------------------------------------------------------------------------
+
+
+def test_each_grid_seed_recovers_with_its_own_training_seed(
+    classifier: tuple[Path, TaskOptions], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``per_seed``: the cells of seed s recover with ``recovery.seed + s`` (recorded in each cell), so a method
+    without randomness of its own runs every seed too and its seeds differ; ``fixed``: every cell recovers with
+    ``recovery.seed`` and such a method runs its first seed only."""
+    import cahp.run
+
+    real_train = cahp.run.train_model
+    trained: list[int] = []
+
+    def recording(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        trained.append(args[3].seed)  # type: ignore[attr-defined]  # the recovery's TrainingConfig
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(cahp.run, "train_model", recording)
+    config = _config(classifier, tmp_path / "per_seed")
+    config.methods, config.budgets, config.seeds = ["magnitude", "random"], [0.5], [0, 2]
+    config.method_settings = {}
+    config.recovery_seeding = "per_seed"
+    assert run_bench(config, progress=False)["computed"] == 4, "magnitude runs both seeds: its recoveries differ"
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "per_seed" / "cells").iterdir()}
+    assert {name: cell["recovery_seed"] for name, cell in cells.items()} == {
+        "magnitude__seed0__0.5": 42,
+        "random__seed0__0.5": 42,
+        "magnitude__seed2__0.5": 44,
+        "random__seed2__0.5": 44,
+    }
+    assert sorted(trained) == [42, 42, 44, 44], "the recorded seed is the one the recovery trained with"
+    first, third = cells["magnitude__seed0__0.5"], cells["magnitude__seed2__0.5"]
+    assert first["kept_heads_by_layer"] == third["kept_heads_by_layer"], "the same heads (deterministic)"
+    assert first["recovery_history"][0]["train_loss"] != third["recovery_history"][0]["train_loss"]
+    summary = json.loads((tmp_path / "per_seed" / "summary.json").read_text())
+    assert summary["repeated_cells"] == [] and summary["recovery_seeding"] == "per_seed"
+    assert "Each seed s recovers with training seed 42 + s" in (tmp_path / "per_seed" / "summary.md").read_text()
+    assert json.loads((tmp_path / "per_seed" / "bench_config.json").read_text())["recovery_seeding"] == "per_seed"
+
+    trained.clear()
+    config.out, config.recovery_seeding = str(tmp_path / "fixed"), "fixed"
+    assert run_bench(config, progress=False)["computed"] == 3, "magnitude runs its first seed only"
+    assert trained == [42, 42, 42]
+    seeds = {json.loads(p.read_text())["recovery_seed"] for p in (tmp_path / "fixed" / "cells").iterdir()}
+    assert seeds == {42}
+    assert "Every cell recovers with training seed 42" in (tmp_path / "fixed" / "summary.md").read_text()
+
+
+def test_recovery_seeding_of_new_configs_and_of_committed_grids(tmp_path: Path) -> None:
+    """A config built in code seeds each recovery from its grid seed; a JSON config or record without the key (every
+    committed grid, and the bench_config.json of a grid run before the key existed) replays with a fixed seed."""
+    from cahp.bench.runner import _validate, recovery_seed
+    from cahp.legacy import upgrade_bench_record
+
+    assert BenchConfig(model="m", out="o").recovery_seeding == "per_seed"
+    assert BenchConfig.from_dict({"model": "m", "out": "o"}).recovery_seeding == "fixed"
+    given = BenchConfig.from_dict({"model": "m", "out": "o", "recovery_seeding": "per_seed"})
+    assert given.recovery_seeding == "per_seed" and given.to_dict()["recovery_seeding"] == "per_seed"
+    assert [recovery_seed(given, seed) for seed in (0, 1, 2)] == [given.recovery.seed + s for s in (0, 1, 2)]
+    fixed = BenchConfig.from_dict({"model": "m", "out": "o", "recovery": {"seed": 7}})
+    assert [recovery_seed(fixed, seed) for seed in (0, 1, 2)] == [7, 7, 7]
+    earlier = {"model": "m", "out": "o", "methods": ["cahp"], "cahp": {"seed": 3}}  # before methods had one interface
+    upgraded = upgrade_bench_record(earlier)
+    assert upgraded["recovery_seeding"] == "fixed" and upgraded["resample_calibration"] is False
+    assert upgrade_bench_record({"recovery_seeding": "per_seed"})["recovery_seeding"] == "per_seed"
+    for path in sorted((REPO / "benchmarks" / "configs").glob("*.json")):
+        assert BenchConfig.from_file(path).recovery_seeding == "fixed", path.name
+    for path in sorted((REPO / "benchmarks" / "results" / "bench").glob("*/bench_config.json")):
+        assert BenchConfig.from_dict(json.loads(path.read_text())).recovery_seeding == "fixed", path.parent.name
+    too_far = BenchConfig.from_dict(
+        {"model": "m", "out": "o", "recovery_seeding": "per_seed", "recovery": {"seed": 2**32 - 2}, "seeds": [0, 2]}
+    )
+    with pytest.raises(CahpError, match=r"recovery\.seed \+ s, which must stay below"):
+        _validate(too_far)
+
+
+def _noise_floor_script():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("noise_floor_script", REPO / "benchmarks" / "noise_floor.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_noise_floor_script_fine_tunes_one_model_per_seed(classifier: tuple[Path, TaskOptions], tmp_path: Path) -> None:
+    """benchmarks/noise_floor.py on the tiny classifier: one fine-tune per seed, the test accuracies, their mean and
+    sample sd, in a file the bench summary reads; the real rows' commands are the baselines' with ``--seed``."""
+    import statistics
+
+    from cahp.reporting.bench_report import grid_noise_floor
+    from cahp.train.finetune import FinetuneConfig, finetune
+
+    script = _noise_floor_script()
+    model, task = classifier
+    folders: dict[int, Path] = {}
+
+    def tiny_finetune(seed: int) -> Path:
+        training = TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=8, seed=seed)
+        folders[seed] = tmp_path / f"tiny-toy-seed{seed}"
+        finetune(FinetuneConfig(model=str(model), task=task, training=training), folders[seed], progress=False)
+        return folders[seed]
+
+    measured = script.measure([0, 1], tiny_finetune)
+    assert sorted(folders) == [0, 1]
+    for row in measured["per_seed"]:
+        metrics = json.loads((folders[row["seed"]] / "metrics.json").read_text())
+        assert row["test_accuracy"] == metrics["results"]["test"]["accuracy"]
+        assert metrics["history"][0]["train_loss"] is not None
+    histories = [json.loads((f / "metrics.json").read_text())["history"] for f in folders.values()]
+    assert histories[0][0]["train_loss"] != histories[1][0]["train_loss"], "the seeds trained differently"
+    assert measured["n"] == 2 and measured["split"] == "test"
+    assert measured["mean"] == pytest.approx(statistics.mean(measured["accuracies"]))
+    assert measured["sd"] == pytest.approx(statistics.stdev(measured["accuracies"]))
+
+    results = tmp_path / "noise_floor.json"
+    script.store_result(results, "tiny:toy", {"model": "tiny", "task": "toy", **measured})
+    grid = {"model": str(tmp_path / "finetuned" / "tiny-toy"), "task": {"task": "toy"}}
+    floor = grid_noise_floor(grid, results)
+    assert floor is not None and floor["measured"] and floor["sd"] == pytest.approx(measured["sd"])
+
+    assert script.seeds_of(3) == [42, 43, 44]
+    assert script.seed_command("minilm-l6", "sst5", 42) == script.finetune_command("minilm-l6", "sst5")
+    command = script.seed_command("minilm-l6", "sst5", 43)
+    assert command[-2:] == ["--seed", "43"] and "--epochs" in command
+    assert command[command.index("--out") + 1].endswith("noise_floor/minilm-l6-sst5-seed43")
+    with pytest.raises(SystemExit, match="not a row"):
+        script.main(["--rows", "tiny:toy"])
+    with pytest.raises(SystemExit, match="at least 2"):
+        script.main(["--rows", "minilm-l6:sst5", "--num-seeds", "1"])

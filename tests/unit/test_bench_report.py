@@ -16,12 +16,15 @@ import cahp.methods.base as method_registry
 import cahp.scoring.base as scorer_registry
 from cahp.methods.base import PruningMethod, available_methods, register_method
 from cahp.reporting.bench_report import (
+    NOISE_FLOOR_FILE,
     PERPLEXITY,
     _style,
     control_method,
     fit_seconds,
     focus_method,
+    grid_noise_floor,
     method_seeds,
+    noise_floor_key,
     paired_difference,
     paired_text,
     planned_cells,
@@ -481,3 +484,97 @@ def test_a_published_folder_is_rebuilt_with_what_it_was_published_with(tmp_path:
         "**Complete as published: all 2 cells this config planned then ran.** Today's method registry plans 4."
         in summary
     )
+
+
+# ---- the noise floor and the recovery seed ----------------------------------------------------------------------
+
+
+def _noise_grid(root: Path, model: str, **extra: Any) -> Path:
+    cells = [_cell(method, 0, "0.5", 0.4) for method in ("gradient", "random")]
+    return _folder(root, _config(["gradient", "random"], [0], budgets=[0.5], model=model, **extra), cells)
+
+
+def _noise_paragraph(summary: str) -> str:
+    return next(line for line in summary.splitlines() if line.startswith("Noise floor:"))
+
+
+def test_the_noise_floor_of_the_dense_fine_tune_is_printed_beside_the_tables(tmp_path: Path) -> None:
+    root = _noise_grid(tmp_path / "bench", str(tmp_path / "cache" / "finetuned" / "toy-sst5"))
+    floors = tmp_path / "noise_floor.json"
+    floors.write_text(json.dumps({"toy:sst5": {"split": "test", "mean": 0.5, "sd": 0.0061, "n": 3}}))
+    summary = write_bench_report(root, noise_floor=floors).read_text()
+    line = _noise_paragraph(summary)
+    assert line.startswith(
+        "Noise floor: a dense fine-tune's test accuracy varies by sd 0.0061 over 3 training seeds "
+        "(benchmarks/noise_floor.py)."
+    )
+    assert summary.index("Noise floor:") < summary.index("## Accuracy after pruning"), "beside the tables"
+    record = json.loads((root / "summary.json").read_text())
+    assert record["noise_floor"] == {
+        "key": "toy:sst5",
+        "measured": True,
+        "split": "test",
+        "mean": 0.5,
+        "sd": 0.0061,
+        "n": 3,
+        "file": str(floors),
+    }
+    assert {"split", "metric", "dense_accuracy", "table", "timings", "cells", "paired"} <= set(record)
+
+
+def test_an_unmeasured_noise_floor_says_how_to_measure_it(tmp_path: Path) -> None:
+    root = _noise_grid(tmp_path / "bench", str(tmp_path / "cache" / "finetuned" / "toy-sst5"))
+    floors = tmp_path / "noise_floor.json"
+    for content in (None, {"other:sst5": {"sd": 0.01, "n": 3}}):
+        if content is not None:
+            floors.write_text(json.dumps(content))
+        line = _noise_paragraph(write_bench_report(root, noise_floor=floors).read_text())
+        assert line.startswith(
+            "Noise floor: not measured yet for toy:sst5 (a dense fine-tune's spread over training seeds); "
+            "`python benchmarks/noise_floor.py --rows toy:sst5` measures it"
+        )
+        floor = json.loads((root / "summary.json").read_text())["noise_floor"]
+        assert floor["measured"] is False and floor["command"] == "python benchmarks/noise_floor.py --rows toy:sst5"
+    other = _noise_grid(tmp_path / "other", "/models/toy")
+    line = _noise_paragraph(write_bench_report(other, noise_floor=floors).read_text())
+    assert line.startswith("Noise floor: not measured for this grid's model")
+    assert json.loads((other / "summary.json").read_text())["noise_floor"]["key"] is None
+
+
+def test_the_summary_says_whether_each_seed_recovers_with_its_own_training_seed(tmp_path: Path) -> None:
+    recovery = {"epochs": 1, "learning_rate": 1e-3, "seed": 42}
+    fixed = _noise_grid(tmp_path / "fixed", "/models/toy", recovery=recovery)  # a record without the key
+    line = _noise_paragraph(write_bench_report(fixed).read_text())
+    assert "Every cell recovers with training seed 42, so the spread over seeds leaves training noise out." in line
+    assert json.loads((fixed / "summary.json").read_text())["recovery_seeding"] == "fixed"
+    varied = _noise_grid(tmp_path / "varied", "/models/toy", recovery=recovery, recovery_seeding="per_seed")
+    line = _noise_paragraph(write_bench_report(varied).read_text())
+    assert "Each seed s recovers with training seed 42 + s" in line and "includes training noise" in line
+    free = _noise_grid(tmp_path / "free", "/models/toy", recovery={"epochs": 0}, recovery_seeding="per_seed")
+    assert "recovers with" not in _noise_paragraph(write_bench_report(free).read_text()), "no recovery ran"
+
+
+@pytest.mark.usefixtures("toy_methods")
+def test_a_per_seed_recovery_runs_deterministic_methods_on_every_seed() -> None:
+    per_seed = _config(["toy_fixed", "random"], [0, 1, 2], recovery_seeding="per_seed")
+    assert method_seeds("toy_fixed", per_seed) == [0, 1, 2], "each seed recovers otherwise"
+    assert method_seeds("toy_fixed", {**per_seed, "recovery": {"epochs": 0}}) == [0], "retraining-free"
+    assert method_seeds("toy_fixed", {**per_seed, "recovery_seeding": "fixed"}) == [0]
+    assert method_seeds("toy_fixed", _config(["toy_fixed"], [0, 1, 2])) == [0], "a record without the key: fixed"
+
+
+def test_noise_floor_keys_of_the_committed_grids() -> None:
+    """A grid on ``finetuned/<model>-<task>`` reads the noise floor of ``<model>:<task>``; other models none."""
+    from cahp.bench import BenchConfig
+
+    configs = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+
+    def key(name: str) -> str | None:
+        return noise_floor_key(BenchConfig.from_file(configs / f"{name}.json").to_dict())
+
+    assert key("minilm_sst5") == "minilm-l6:sst5" and key("mpnet_mnli") == "mpnet-base:mnli"
+    assert key("recovery_minilm_mnli_kd") == "minilm-l6:mnli"
+    assert key("reconstruction_pilot_minilm_sst5_none") is None, "the demo's fine-tune is not a baseline"
+    assert key("smollm2_lm_groups") is None, "a causal LM is not fine-tuned"
+    assert grid_noise_floor({"objective": "causal-lm", "model": "m"}) is None
+    assert NOISE_FLOOR_FILE.parts[-3:] == ("benchmarks", "results", "noise_floor.json")

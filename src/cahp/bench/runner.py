@@ -16,8 +16,17 @@ rule and constraints (:mod:`cahp.methods.select`), and is recovered with the sam
 ``resample_calibration`` every method runs every seed, so a method's spread over seeds includes the spread of
 the data it learns from, and "the best baseline" is a mean over seeds like the focus method's. Without it (the
 committed grids), methods whose registry entry says ``deterministic`` run only the first ``deterministic_seeds``
-seeds. Budget ``"knee"`` is the auto budget: a method that finds its own head count uses it; the others are
-compared at the head count of the first such method in the same seed (or its first seed).
+seeds, unless each seed recovers with its own seed (below). Budget ``"knee"`` is the auto budget: a method that
+finds its own head count uses it; the others are compared at the head count of the first such method in the same
+seed (or its first seed).
+
+What a grid seed ``s`` varies: the calibration sample (with ``resample_calibration``), the method's own randomness
+(its ``seed`` setting is ``s``) and, with ``recovery_seeding: "per_seed"`` (the default of a config built in code),
+the recovery's training seed (``recovery.seed + s``: the order of its batches, dropout; every method of seed ``s``
+recovers with the same one). With ``"fixed"`` (a JSON config or record without the key: every committed grid)
+every cell recovers with ``recovery.seed``, so a spread over seeds leaves training noise out. Each cell records
+the ``recovery_seed`` it used. The subset of training examples a recovery uses (``recovery_max_examples``) is
+drawn once per grid with ``recovery.seed``.
 """
 
 from __future__ import annotations
@@ -63,6 +72,9 @@ Budget_ = float | str
 KNEE = "knee"
 #: What a grid's cells are measured on: a fine-tuned classifier's accuracy, or a causal LM's perplexity.
 OBJECTIVES = ("classification", "causal-lm")
+#: How each cell's recovery is seeded: ``fixed``: ``recovery.seed`` for every cell (the committed grids);
+#: ``per_seed``: ``recovery.seed + s`` in grid seed ``s``.
+RECOVERY_SEEDINGS = ("fixed", "per_seed")
 
 #: Settings that change results: a folder whose cells were computed with other values is refused.
 RESULT_KEYS = (
@@ -75,6 +87,7 @@ RESULT_KEYS = (
     "resample_calibration",
     "method_settings",
     "recovery",
+    "recovery_seeding",
     "recovery_objective",
     "recovery_lora_rank",
     "recovery_max_examples",
@@ -108,6 +121,10 @@ class BenchConfig:
         method_settings: ``{method: {setting: value}}`` (not ``seed`` and not ``keep``: the bench sets them).
         focus: the method the summary compares with the best other one (default: the first of ``methods``).
         recovery: the recovery fine-tune of every cell (``epochs: 0`` = retraining-free only).
+        recovery_seeding: ``per_seed`` (the default here): the cells of grid seed ``s`` recover with training seed
+            ``recovery.seed + s``, so the spread over seeds includes training noise; ``fixed``: every cell recovers
+            with ``recovery.seed`` (what a JSON config or record without the key reads as: every committed grid,
+            :func:`cahp.legacy.upgrade_bench_record`).
         recovery_objective: what every cell's recovery optimises (``ce``, or distillation from the unpruned model:
             :mod:`cahp.train.distill`; default ``ce``, the committed grids' recipe).
         recovery_lora_rank: ``None``: every cell's recovery trains every weight; ``R``: rank-``R`` LoRA adapters,
@@ -148,6 +165,7 @@ class BenchConfig:
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     focus: str | None = None
     recovery: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=1.0, learning_rate=2e-5))
+    recovery_seeding: str = "per_seed"
     recovery_objective: RecoveryObjective = field(default_factory=RecoveryObjective)
     recovery_lora_rank: int | None = None
     recovery_max_examples: int | None = 2000
@@ -279,6 +297,7 @@ def _validate(config: BenchConfig) -> None:
     if not all(is_seed(seed) for seed in config.seeds):
         raise CahpError(f'bench config: "seeds" must be whole numbers in 0..{SEEDS - 1}, got {config.seeds}')
     check_counts(config, ("deterministic_seeds",), optional=False, where="bench config: ")
+    _validate_recovery_seeding(config)
     if config.focus is not None and config.focus not in config.methods:
         raise CahpError(f'bench config: "focus" {config.focus!r} is not one of "methods" {config.methods}')
     if not isinstance(config.method_settings, dict):
@@ -296,6 +315,25 @@ def _validate(config: BenchConfig) -> None:
     if config.is_lm:
         _validate_lm(config)
     get_workload(config.objective).check_config(config)
+
+
+def _validate_recovery_seeding(config: BenchConfig) -> None:
+    """``recovery_seeding`` is one of :data:`RECOVERY_SEEDINGS`, and every cell's recovery seed is a seed."""
+    if config.recovery_seeding not in RECOVERY_SEEDINGS:
+        raise CahpError(
+            f'bench config: "recovery_seeding" must be one of {", ".join(RECOVERY_SEEDINGS)}, '
+            f"got {config.recovery_seeding!r}"
+        )
+    if config.recovery_seeding == "per_seed" and not is_seed(config.recovery.seed + max(config.seeds)):
+        raise CahpError(
+            f'bench config: with "recovery_seeding": "per_seed" the recovery of seed s trains with seed '
+            f"recovery.seed + s, which must stay below {SEEDS}; got {config.recovery.seed} + {max(config.seeds)}"
+        )
+
+
+def recovery_seed(config: BenchConfig, seed: int) -> int:
+    """The training seed of the recovery of grid seed ``seed``'s cells (see ``recovery_seeding``)."""
+    return config.recovery.seed + (seed if config.recovery_seeding == "per_seed" else 0)
 
 
 def _validate_lm(config: BenchConfig) -> None:
@@ -434,7 +472,12 @@ class _Bench:
         plan, fitted, cached = self.plan(method, seed, budget)
         planned = time.perf_counter()
         sample_seed = self.config.calibration_seed + (seed if self.config.resample_calibration else 0)
-        settings = replace(self.settings_, post_surgery=post_surgery_steps(self.config.reconstruct, sample_seed))
+        recovery = replace(self.config.recovery, seed=recovery_seed(self.config, seed))
+        settings = replace(
+            self.settings_,
+            recovery=recovery,
+            post_surgery=post_surgery_steps(self.config.reconstruct, sample_seed),
+        )
         outcome = execute(self.work, plan, settings, StageCache(None, progress=False), before=dense)
         end = time.perf_counter()
         recovery_run = outcome.recovery_run
@@ -471,6 +514,7 @@ class _Bench:
             self.metric.results_key: {"after_pruning": after_pruning, "after_recovery": after_recovery},
             "recovery_history": recovery_run.get("history", []),
             "recovery_objective": self.config.recovery_objective.loss,
+            "recovery_seed": recovery.seed if recovery.epochs > 0 else None,
             **({"lora": recovery_run["lora"]} if "lora" in recovery_run else {}),
             "teacher": teacher,
             **({"post_surgery": outcome.post_surgery} if outcome.post_surgery else {}),

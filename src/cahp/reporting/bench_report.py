@@ -132,10 +132,10 @@ def planned_cells(config: dict[str, Any]) -> list[tuple[str, int, float | str]]:
 def method_seeds(method: str, config: dict[str, Any]) -> list[int]:
     """The seeds ``method`` runs in the grid of ``config``.
 
-    With ``resample_calibration`` (each seed draws its own calibration sample) every method runs every seed.
-    Without it (and in records of earlier versions, which lack the key) a method the registry marks
-    ``deterministic`` runs only the first ``deterministic_seeds`` seeds (at least one): its other seeds would
-    repeat the same result.
+    With ``resample_calibration`` (each seed draws its own calibration sample), or when each seed recovers with a
+    training seed of its own (:func:`recovery_varies`), every method runs every seed. Otherwise (and in records of
+    earlier versions, which lack the keys) a method the registry marks ``deterministic`` runs only the first
+    ``deterministic_seeds`` seeds (at least one): its other seeds would repeat the same result.
 
     Raises:
         CahpError: a method the registry does not know.
@@ -145,12 +145,21 @@ def method_seeds(method: str, config: dict[str, Any]) -> list[int]:
 
 def _seeds(info: MethodInfo, config: dict[str, Any]) -> list[int]:
     """A method's seeds: all of them, or the first ``deterministic_seeds`` for a method without randomness of its
-    own when every seed sees the same calibration data (no resampling, or a causal-LM grid's fixed blocks)."""
+    own when every seed sees the same calibration data (no resampling, or a causal-LM grid's fixed blocks) and
+    recovers with the same training seed."""
     seeds = list(config.get("seeds", []))
     resampled = config.get("resample_calibration", False) and config.get("objective") != "causal-lm"
-    if resampled or not info.deterministic:
+    if resampled or recovery_varies(config) or not info.deterministic:
         return seeds
     return seeds[: max(1, int(config.get("deterministic_seeds", 1)))]
+
+
+def recovery_varies(config: dict[str, Any]) -> bool:
+    """Whether each seed's cells recover with a training seed of their own: ``recovery_seeding: per_seed`` and a
+    recovery that trains. A record without the key recovered every cell with one seed (``fixed``:
+    :func:`cahp.legacy.upgrade_bench_record`)."""
+    recovery = config.get("recovery") or {}
+    return config.get("recovery_seeding", "fixed") == "per_seed" and bool(recovery.get("epochs"))
 
 
 def _planned(config: dict[str, Any], info_of: Callable[[str], MethodInfo]) -> list[tuple[str, int, float | str]]:
@@ -411,7 +420,7 @@ def cell_identity(cell: dict[str, Any], metric: Metric = ACCURACY) -> str:
     """What makes two cells one experiment: the method, the kept heads and what was measured (the results of
     both stages and the recovery's loss history), timings left out. Two cells with the same identity repeat
     each other to the last digit: a budget that resolved to another budget's heads, or two seeds that chose
-    the same heads (the recovery seed is the same for every cell)."""
+    the same heads and recovered with the same seed (``recovery_seeding: fixed``)."""
     kept = {str(layer): sorted(int(h) for h in heads) for layer, heads in cell["kept_heads_by_layer"].items() if heads}
     record = {
         "method": cell["method"],
@@ -595,12 +604,19 @@ def rebuild_published_summary(folder: str | Path) -> Path:
     return write_bench_report(folder, figures=False, recorded=recorded)
 
 
-def write_bench_report(out: str | Path, *, figures: bool = True, recorded: dict[str, Any] | None = None) -> Path:
+def write_bench_report(
+    out: str | Path,
+    *,
+    figures: bool = True,
+    recorded: dict[str, Any] | None = None,
+    noise_floor: str | Path | None = None,
+) -> Path:
     """Write ``summary.md``, ``summary.json``, the plots and ``report.html`` of a bench folder; returns the summary
     path.
 
     ``figures=False`` writes the two summaries only. ``recorded``: the summary a published folder was published
-    with (:func:`rebuild_published_summary`).
+    with (:func:`rebuild_published_summary`). ``noise_floor``: the file of dense fine-tunes' spreads over
+    training seeds (default :data:`NOISE_FLOOR_FILE`; :func:`grid_noise_floor`).
     """
     out = Path(out)
     config = json.loads((out / "bench_config.json").read_text())
@@ -658,6 +674,9 @@ def write_bench_report(out: str | Path, *, figures: bool = True, recorded: dict[
     seeds_text = (
         "every method runs every seed, each seed on its own calibration sample. Same recovery recipe"
         if resampled and metric is ACCURACY
+        else "every method runs every seed, each seed recovering with its own training seed). Same calibration set, "
+        "same recovery recipe"
+        if recovery_varies(config)
         else "methods without randomness of their own run one seed). Same calibration set, same recovery recipe"
     )
     if metric is PERPLEXITY:
@@ -704,6 +723,8 @@ def write_bench_report(out: str | Path, *, figures: bool = True, recorded: dict[
             "tables test the differences over seeds.",
             "",
         ]
+    floor = grid_noise_floor(config, NOISE_FLOOR_FILE if noise_floor is None else Path(noise_floor))
+    lines += _noise_floor_lines(floor, config)
     distinct = len(cells) - len(repeats)
     if cells:
         of = f"the {len(cells)} cells" + (f" ({planned} planned)" if planned != len(cells) else "")
@@ -850,6 +871,8 @@ def write_bench_report(out: str | Path, *, figures: bool = True, recorded: dict[
                 for (method, seed, budget), first in sorted(repeats.items())
             ],
             "paired": paired,
+            "recovery_seeding": config.get("recovery_seeding", "fixed"),
+            "noise_floor": floor,
         },
     )
     if not figures:
@@ -865,6 +888,95 @@ def write_bench_report(out: str | Path, *, figures: bool = True, recorded: dict[
         plot_kept_depth(table, methods, plots / "kept_depth.png", **roles)
     write_bench_html(out)
     return summary
+
+
+#: Where ``benchmarks/noise_floor.py`` records each dense fine-tune's test accuracy over training seeds, keyed
+#: ``<model>:<task>`` (the source tree's ``benchmarks/results/noise_floor.json``).
+NOISE_FLOOR_FILE = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "noise_floor.json"
+NOISE_FLOOR_SCRIPT = "benchmarks/noise_floor.py"
+
+
+def noise_floor_key(config: dict[str, Any]) -> str | None:
+    """``<model>:<task>`` of a grid whose model is a baseline fine-tune (``.../finetuned/<model>-<task>``, as
+    ``benchmarks/finetune_baselines.py`` names its folders), else ``None`` (another model, a causal-LM grid)."""
+    if config.get("objective") == "causal-lm":
+        return None
+    task = config.get("task")
+    name = task.get("task") if isinstance(task, dict) else task
+    model = Path(str(config.get("model", "")))
+    if not isinstance(name, str) or model.parent.name != "finetuned" or not model.name.endswith(f"-{name}"):
+        return None
+    return f"{model.name[: -len(name) - 1]}:{name}"
+
+
+def grid_noise_floor(config: dict[str, Any], path: Path = NOISE_FLOOR_FILE) -> dict[str, Any] | None:
+    """The noise floor of a classification grid's dense model, as ``summary.json`` records it (``None`` for a
+    causal-LM grid, whose model is not fine-tuned):
+
+    * measured: ``{"key", "measured": True, "split", "mean", "sd", "n", "file"}`` (``sd``: the sample standard
+      deviation of the dense fine-tune's accuracy over ``n`` training seeds);
+    * not measured: ``{"key", "measured": False, "command", "file"}`` (``key`` and ``command`` are ``None`` when the
+      grid's model is not a baseline fine-tune: :func:`noise_floor_key`).
+
+    Raises:
+        CahpError: ``path`` exists but is not a JSON object.
+    """
+    if config.get("objective") == "causal-lm":
+        return None
+    key = noise_floor_key(config)
+    shown = "benchmarks/results/noise_floor.json" if path == NOISE_FLOOR_FILE else _shown(str(path))
+    records: Any = {}
+    if path.is_file():
+        try:
+            records = json.loads(path.read_text())
+        except ValueError as error:
+            raise CahpError(f"{path} is not JSON ({error}): rerun {NOISE_FLOOR_SCRIPT}") from error
+        if not isinstance(records, dict):
+            raise CahpError(f"{path} must hold an object keyed <model>:<task>: rerun {NOISE_FLOOR_SCRIPT}")
+    entry = records.get(key) if key is not None else None
+    if isinstance(entry, dict) and isinstance(entry.get("sd"), int | float) and int(entry.get("n", 0)) >= 2:
+        return {
+            "key": key,
+            "measured": True,
+            "split": entry.get("split", "test"),
+            "mean": entry.get("mean"),
+            "sd": float(entry["sd"]),
+            "n": int(entry["n"]),
+            "file": shown,
+        }
+    command = f"python {NOISE_FLOOR_SCRIPT} --rows {key}" if key is not None else None
+    return {"key": key, "measured": False, "command": command, "file": shown}
+
+
+def _noise_floor_lines(floor: dict[str, Any] | None, config: dict[str, Any]) -> list[str]:
+    """The paragraph beside the tables: the dense fine-tune's spread over training seeds (or how to measure it),
+    and whether this grid's seeds vary the recovery's training seed."""
+    parts = []
+    if floor is not None and floor["measured"]:
+        parts.append(
+            f"Noise floor: a dense fine-tune's {floor['split']} accuracy varies by sd {floor['sd']:.4f} over "
+            f"{floor['n']} training seeds ({NOISE_FLOOR_SCRIPT})."
+        )
+    elif floor is not None and floor["key"] is not None:
+        parts.append(
+            f"Noise floor: not measured yet for {floor['key']} (a dense fine-tune's spread over training seeds); "
+            f"`{floor['command']}` measures it into `{floor['file']}`."
+        )
+    elif floor is not None:
+        parts.append(
+            f"Noise floor: not measured for this grid's model ({NOISE_FLOOR_SCRIPT} measures the baseline "
+            "fine-tunes of benchmarks/finetune_baselines.py, `finetuned/<model>-<task>`)."
+        )
+    recovery = config.get("recovery") or {}
+    if recovery.get("epochs"):
+        seed = recovery.get("seed", "recovery.seed")  # records of this version always hold it
+        parts.append(
+            f"Each seed s recovers with training seed {seed} + s (batch order, dropout; the same for every method), "
+            "so the spread over seeds includes training noise."
+            if recovery_varies(config)
+            else f"Every cell recovers with training seed {seed}, so the spread over seeds leaves training noise out."
+        )
+    return [" ".join(parts), ""] if parts else []
 
 
 def _focus_vs_best(
