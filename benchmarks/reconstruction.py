@@ -4,6 +4,7 @@ reconstruction + a short recovery against recovery alone.
     python benchmarks/reconstruction.py configs              # (re)write the grids' configs under configs/
     python benchmarks/reconstruction.py run minilm_mnli      # run one study's grids (resumable) and publish them
     python benchmarks/reconstruction.py cost minilm_mnli     # the cost ratios, measured in one run
+    python benchmarks/reconstruction.py demo                 # the demo's CAHP run, 1 recovery epoch, none vs weights
     python benchmarks/reconstruction.py report               # results/reconstruction.{json,md} from the cells
 
 A study is a model, a task and the grids that share its fitted methods (``fitted_dir``): one ``cahp bench`` grid per
@@ -58,6 +59,7 @@ STUDIES: dict[str, dict[str, Any]] = {
         "calibration_size": 512,
         "eval_max_examples": 2000,
         "recovery_max_examples": 1000,
+        "weights_budgets": [0.5, 0.3],  # CPU time: 20% only without reconstruction
     },
     "minilm_sst5": {
         "title": "MiniLM-L6 / SST-5 (`cahp demo`'s checkpoint, test 2,210 examples)",
@@ -124,7 +126,9 @@ def study_grids(study: str) -> dict[str, dict[str, Any]]:
             "out": f"{home}/{grid_name(study, mode)}",
             "fitted_dir": f"{home}/reconstruction_{study}_fitted",
             "methods": spec.get("methods", METHODS),
-            "budgets": spec.get("budgets", BUDGETS if mode in ("none", "weights") else BUDGETS[:1]),
+            "budgets": spec.get("budgets", spec.get("weights_budgets", BUDGETS) if mode == "weights" else BUDGETS)
+            if mode in ("none", "weights") or "budgets" in spec
+            else BUDGETS[:1],
             "seeds": spec.get("seeds", SEEDS),
             "recovery": {"epochs": 0.0},
             "reconstruct": mode,
@@ -274,6 +278,36 @@ def measure_cost(study: str, method: str = "gradient", budget: float = 0.5, seed
     }
 
 
+# ---- the demo ---------------------------------------------------------------------------------------------------
+
+#: ``cahp demo``'s CAHP run replayed with one recovery epoch, without and with the ``weights`` reconstruction.
+DEMO_RUN = "$CAHP_HOME/demo/minilm-l6-sst5-cahp/run_config.json"
+
+
+def demo_runs() -> dict[str, Any]:
+    """Replay the demo's pruning run (``cahp prune --config``) with a one-epoch recovery, ``--reconstruct none`` and
+    ``weights`` (each run once, in ``$CAHP_HOME/demo_<mode>_e1``), and return their figures and stage seconds."""
+    home = str(cahp_home())
+    runs: dict[str, Any] = {}
+    for mode in ("none", "weights"):
+        out = Path(home) / f"demo_{mode}_e1"
+        command = ["cahp", "prune", "--config", DEMO_RUN, "--reconstruct", mode, "--recovery-epochs", "1"]
+        command += ["--out", f"$CAHP_HOME/demo_{mode}_e1"]
+        if not (out / "report.json").is_file():
+            print("$", " ".join(command), flush=True)
+            local = [part.replace("$CAHP_HOME", home) for part in command]
+            subprocess.run([str(Path(sys.executable).with_name("cahp")), *local[1:]], check=True)
+        report = json.loads((out / "report.json").read_text())
+        runs[mode] = {
+            "command": " ".join(command),
+            "heads_kept": report["heads"]["kept"],
+            "accuracy": {stage: report["accuracy"][stage]["test"]["accuracy"] for stage in report["accuracy"]},
+            "stage_seconds": report["stage_seconds"],
+            "torch_threads": report.get("latency", {}).get("torch_threads"),
+        }
+    return runs
+
+
 # ---- report -----------------------------------------------------------------------------------------------------
 
 
@@ -390,6 +424,7 @@ def report() -> None:
         if cells(grid_name(study, "none"))
     }
     results["cost"] = _load(OUT / "reconstruction_cost.json")
+    results["demo"] = _load(OUT / "reconstruction_demo.json")
     (OUT / "reconstruction.json").write_text(json.dumps(results, indent=1) + "\n")
     (OUT / "reconstruction.md").write_text(markdown(results))
     print("wrote benchmarks/results/reconstruction.{json,md}")
@@ -455,6 +490,22 @@ def markdown(results: dict[str, Any]) -> str:
                     texts.append(f"{row['mean']:.4f} ({row['median_seconds']:.0f} s)" if row else "–")
                 lines.append(f"| {key} | " + " | ".join(texts) + " |")
             lines.append("")
+    demo = results.get("demo") or {}
+    if demo:
+        lines += [
+            "## The demo's CAHP run with one recovery epoch (`python benchmarks/reconstruction.py demo`)",
+            "",
+            "| reconstruct | heads | after pruning | after recovery | reconstruction s | recovery s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for mode, run in demo.items():
+            seconds = run["stage_seconds"]
+            lines.append(
+                f"| {mode} | {run['heads_kept']} | {run['accuracy']['after_pruning']:.4f} | "
+                f"{run['accuracy']['after_recovery']:.4f} | {seconds.get('reconstruction', 0.0):.0f} | "
+                f"{seconds['recovery_run']:.0f} |"
+            )
+        lines += ["", f"Dense: {next(iter(demo.values()))['accuracy']['before_pruning']:.4f}.", ""]
     cost = results.get("cost") or {}
     for study, record in cost.items():
         lines += [
@@ -507,6 +558,7 @@ def main() -> None:
     runner.add_argument("--grids", nargs="*", default=None, help="grid names (default: every grid of the study)")
     cost = sub.add_parser("cost")
     cost.add_argument("study", choices=list(STUDIES))
+    sub.add_parser("demo")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.step == "configs":
@@ -521,6 +573,10 @@ def main() -> None:
         costs[args.study] = record
         (OUT / "reconstruction_cost.json").write_text(json.dumps(costs, indent=1) + "\n")
         print(json.dumps(record, indent=1))
+    elif args.step == "demo":
+        runs = demo_runs()
+        (OUT / "reconstruction_demo.json").write_text(json.dumps(runs, indent=1) + "\n")
+        print(json.dumps(runs, indent=1))
     else:
         report()
 

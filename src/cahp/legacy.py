@@ -26,12 +26,14 @@ def upgrade_prune_record(raw: dict[str, Any]) -> dict[str, Any]:
     Then CAHP's options were a ``cahp`` block (with the budget, the guardrail and the seed), head scorers' a
     ``scorer_settings`` block, and the gradient salience had its own ``salience_fraction``. A run's record (it
     has a ``command`` key) without a ``recovery_objective`` was written before recovery objectives existed: it
-    recovered with cross-entropy.
+    recovered with cross-entropy; one without ``reconstruct``, before the reconstruction step: it had none.
     """
     if raw.get("command") == "prune-lm" or (raw.get("objective") == "causal-lm" and "corpus" in raw):
         raw = _upgrade_prune_lm_record(raw)
     if "command" in raw and "recovery_objective" not in raw:
         raw = {**raw, "recovery_objective": {"loss": "ce"}}
+    if "command" in raw and "reconstruct" not in raw:  # recorded before reconstruction existed: it had none
+        raw = {**raw, "reconstruct": "none"}
     if "cahp" not in raw:
         return raw
     record = {
@@ -83,9 +85,12 @@ def upgrade_bench_record(raw: dict[str, Any]) -> dict[str, Any]:
     Before ``recovery_seeding`` existed, every cell recovered with the recipe's own ``recovery.seed``, whatever
     its grid seed: a config or record without the key reads as ``"fixed"``, so every committed grid (and a
     resumed folder of one) keeps its meaning. (A config built in code gets the dataclass default, ``per_seed``.)
+    Likewise a config or record without ``reconstruct`` reads as ``"none"`` (no reconstruction step, as before it
+    existed); a config built in code gets the default of ``cahp prune``, ``weights``.
     """
     record = _upgrade_bench_methods(raw)
     record.setdefault("recovery_seeding", "fixed")
+    record.setdefault("reconstruct", "none")
     return record
 
 

@@ -73,8 +73,8 @@ class PruneConfig:
         uniform_layers: keep the same number of heads in every layer.
         gqa_mode: grouped-query attention: ``groups`` (whole key-value groups) or ``uniform`` (the same number of
             query heads in every group); the budget is made expressible before selection.
-        reconstruct: the post-surgery reconstruction (:mod:`cahp.reconstruction`): ``none`` (no step), ``bias``,
-            ``scale`` or ``weights``, fitted on the method's calibration.
+        reconstruct: the post-surgery reconstruction (:mod:`cahp.reconstruction`): ``weights`` (the default),
+            ``scale``, ``bias`` or ``none`` (no step), fitted on the method's calibration.
         seed: the method's seed (and the calibration subset's; ``cahp prune --seed`` seeds the recovery too).
         calibration_size: ``classification``: examples of the calibration split (``task.calibration_split``: the
             training split; offline MNLI: its held-out share), a seeded class-stratified subset; ``None`` = all.

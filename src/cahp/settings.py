@@ -238,8 +238,9 @@ PRUNE = FieldSpecs(
         "reconstruct": FieldSpec(
             "after surgery, re-fit each layer's output projection to the unpruned layer's attention output on the "
             "calibration data, no gradient step (docs/reconstruction.md): the removed heads' mean into the bias, one "
-            "scale per kept head, or a ridge refit of the kept heads' weights",
-            "none",
+            "scale per kept head, or a ridge refit of the kept heads' weights (the default: it lost the least "
+            "accuracy of the four in benchmarks/results/reconstruction.md); none skips the step",
+            "weights",
             choices=("none", "bias", "scale", "weights"),
         ),
         "seed": FieldSpec("seeds the method, the calibration subset and the recovery fine-tune", 42, type="seed_value"),

@@ -446,8 +446,11 @@ def test_recovery_seeding_of_new_configs_and_of_committed_grids(tmp_path: Path) 
     upgraded = upgrade_bench_record(earlier)
     assert upgraded["recovery_seeding"] == "fixed" and upgraded["resample_calibration"] is False
     assert upgrade_bench_record({"recovery_seeding": "per_seed"})["recovery_seeding"] == "per_seed"
-    for path in sorted((REPO / "benchmarks" / "configs").glob("*.json")):
-        assert BenchConfig.from_file(path).recovery_seeding == "fixed", path.name
+    for path in sorted((REPO / "benchmarks" / "configs").glob("*.json")):  # those that do not name it
+        expected = json.loads(path.read_text()).get("recovery_seeding", "fixed")
+        assert BenchConfig.from_file(path).recovery_seeding == expected, path.name
+    assert BenchConfig(model="m", out="o").reconstruct == "weights", "a config built in code: cahp prune's default"
+    assert BenchConfig.from_dict({"model": "m", "out": "o"}).reconstruct == "none", "a grid from before the step"
     for path in sorted((REPO / "benchmarks" / "results" / "bench").glob("*/bench_config.json")):
         assert BenchConfig.from_dict(json.loads(path.read_text())).recovery_seeding == "fixed", path.parent.name
     too_far = BenchConfig.from_dict(

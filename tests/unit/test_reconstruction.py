@@ -232,8 +232,9 @@ def test_an_ill_conditioned_solve_falls_back_and_says_so() -> None:
 
 
 def test_cahp_prune_reconstruct_weights_end_to_end_and_in_a_bench_cell(tmp_path: Path) -> None:
-    """``cahp prune --reconstruct weights`` on a tiny classifier: the after-pruning figures are those of the
-    reconstructed model, the report holds the per-layer errors; a bench cell with the same setting agrees."""
+    """``cahp prune`` (``--reconstruct weights`` by default) on a tiny classifier: the after-pruning figures are those
+    of the reconstructed model, the report holds the per-layer errors; a bench cell with the same setting agrees;
+    ``--reconstruct none`` has no step."""
     import json
 
     from cahp.bench import BenchConfig, run_bench
@@ -248,8 +249,8 @@ def test_cahp_prune_reconstruct_weights_end_to_end_and_in_a_bench_cell(tmp_path:
         *("--keep", "6", "--seed", "0", "--recovery-epochs", "0", "--latency-repeats", "1"),
         *("--latency-seq-len", "16", "--latency-batch-size", "2"),
     ]
-    assert main([*common, "--out", str(tmp_path / "none")]) == 0
-    assert main([*common, "--reconstruct", "weights", "--out", str(tmp_path / "weights")]) == 0
+    assert main([*common, "--reconstruct", "none", "--out", str(tmp_path / "none")]) == 0
+    assert main([*common, "--out", str(tmp_path / "weights")]) == 0  # the default
     plain = json.loads((tmp_path / "none" / "report.json").read_text())
     report = json.loads((tmp_path / "weights" / "report.json").read_text())
     assert "post_surgery" not in plain

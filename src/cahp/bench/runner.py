@@ -61,6 +61,7 @@ from cahp.reporting.bench_report import (
 )
 from cahp.run import RunOutcome, RunSettings, execute
 from cahp.runtime import place
+from cahp.settings import PRUNE
 from cahp.stages import StageCache
 from cahp.train.distill import RecoveryObjective
 from cahp.train.finetune import TaskOptions
@@ -136,7 +137,8 @@ class BenchConfig:
         eval_max_examples: evaluate on a stratified subset of each split (``None`` = all).
         allow_empty_layers, uniform_layers, gqa_mode: the constraints of every plan (see ``cahp prune``).
         reconstruct: every cell's post-surgery reconstruction (``cahp prune --reconstruct``), fitted on the cell's
-            calibration: ``none``, ``bias``, ``scale`` or ``weights``.
+            calibration: ``weights`` (``cahp prune``'s default), ``scale``, ``bias`` or ``none``. A JSON config or
+            record without the key reads as ``none``: every grid from before the step existed.
         objective: ``classification`` (the default: ``model`` is a fine-tuned classifier, cells report accuracy) or
             ``causal-lm`` (``model`` is a causal LM: every method is fitted on the language-modelling loss of
             ``lm``'s calibration blocks, cells report perplexity on its evaluation blocks and the zero-shot accuracy
@@ -175,7 +177,7 @@ class BenchConfig:
     allow_empty_layers: bool = False
     uniform_layers: bool = False
     gqa_mode: str = "groups"
-    reconstruct: str = "none"
+    reconstruct: str = field(default_factory=lambda: str(PRUNE["reconstruct"].default))
     objective: str = "classification"
     lm: LMOptions | None = None
     calibration_batch_size: int = 32
