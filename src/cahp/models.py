@@ -434,6 +434,7 @@ def load_classifier(
         UnsupportedArchitectureError: an unknown ``model_type``.
         ModelNotFoundError: a model that cannot be found or read, or a classifier with another label count.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model(name_or_path)
@@ -446,7 +447,11 @@ def load_classifier(
             f"pass --num-labels {config.num_labels}; if it is another task, fine-tune a base model for it"
         )
     tokenizer = load_tokenizer(source)
-    attn_kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    # float32 whatever dtype the folder was saved in (transformers 5 would load it in that dtype): the run computes,
+    # evaluates and times in float32, and saves in the dtype asked (cahp prune --dtype)
+    attn_kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if attn_implementation is not None:
+        attn_kwargs["attn_implementation"] = attn_implementation
     if getattr(config, "cahp_kept_heads", None) is not None:
         from cahp.surgery import load_pruned
 

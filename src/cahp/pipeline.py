@@ -93,6 +93,9 @@ class PruneConfig:
         eval_max_examples: evaluate on a seeded, stratified subset of each split (``None`` = the whole split).
         latency_batch_size, latency_seq_len: the dense vs pruned latency measurement of ``classification``.
         latency_repeats: timed repeats of every speed measurement.
+        save_dtype: the dtype the pruned model is saved in (``cahp prune --dtype``): ``auto`` (the dtype the model
+            came in; float32 for a quantized GGUF source), ``float32``, ``float16`` or ``bfloat16``; the run itself
+            is not cast (:func:`cahp.surgery.autoload.resolve_save_dtype`).
     """
 
     model: str = PRUNE.field("model")
@@ -119,6 +122,7 @@ class PruneConfig:
     latency_batch_size: int = PRUNE.field("latency_batch_size")
     latency_seq_len: int = PRUNE.field("latency_seq_len")
     latency_repeats: int = PRUNE.field("latency_repeats")
+    save_dtype: str = PRUNE.field("save_dtype")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,6 +192,8 @@ class PruneConfig:
             raise CahpError(f"gqa_mode must be 'groups' or 'uniform', got {self.gqa_mode!r}")
         if self.reconstruct not in PRUNE["reconstruct"].choices:  # type: ignore[operator]
             raise CahpError(f"reconstruct must be one of none, bias, scale, weights, got {self.reconstruct!r}")
+        if self.save_dtype not in PRUNE["save_dtype"].choices:  # type: ignore[operator]
+            raise CahpError(f"save_dtype must be one of auto, float32, float16, bfloat16, got {self.save_dtype!r}")
         if not isinstance(self.budget, str):
             raise CahpError(f"budget must be auto, keep=K, sparsity=S, flops=F or latency=L, got {self.budget!r}")
         check_counts(

@@ -278,6 +278,15 @@ PRUNE = FieldSpecs(
         "latency_batch_size": FieldSpec("batch of the latency measurement", 32, type="positive_int"),
         "latency_seq_len": FieldSpec("tokens per sequence, latency", 128, type="positive_int"),
         "latency_repeats": FieldSpec("timed repeats of every speed measurement", 10, type="positive_int"),
+        "save_dtype": FieldSpec(
+            "the dtype the pruned model's weights are saved in, recorded in its config.json so that from_pretrained "
+            "loads it in that dtype; the run's own evaluation and measurements do not change. auto: the dtype the "
+            "model came in (its config's, else its weight files'); a quantized GGUF model (smollm2-135m) has none: "
+            "float32, what it was de-quantized to (docs/loading.md)",
+            "auto",
+            flags=("--dtype",),
+            choices=("auto", "float32", "float16", "bfloat16"),
+        ),
     },
 )
 

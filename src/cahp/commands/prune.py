@@ -88,6 +88,7 @@ PRUNE_FIELDS: dict[str, tuple[str, ...]] = {
     "latency_batch_size": ("latency_batch_size",),
     "latency_seq_len": ("latency_seq_len",),
     "latency_repeats": ("latency_repeats",),
+    "dtype": ("save_dtype",),
     **{name: (f"task.{name}",) for name in TASK_FIELDS},
     **{name: (f"recovery.{name}",) for name in TRAINING_FIELDS},
     **LM_FIELDS,
@@ -126,6 +127,7 @@ def add_parser(sub: Any) -> None:
     for name in ("model", "objective"):
         config_option(parser, PRUNE[name], name)
     add_output_arguments(parser)
+    config_option(parser, PRUNE["save_dtype"], "save_dtype")
     _add_method_arguments(parser)
     _add_budget_arguments(parser)
     _add_shortcut_arguments(parser)

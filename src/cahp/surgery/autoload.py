@@ -27,6 +27,10 @@ imported), :func:`~cahp.surgery.load_pruned` reads them, and :func:`upgrade_prun
 Every folder :func:`save_pruned` writes is shareable as it is: it is written to a hidden ``.<name>.saving`` folder
 beside it first (a full disk leaves no half-written model, :class:`~cahp.errors.DiskFullError`), and no file in it
 names a local path (:func:`make_shareable`).
+
+``save_pruned(..., dtype=torch.bfloat16)`` writes the weights in another floating dtype without changing the model in
+memory, and ``config.json`` records it (``from_pretrained`` loads the folder in that dtype); :func:`resolve_save_dtype`
+says which dtype ``cahp prune --dtype auto`` means for a model (the one it came in).
 """
 
 from __future__ import annotations
@@ -35,17 +39,22 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from cahp.adapters import ArchitectureAdapter, get_adapter, register_adapter, supported_model_types
-from cahp.errors import DiskFullError, OldPrunedFolderError, PrunedModelError, is_disk_full
+from cahp.errors import CahpError, DiskFullError, OldPrunedFolderError, PrunedModelError, is_disk_full
+from cahp.models import ModelSource, load_model_config, resolve_model
 from cahp.surgery import modeling_cahp
 from cahp.surgery.modeling_cahp import (
     AUTO_MODEL_CLASSES,
@@ -69,13 +78,20 @@ from cahp.surgery.removal import (
 __all__ = [
     "AUTO_MODEL_CLASSES",
     "MODELING_FILE",
+    "SAVE_DTYPES",
     "STOCK_CONFIG_MODEL_TYPES",
+    "SaveDtype",
     "adopt_pruned_classes",
+    "cast_for_saving",
+    "folder_bytes",
     "layout_of",
     "make_shareable",
     "register_auto_classes",
+    "resolve_save_dtype",
     "save_pruned",
+    "saved_dtype_record",
     "shareable_name",
+    "source_dtype",
     "stock_config_dict",
     "upgrade_pruned_folder",
 ]
@@ -191,6 +207,7 @@ def save_pruned(
     stock: bool = False,
     tokenizer: Any = None,
     name_or_path: str | None = None,
+    dtype: torch.dtype | str | None = None,
     **save_kwargs: Any,
 ) -> Path:
     """Save a (pruned) model so that plain ``from_pretrained`` loads it, with or without cahp.
@@ -207,27 +224,37 @@ def save_pruned(
         tokenizer: saved into the same folder, in the same step, when given.
         name_or_path: what ``config.json`` names the model as (``_name_or_path``): its alias or Hub id, say;
             default: :func:`shareable_name` of the one the model was loaded from.
+        dtype: the floating dtype the weights are written in (a ``torch.dtype`` or a name of :data:`SAVE_DTYPES`),
+            recorded as ``config.json``'s ``dtype`` so that ``from_pretrained`` loads them in it; ``model`` itself is
+            not changed (its tensors are cast for the write and put back). ``None``: as the model is.
         **save_kwargs: passed to ``model.save_pretrained`` (``safe_serialization``, ``max_shard_size``, ...).
 
     Returns:
         ``folder`` as a :class:`~pathlib.Path`.
 
     Raises:
-        PrunedModelError: ``stock=True`` for a model that no stock config describes (the message says why).
+        PrunedModelError: ``stock=True`` for a model that no stock config describes (the message says why), or a
+            weight beyond ``dtype``'s range (float16: 65504).
+        CahpError: ``dtype`` is no floating dtype of :data:`SAVE_DTYPES`.
         DiskFullError: the disk filled up; nothing of this save is left behind.
     """
     folder = Path(folder)
+    target = _save_dtype(dtype)
     stock_dict = stock_config_dict(model) if stock else None  # checked before anything is written
     staging = folder.parent / f".{folder.name}.saving"
     try:
         if staging.exists():
             shutil.rmtree(staging)  # left by a save that was killed
-        staging.mkdir(parents=True)
-        model.save_pretrained(staging, **save_kwargs)
+        with cast_for_saving(model, target):
+            saved_dtype = str(model.dtype).removeprefix("torch.")
+            staging.mkdir(parents=True)
+            model.save_pretrained(staging, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         if stock_dict is not None:
+            stock_dict.pop("torch_dtype", None)
+            stock_dict["dtype"] = saved_dtype  # what save_pretrained wrote: the weights' dtype
             config_path.write_text(json.dumps(stock_dict, indent=2, sort_keys=True) + "\n")
             (staging / MODELING_FILE).unlink(missing_ok=True)
         elif is_pruned(model):
@@ -239,7 +266,7 @@ def save_pruned(
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, Exception) and is_disk_full(error):
-            raise disk_full_error(folder, _state_bytes(model)) from error
+            raise disk_full_error(folder, _state_bytes(model, target)) from error
         raise
     return folder
 
@@ -267,10 +294,14 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
-def _state_bytes(model: PreTrainedModel) -> int:
-    """Bytes of the model's weights and buffers (what its weight files hold, headers aside)."""
+def _state_bytes(model: PreTrainedModel, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the model's weights and buffers (what its weight files hold, headers aside), its floating tensors
+    counted in ``dtype`` when given."""
     tensors = list(model.parameters()) + list(model.buffers())
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return sum(
+        tensor.numel() * (dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size())
+        for tensor in tensors
+    )
 
 
 def _move_into_place(staging: Path, folder: Path, remove: tuple[str, ...] = ()) -> None:
@@ -294,6 +325,202 @@ def _move_into_place(staging: Path, folder: Path, remove: tuple[str, ...] = ()) 
             shutil.rmtree(target, ignore_errors=True)
         os.replace(path, target)
     staging.rmdir()
+
+
+# ---- the dtype of a saved folder ---------------------------------------------------------------------------
+
+#: The floating dtypes a folder can be saved in (``cahp prune --dtype``), by name; ``auto`` is
+#: :func:`resolve_save_dtype`'s.
+SAVE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: The dtypes of the plain float tensor types, by their name in safetensors headers and GGUF files alike.
+_FLOAT_TYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SaveDtype:
+    """The dtype a pruned model is saved in, and why (one line, for the report's ``export`` record)."""
+
+    dtype: torch.dtype
+    why: str
+
+    @property
+    def name(self) -> str:
+        """``"bfloat16"``: the name ``config.json`` records."""
+        return str(self.dtype).removeprefix("torch.")
+
+
+def _save_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a ``torch.dtype`` of :data:`SAVE_DTYPES` (``None`` stays ``None``).
+
+    Raises:
+        CahpError: anything else, naming the dtypes there are.
+    """
+    if dtype is None:
+        return None
+    found = SAVE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if found not in SAVE_DTYPES.values():
+        raise CahpError(f"a model is saved in one of {', '.join(SAVE_DTYPES)}, got dtype {dtype!r}")
+    return found
+
+
+@contextmanager
+def cast_for_saving(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[torch.nn.Module]:
+    """Within the block, ``model``'s floating parameters and persistent buffers hold copies cast to ``dtype``;
+    after it (an error too) they hold the very tensors they held before, and ``config.dtype`` its value (which
+    ``save_pretrained`` overwrites), so the model computes exactly as before. ``None``: nothing is cast.
+
+    Raises:
+        PrunedModelError: a finite weight that ``dtype`` cannot hold (beyond float16's 65504, say); nothing is
+            left cast.
+    """
+    config = getattr(model, "config", None)
+    config_dtype = getattr(config, "dtype", None)
+    parameters: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    buffers: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    seen: set[int] = set()
+    try:
+        if dtype is not None:
+            for module_name, module in model.named_modules():
+                for name, parameter in module._parameters.items():
+                    if parameter is None or id(parameter) in seen or not parameter.is_floating_point():
+                        continue
+                    seen.add(id(parameter))  # a tied weight is cast once, and stays tied
+                    if parameter.dtype != dtype:
+                        original = parameter.data
+                        parameter.data = _cast(original, dtype, f"{module_name}.{name}".lstrip("."))
+                        parameters.append((parameter, original))
+                for name, buffer in module._buffers.items():
+                    if buffer is None or name in module._non_persistent_buffers_set or not buffer.is_floating_point():
+                        continue
+                    if buffer.dtype != dtype:
+                        module._buffers[name] = _cast(buffer, dtype, f"{module_name}.{name}".lstrip("."))
+                        buffers.append((module._buffers, name, buffer))
+        yield model
+    finally:
+        for parameter, original in parameters:
+            parameter.data = original
+        for owner, name, buffer in buffers:
+            owner[name] = buffer
+        if config is not None:
+            config.dtype = config_dtype
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``tensor`` cast to ``dtype`` (a copy).
+
+    Raises:
+        PrunedModelError: a finite value became infinite (beyond ``dtype``'s range).
+    """
+    cast = tensor.detach().to(dtype)
+    if bool((cast.isinf() & tensor.isfinite()).any()):
+        largest = float(tensor.detach().abs().max())
+        raise PrunedModelError(
+            f"{name} holds a weight of magnitude {largest:.4g}, beyond {str(dtype).removeprefix('torch.')}'s "
+            f"range ({torch.finfo(dtype).max:.4g}): save in bfloat16 (float32's range) or float32"
+        )
+    return cast
+
+
+def source_dtype(model: str | PathLike[str] | ModelSource) -> SaveDtype:
+    """The floating dtype a model came in, read without loading it: its ``config.json``'s ``dtype`` (or
+    ``torch_dtype``), else the float type of its safetensors weights (a half type where there is one: the float32
+    tensors beside it are norms), and for a GGUF file the float type of its tensors (the same way).
+
+    A GGUF file of quantized blocks (``smollm2-135m``: Q4_1) has no float dtype; transformers de-quantizes it to the
+    float32 the run evaluates, so that is the answer, with why. So is float32 for a model that records no dtype (a
+    ``pytorch_model.bin`` without one): the dtype transformers loads it in.
+
+    Raises:
+        ModelNotFoundError: the model cannot be resolved or its config read.
+    """
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    if source.gguf_file is not None:
+        return _gguf_dtype(Path(source.location) / source.gguf_file)
+    recorded = getattr(load_model_config(source), "dtype", None)
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded, None)
+    if isinstance(recorded, torch.dtype) and recorded.is_floating_point:
+        if recorded in SAVE_DTYPES.values():
+            return SaveDtype(recorded, "auto: the dtype of the model's config.json")
+        return SaveDtype(torch.float32, f"auto: the model's config.json says {recorded}, not a dtype cahp saves in")
+    stored = _safetensors_dtype(Path(source.location)) if source.is_local else None
+    if stored is not None:
+        return SaveDtype(stored, "auto: the dtype of the model's weight files (its config.json records none)")
+    return SaveDtype(torch.float32, "auto: the model records no dtype: float32, the dtype transformers loads it in")
+
+
+def _float_type(names: Iterable[Any]) -> torch.dtype | None:
+    """The dtype of a checkpoint whose tensors have the types ``names`` (as :data:`_FLOAT_TYPES` names them; other
+    types are ignored): a half type where there is one (its float32 tensors are the norms), else float32; ``None``
+    when none is a float type."""
+    present = {_FLOAT_TYPES[name] for name in names if name in _FLOAT_TYPES}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if dtype in present:
+            return dtype
+    return None
+
+
+def _safetensors_dtype(folder: Path) -> torch.dtype | None:
+    """The float type of a folder's safetensors weights (the first shard's), or ``None`` where it has none."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            first = sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+            path = folder / first
+        else:
+            path = folder / "model.safetensors"
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    return _float_type(entry.get("dtype") for key, entry in header.items() if key != "__metadata__")
+
+
+def _gguf_dtype(path: Path) -> SaveDtype:
+    """The float type of a GGUF file's tensors; float32 for a file of quantized blocks, saying so."""
+    try:
+        from gguf import GGUFReader
+
+        types = Counter(tensor.tensor_type.name for tensor in GGUFReader(path).tensors)
+    except Exception as error:  # gguf missing, or a file it cannot read: what the run loaded is float32
+        return SaveDtype(torch.float32, f"auto: the GGUF file's tensor types cannot be read ({error}): float32")
+    quantized = Counter({name: count for name, count in types.items() if name not in _FLOAT_TYPES})
+    if quantized:
+        kind = quantized.most_common(1)[0][0]
+        return SaveDtype(
+            torch.float32,
+            f"auto: the model came as a quantized GGUF file ({kind} blocks), which has no float dtype to keep: "
+            "float32, the dtype it was de-quantized to and evaluated in (--dtype bfloat16 halves the folder)",
+        )
+    found = _float_type(types) or torch.float32
+    return SaveDtype(found, "auto: the float type of the model's GGUF file")
+
+
+def resolve_save_dtype(setting: str, model: str | PathLike[str] | ModelSource) -> SaveDtype:
+    """The dtype ``cahp prune --dtype setting`` saves ``model``'s pruned folder in: ``auto``: :func:`source_dtype`;
+    a name of :data:`SAVE_DTYPES`: that one.
+
+    Raises:
+        CahpError: another setting, naming the ones there are.
+    """
+    if setting == "auto":
+        return source_dtype(model)
+    if setting not in SAVE_DTYPES:
+        raise CahpError(f"dtype must be one of auto, {', '.join(SAVE_DTYPES)}, got {setting!r}")
+    return SaveDtype(SAVE_DTYPES[setting], "--dtype")
+
+
+def folder_bytes(folder: str | PathLike[str]) -> int:
+    """The bytes of the files under ``folder``."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def saved_dtype_record(folder: str | PathLike[str], saved: SaveDtype) -> dict[str, Any]:
+    """What the report's ``export`` record says about a folder saved in ``saved``: the dtype, why, and the size."""
+    size = folder_bytes(folder)
+    return {"dtype": saved.name, "dtype_why": saved.why, "size_bytes": size, "size_mb": round(size / 2**20, 1)}
 
 
 # ---- shareable folders -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from cahp.evaluation.prompted import default_prompt, evaluate_prompted
 from cahp.methods.plan import Budget
 from cahp.models import load_causal_lm, model_max_length
 from cahp.settings import LM
-from cahp.surgery.autoload import save_pruned, stock_config_dict
+from cahp.surgery.autoload import resolve_save_dtype, save_pruned, saved_dtype_record, stock_config_dict
 from cahp.train.distill import LanguageModelDistillation, LossFn, objective_loss
 from cahp.train.finetune import subsample
 from cahp.train.loop import SEEDS, TrainingConfig, is_seed
@@ -409,7 +409,11 @@ class CausalLMWorkload(Workload):
 
     def save(self, model: PreTrainedModel, folder: Path) -> dict[str, Any]:
         """Save the pruned model: a stock config when one describes it (every layer kept the same query and
-        key-value heads; loads without cahp), else the ``cahp_`` config (loads with cahp or trust_remote_code)."""
+        key-value heads; loads without cahp), else the ``cahp_`` config (loads with cahp or trust_remote_code);
+        its weights in the config's ``save_dtype`` (``auto``: the dtype the model came in,
+        :func:`~cahp.surgery.autoload.resolve_save_dtype`), ``model`` itself staying float32. The record says the
+        format, the dtype and the folder's size."""
+        saved = resolve_save_dtype(getattr(self.config, "save_dtype", "auto"), self.config.model)
         try:
             stock_config_dict(model)
             stock = True
@@ -417,5 +421,12 @@ class CausalLMWorkload(Workload):
         except PrunedModelError as error:
             stock = False
             why = f"loads with cahp imported, or trust_remote_code=True: {str(error).splitlines()[0]}"
-        save_pruned(model, folder, stock=stock, tokenizer=self.tokenizer, name_or_path=self.shared_name())
-        return {"folder": folder.name, "format": "stock" if stock else "cahp", "why": why}
+        save_pruned(
+            model, folder, stock=stock, tokenizer=self.tokenizer, name_or_path=self.shared_name(), dtype=saved.dtype
+        )
+        return {
+            "folder": folder.name,
+            "format": "stock" if stock else "cahp",
+            "why": why,
+            **saved_dtype_record(folder, saved),
+        }

@@ -8,6 +8,7 @@ Speed: dense vs pruned latency of a synthetic batch on the CPU, next to the FLOP
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,6 +141,17 @@ class ClassificationWorkload(Workload):
                 "flops_ideal_speedup": round(ideal, 3),
             },
         }
+
+    def save(self, model: PreTrainedModel, folder: Path) -> dict[str, Any]:
+        """Save the pruned classifier (the ``cahp_`` config: loads with cahp or trust_remote_code) and its tokenizer,
+        its weights in the config's ``save_dtype`` (``auto``: the dtype the model came in,
+        :func:`~cahp.surgery.autoload.resolve_save_dtype`) without changing ``model``. The record says the format,
+        the dtype and the folder's size."""
+        from cahp.surgery.autoload import resolve_save_dtype, save_pruned, saved_dtype_record
+
+        saved = resolve_save_dtype(getattr(self.config, "save_dtype", "auto"), self.config.model)
+        save_pruned(model, folder, tokenizer=self.tokenizer, name_or_path=self.shared_name(), dtype=saved.dtype)
+        return {"folder": folder.name, "format": "cahp", **saved_dtype_record(folder, saved)}
 
     def describe(self) -> dict[str, Any]:
         return self.task.describe()
