@@ -324,7 +324,7 @@ def quality(cell: dict[str, Any], stage: str) -> float:
     """Test accuracy (classification) or perplexity (causal LM) of a cell at ``stage``."""
     if "accuracy" in cell:
         return float(cell["accuracy"][stage]["test"]["accuracy"])
-    return float(cell["perplexity"][stage]["perplexity"])
+    return float(cell["quality"][stage]["perplexity"]["perplexity"])
 
 
 def t_interval(differences: list[float]) -> tuple[float, float, float]:
@@ -392,7 +392,7 @@ def _dense_quality(dense: dict[str, Any]) -> float | None:
         return None
     if "accuracy" in dense:
         return float(dense["accuracy"]["test"]["accuracy"])
-    return float(dense["perplexity"]["perplexity"]) if "perplexity" in dense else None
+    return float(dense["quality"]["perplexity"]["perplexity"]) if "quality" in dense else None
 
 
 def recovery_table(study: str) -> dict[str, Any]:

@@ -119,6 +119,8 @@ VOLATILE_KEYS = frozenset(
         "teacher_forwards",
         "shared_setup",
         "command",
+        "size_bytes",  # the saved folder's size: the weights are compared by hash instead
+        "size_mb",
     }
 )
 #: Names that must never be left in or beside a finished output folder.
