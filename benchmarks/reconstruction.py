@@ -274,7 +274,7 @@ def measure_cost(study: str, method: str = "gradient", budget: float = 0.5, seed
             }
             for mode, value in seconds.items()
         },
-        "reconstruction_path": {mode: record.get("path", "full-forward") for mode, record in records.items()},
+        "forward_passes": {mode: record["forward_passes"] for mode, record in records.items()},
     }
 
 
@@ -327,13 +327,13 @@ def quality(cell: dict[str, Any], stage: str) -> float:
     return float(cell["quality"][stage]["perplexity"]["perplexity"])
 
 
-def t_interval(differences: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t interval of paired differences (``nan`` bounds for fewer than 2)."""
+def t_interval(differences: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean and 95% t interval of paired differences (no bounds for fewer than 2)."""
     from scipy import stats
 
     mean = statistics.fmean(differences)
     if len(differences) < 2:
-        return mean, math.nan, math.nan
+        return mean, None, None
     half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
     return mean, mean - half, mean + half
 
@@ -468,7 +468,11 @@ def markdown(results: dict[str, Any]) -> str:
                     for m in modes
                 ]
                 gain = entry.get("weights", {}).get("gain_over_none")
-                gain_text = f"{gain['mean']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" if gain else "–"
+                gain_text = "–"
+                if gain and gain["low"] is not None:
+                    gain_text = f"{gain['mean']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+                elif gain:
+                    gain_text = f"{gain['mean']:+.4f} (one seed)"
                 best = entry.get("weights", entry.get("none"))
                 rows.append((best["mean"] if best else 0.0, method, share, cells_text, gain_text))
             for _, method, share, cells_text, gain_text in sorted(rows, key=lambda r: r[0], reverse=not lm):
