@@ -223,21 +223,14 @@ def export_gguf(
 
 
 def check_output_file(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse an output path that is a folder, does not end in ``.gguf``, or exists without ``overwrite``.
+    """Refuse a bad ``--out`` (:func:`cahp.outputs.check_output_file`, for ``.gguf``).
 
     Raises:
         GgufExportError: what is wrong with ``out`` and what to do.
     """
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise GgufExportError(f"--out {path} is a folder: give a file name such as {path / 'model.gguf'}")
-    if path.suffix != ".gguf":
-        raise GgufExportError(f"--out {path} should end in .gguf (llama.cpp and other tools look for it)")
-    if path.exists() and not overwrite:
-        raise GgufExportError(f"{path} exists: pass --overwrite to replace it, or choose another file")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise GgufExportError(f"{path.parent} is a file, not a folder: choose another --out")
-    return path
+    from cahp.outputs import check_output_file as check_file
+
+    return check_file(out, overwrite, ".gguf", "llama.cpp", GgufExportError)
 
 
 def _check_causal_llama(model: str | os.PathLike[str]) -> None:

@@ -114,21 +114,14 @@ def check_onnx_packages() -> None:
 
 
 def check_output_file(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse an output path that is a folder, or an existing file without ``overwrite``; returns it as a Path.
+    """Refuse a bad ``--out`` (:func:`cahp.outputs.check_output_file`, for ``.onnx``).
 
     Raises:
         OnnxExportError: what is wrong with ``out`` and what to do.
     """
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise OnnxExportError(f"--out {path} is a folder: give a file name such as {path / 'model.onnx'}")
-    if path.suffix != ".onnx":
-        raise OnnxExportError(f"--out {path} should end in .onnx (ONNX Runtime and other tools look for it)")
-    if path.exists() and not overwrite:
-        raise OnnxExportError(f"{path} exists: pass --overwrite to replace it, or choose another file")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise OnnxExportError(f"{path.parent} is a file, not a folder: choose another --out")
-    return path
+    from cahp.outputs import check_output_file as check_file
+
+    return check_file(out, overwrite, ".onnx", "ONNX Runtime", OnnxExportError)
 
 
 def export_classifier(

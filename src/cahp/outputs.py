@@ -87,6 +87,32 @@ def remove_temporary_files(folder: Path, only_dead: bool = True) -> list[Path]:
     return removed
 
 
+def check_output_file(
+    out: str | os.PathLike[str], overwrite: bool, suffix: str, readers: str, error: type[Exception]
+) -> Path:
+    """Refuse an output file path that is a folder, does not end in ``suffix``, exists without ``overwrite``, or
+    sits under a file; returns it as a Path.
+
+    Args:
+        suffix: the file type's suffix (``.onnx``, ``.gguf``).
+        readers: who looks for the suffix, for the message (``ONNX Runtime``, ``llama.cpp``).
+        error: the exception raised (the exporter's own).
+
+    Raises:
+        error: what is wrong with ``out`` and what to do.
+    """
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise error(f"--out {path} is a folder: give a file name such as {path / ('model' + suffix)}")
+    if path.suffix != suffix:
+        raise error(f"--out {path} should end in {suffix} ({readers} and other tools look for it)")
+    if path.exists() and not overwrite:
+        raise error(f"{path} exists: pass --overwrite to replace it, or choose another file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise error(f"{path.parent} is a file, not a folder: choose another --out")
+    return path
+
+
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:
     """Write a file atomically: ``writer(temporary)`` writes a temporary file beside ``path`` that is then
     flushed to disk and renamed over ``path``. On any error the temporary file is removed and ``path`` is
