@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import statistics
 import subprocess
@@ -327,19 +326,12 @@ def quality(cell: dict[str, Any], stage: str) -> float:
     return float(cell["quality"][stage]["perplexity"]["perplexity"])
 
 
-def t_interval(differences: list[float]) -> tuple[float, float | None, float | None]:
-    """Mean and 95% t interval of paired differences (no bounds for fewer than 2)."""
-    from scipy import stats
-
-    mean = statistics.fmean(differences)
-    if len(differences) < 2:
-        return mean, None, None
-    half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    return mean, mean - half, mean + half
-
-
 def study_table(study: str) -> dict[str, Any]:
-    """``{method: {budget: {mode: {mean, sd, seeds, values}}}}``, the dense figure, paired weights-none intervals."""
+    """``{method: {budget: {mode: {mean, sd, seeds, values}}}}``, the dense figure, and each mode's gain over
+    ``none`` paired by seed (:func:`cahp.reporting.bench_report.paired_difference`: the difference, in accuracy or
+    perplexity, with its 95% t interval)."""
+    from cahp.reporting.bench_report import paired_difference
+
     spec = STUDIES[study]
     by_mode = {mode: cells(grid_name(study, mode)) for mode in spec.get("modes", MODES)}
     dense_file = RESULTS / grid_name(study, "none") / "dense.json"
@@ -368,16 +360,9 @@ def study_table(study: str) -> dict[str, Any]:
                 )
             if "none" in modes:
                 for mode in modes:
-                    if mode == "none":
-                        continue
-                    paired = [
-                        modes[mode]["values"][s] - modes["none"]["values"][s]
-                        for s in modes[mode]["values"]
-                        if s in modes["none"]["values"]
-                    ]
-                    if paired:
-                        mean, low, high = t_interval(paired)
-                        modes[mode]["gain_over_none"] = {"mean": mean, "low": low, "high": high, "seeds": len(paired)}
+                    paired = paired_difference(modes[mode]["values"], modes["none"]["values"])  # seed by seed
+                    if mode != "none" and paired is not None:
+                        modes[mode]["gain_over_none"] = paired
     return {
         "title": spec["title"],
         "dense": _dense_quality(dense),
