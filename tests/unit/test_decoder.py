@@ -22,7 +22,12 @@ from cahp.data.batching import iter_batches
 from cahp.data.lm import make_blocks
 from cahp.decoder import DecoderPruneConfig, lm_loss_fn, load_causal_lm, prune_lm, summary
 from cahp.errors import CahpError
-from cahp.evaluation.generation import greedy_continuations, kv_cache_bytes_per_token, measure_generation
+from cahp.evaluation.generation import (
+    greedy_continuations,
+    kv_cache_bytes,
+    kv_cache_bytes_per_token,
+    measure_generation,
+)
 from cahp.evaluation.perplexity import perplexity
 from cahp.pipeline import PruneConfig
 from cahp.surgery import head_mask, heads_to_remove, kept_kv_heads_by_layer, prune_heads
@@ -111,6 +116,10 @@ def test_prune_lm_end_to_end_in_every_mode(mode: str, lm_folders: dict[str, Path
     assert [c["prompt"] for c in continuations] == list(config.lm.continuation_prompts)
     text = summary(report)
     assert "The capital of France is" in text and "KV cache" in text and "offline" not in text
+    assert "one sample: a noisy single measurement" in text  # latency_repeats=1: no spread to give
+    assert f" config in float32, {report['export']['size_mb']} MB (" in text
+    card = (out / "model" / "README.md").read_text()
+    assert "one timed run (a single, noisy sample)" in card and "Weights saved in float32 (" in card
 
     # the saved model is the pruned one: its perplexity on the evaluation blocks is the report's
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()
@@ -347,7 +356,16 @@ def test_kv_cache_bytes_fall_in_proportion_to_removed_key_value_heads(family: st
     dense = causal_lm(family)
     head_dim = dense.config.hidden_size // HEADS
     full = kv_cache_bytes_per_token(dense)
-    assert full["bytes_per_token"] == LAYERS * 2 * 2 * head_dim * 4 == full["measured_bytes_per_token"]
+    assert full["bytes_per_token"] == LAYERS * 2 * 2 * head_dim * 4
+    assert full["measured_bytes_per_token"] == kv_cache_bytes(dense, 8) / 8
+    # a sliding layer's cache stops growing at its window, less one (the next token): Gemma 3's window of 3 here
+    windows = [w for w in full["sliding_windows"] if w is not None]
+    held = [1000 if w is None else min(1000, w - 1) for w in full["sliding_windows"]]
+    assert kv_cache_bytes(dense, 1000) == sum(held) * 2 * 2 * head_dim * 4
+    if any(w - 1 < 8 for w in windows):
+        assert full["measured_bytes_per_token"] < full["bytes_per_token"]
+    else:
+        assert full["measured_bytes_per_token"] == full["bytes_per_token"]
     groups = prune_heads(causal_lm(family), {0: [0, 1], 1: [0, 1, 2, 3], 2: [2, 3]}, gqa_mode="groups")
     assert sum(len(h) for h in kept_kv_heads_by_layer(groups).values()) == 2
     shrunk = kv_cache_bytes_per_token(groups)  # counted and measured on a real cache (a layer left empty too)
@@ -363,6 +381,9 @@ def test_generation_speed_is_measured_for_every_model_and_batch() -> None:
         assert row["tokens_per_second_ratio"] == pytest.approx(
             row["pruned"]["tokens_per_second"] / row["dense"]["tokens_per_second"], rel=1e-2
         )
+        for key in ("prefill_ratio_range", "tokens_per_second_ratio_range"):  # per repeat, back to back
+            low, high = row[key]
+            assert 0 < low <= high
         assert all(row[name]["prefill_seconds"] > 0 for name in models)
     with pytest.raises(CahpError, match="new_tokens"):
         measure_generation(models, new_tokens=0)

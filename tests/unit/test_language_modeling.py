@@ -33,7 +33,7 @@ from tests.unit.test_scorers import FAST
 from tests.unit.tiny_models import build_model
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-GQA_FAMILIES = ("llama", "mistral", "qwen2")
+GQA_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
 WORDS = 90  # ids 4..93 fit the tiny models' 99-token vocabulary
 
 

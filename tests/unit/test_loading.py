@@ -21,7 +21,7 @@ from cahp.surgery.autoload import MODELING_FILE, save_pruned, stock_config_dict,
 from cahp.surgery.modeling_cahp import LAYOUT_KEY
 from tests.unit.tiny_models import FAMILIES, SPECS, VOCAB, build_model, make_inputs, plan_for
 
-STOCK_FAMILIES = ["llama", "mistral", "qwen2", "vit"]
+STOCK_FAMILIES = ["llama", "mistral", "qwen2", "gemma3_text", "vit"]
 # uniform prunes: "groups" drops key-value group {2, 3} everywhere; "uniform" drops heads 1 and 3 everywhere
 # (for ViT, without key-value groups, both are the same kind of prune)
 UNIFORM_PLANS = {"groups": {layer: [2, 3] for layer in range(3)}, "uniform": {layer: [1, 3] for layer in range(3)}}
@@ -261,6 +261,20 @@ def test_stock_folders_carry_no_custom_code(stock_folders: dict[str, Path]) -> N
         assert not (folder / MODELING_FILE).exists(), name
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_stock_causal_lm_names_its_class_even_when_its_config_did_not(family: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_model(family).config).eval()
+    model.config.architectures = None  # what a model read from a GGUF file (Gemma 3) carries
+    model.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}  # a config's default labels: noise in a causal LM
+    pruned = prune_heads(model, UNIFORM_PLANS["uniform"], gqa_mode="uniform")
+    config = json.loads((save_pruned(pruned, tmp_path / family, stock=True) / "config.json").read_text())
+    assert config["architectures"] == [type(model).__name__.removeprefix("Cahp")]
+    assert "id2label" not in config and "label2id" not in config
+
+
 @pytest.mark.parametrize(
     ("family", "plan", "reason"),
     [
@@ -272,6 +286,22 @@ def test_stock_config_refuses_what_no_stock_config_describes(family: str, plan: 
     model = prune_heads(build_model(family), plan)
     with pytest.raises(PrunedModelError, match=reason):
         stock_config_dict(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_stock_config_its_config_class_refuses_is_not_written(family: str, tmp_path: Path) -> None:
+    """LlamaConfig and Gemma3TextConfig refuse hidden_size % num_attention_heads != 0 although their attention
+    reads head_dim: 3 heads of 8 in a 32-wide model get the cahp_ config instead."""
+    config = build_model(family).config
+    config.num_key_value_heads = config.num_attention_heads  # no groups: any head can go
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    pruned = prune_heads(model, {layer: [1] for layer in range(3)})
+    with pytest.raises(PrunedModelError, match=f"{type(config).__name__} refuses 3 heads per layer"):
+        save_pruned(pruned, tmp_path / "stock", stock=True)
+    assert not (tmp_path / "stock").exists()
+    folder = save_pruned(pruned, tmp_path / "cahp")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    torch.testing.assert_close(_logits(reloaded, family), _logits(pruned, family), rtol=0, atol=1e-6)
 
 
 # ---- without cahp ------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    Gemma3TextConfig,
+    Gemma3TextForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPTNeoXConfig,
@@ -173,6 +175,15 @@ def _llama_like(config_cls: type, model_cls: type, **extra: object) -> Callable[
     return build
 
 
+#: Gemma 3's own parts: QK-norm, a sliding window shorter than the inputs on the first and last layer, the scale
+#: from ``query_pre_attn_scalar`` (head size 8 with 4 heads of a 32-wide model).
+GEMMA3: dict[str, object] = {
+    "head_dim": HIDDEN // HEADS,
+    "query_pre_attn_scalar": HIDDEN // HEADS,
+    "sliding_window": 3,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+}
+
 SPECS: dict[str, TinySpec] = {
     spec.family: spec
     for spec in [
@@ -186,6 +197,7 @@ SPECS: dict[str, TinySpec] = {
         TinySpec("llama", _llama_like(LlamaConfig, LlamaForSequenceClassification, attention_bias=True), gqa=True),
         TinySpec("mistral", _llama_like(MistralConfig, MistralForSequenceClassification), gqa=True),
         TinySpec("qwen2", _llama_like(Qwen2Config, Qwen2ForSequenceClassification), gqa=True),
+        TinySpec("gemma3_text", _llama_like(Gemma3TextConfig, Gemma3TextForSequenceClassification, **GEMMA3), gqa=True),
     ]
 }
 FAMILIES = list(SPECS)

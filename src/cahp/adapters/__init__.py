@@ -1,8 +1,8 @@
 """Architecture adapters: where each family keeps its attention heads. Importing this package registers the
 built-in families (BERT/RoBERTa/XLM-R/ELECTRA, DistilBERT, MPNet, ViT, GPT-2, GPT-NeoX/Pythia,
-Llama/Mistral/Qwen2). :mod:`cahp.adapters.geometry` says which rows and columns are each head's."""
+Llama/Mistral/Qwen2, Gemma 3). :mod:`cahp.adapters.geometry` says which rows and columns are each head's."""
 
-from cahp.adapters import bert, distilbert, gpt2, gpt_neox, llama, mpnet, vit  # noqa: F401  (registers built-ins)
+from cahp.adapters import bert, distilbert, gemma3, gpt2, gpt_neox, llama, mpnet, vit  # noqa: F401  (registers built-ins)
 from cahp.adapters.base import (
     ArchitectureAdapter,
     attention_modules,

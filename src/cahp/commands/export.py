@@ -1,5 +1,5 @@
 """``cahp export``: a saved classifier (pruned or not) to ONNX, checked against PyTorch in ONNX Runtime; or a
-Llama-family causal LM (pruned or not) to GGUF, checked against transformers in llama.cpp."""
+Llama-family or Gemma 3 causal LM (pruned or not) to GGUF, checked against transformers in llama.cpp."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ _GGUF_ONLY = ("outtype",)
 def add_parser(sub: Any) -> None:
     """Add ``cahp export`` to the subcommands ``sub``."""
     about = (
-        "export a saved classifier to ONNX (checked in ONNX Runtime), or a Llama-family causal LM to GGUF "
+        "export a saved classifier to ONNX (checked in ONNX Runtime), or a Llama or Gemma 3 causal LM to GGUF "
         "(checked in llama.cpp); pruned or not"
     )
     parser = add_command_parser(sub, "export", about)
@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
         "--format",
         choices=["onnx", "gguf"],
         default="onnx",
-        help="onnx: a classifier for ONNX Runtime; gguf: a Llama-family causal LM for llama.cpp",
+        help="onnx: a classifier for ONNX Runtime; gguf: a Llama or Gemma 3 causal LM for llama.cpp",
     )
     parser.add_argument(
         "--out", required=True, metavar="FILE", help="the file to write (.onnx or .gguf; weights inside)"

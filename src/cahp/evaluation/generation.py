@@ -41,6 +41,38 @@ def _parameter_dtype(model: nn.Module) -> torch.dtype:
     return parameter.dtype if parameter is not None else torch.float32
 
 
+def sliding_windows(config: Any) -> list[int | None]:
+    """Each layer's attention window in tokens (``None``: the whole context): ``sliding_attention`` layers of
+    ``config.layer_types`` (Gemma 3, Qwen2) keep ``config.sliding_window`` tokens; a config with a window and no
+    layer types (Mistral) applies it to every layer."""
+    window = getattr(config, "sliding_window", None)
+    layers = int(config.num_hidden_layers)
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return [None] * layers
+    if types is None:
+        return [int(window)] * layers
+    return [int(window) if kind == "sliding_attention" else None for kind in types]
+
+
+def kv_cache_bytes(model_or_config: Any, context: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of key-value cache a pruned or dense model holds for one sequence of ``context`` tokens: kept
+    key-value heads x head_dim x 2 per token, a sliding-window layer holding at most ``window - 1`` tokens (with the
+    next token they make its window: what transformers' cache keeps between steps)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    adapter = get_adapter(config)
+    element = torch.empty((), dtype=dtype).element_size()
+    if hasattr(model_or_config, "config"):
+        kv_by_layer = [len(heads) for _, heads in sorted(kept_kv_heads_by_layer(model_or_config).items())]
+    else:
+        kv_by_layer = [adapter.num_kv_heads(config)] * int(config.num_hidden_layers)
+    head_dim = adapter.head_size(config)
+    return sum(
+        2 * heads * head_dim * element * (context if window is None else min(context, window - 1))
+        for heads, window in zip(kv_by_layer, sliding_windows(config), strict=True)
+    )
+
+
 @torch.inference_mode()
 def kv_cache_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Bytes of key-value cache per token of context, counted and measured.
@@ -50,10 +82,12 @@ def kv_cache_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype | None =
         dtype: the cache's element type (default: the model's parameter dtype).
 
     Returns:
-        ``{"bytes_per_token"`` (counted: ``sum over layers of 2 x kept kv heads x head_dim x element size``),
-        ``"measured_bytes_per_token"`` (the keys and values of a real cache after one forward of 8 tokens, divided
-        by 8), ``"kv_heads"`` (kept key-value heads over all layers), ``"kv_heads_by_layer"``, ``"head_dim"``,
-        ``"dtype"}``.
+        ``{"bytes_per_token"`` (counted: ``sum over layers of 2 x kept kv heads x head_dim x element size``, what
+        every token costs while the context fits every sliding window), ``"measured_bytes_per_token"`` (the keys
+        and values of a real cache after one forward of 8 tokens, divided by 8), ``"kv_heads"`` (kept key-value
+        heads over all layers), ``"kv_heads_by_layer"``, ``"head_dim"``, ``"dtype"``, ``"sliding_windows"`` (each
+        layer's window, ``None`` for full attention: past its window a layer's cache stops growing; see
+        :func:`kv_cache_bytes`)``}``.
 
     Raises:
         CahpError: the measured cache disagrees with the count (a cache layout this function does not know).
@@ -77,19 +111,22 @@ def kv_cache_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype | None =
             cache = output.get("past_key_values", None)
     finally:
         model.train(was_training)
-    measured = _cache_bytes(cache, dtype) / tokens
-    if measured != counted:
+    measured = _cache_bytes(cache, dtype)
+    expected = kv_cache_bytes(model, tokens, dtype)
+    if measured != expected:
         raise CahpError(
-            f"the generation cache holds {measured:g} bytes per token but the kept key-value heads "
-            f"({sum(kv_by_layer)}) x head_dim {head_dim} give {counted}: this cache layout is not supported here"
+            f"the generation cache holds {measured / tokens:g} bytes per token but the kept key-value heads "
+            f"({sum(kv_by_layer)}) x head_dim {head_dim} give {expected / tokens:g}: this cache layout is not "
+            "supported here"
         )
     return {
         "bytes_per_token": counted,
-        "measured_bytes_per_token": measured,
+        "measured_bytes_per_token": measured / tokens,
         "kv_heads": sum(kv_by_layer),
         "kv_heads_by_layer": kv_by_layer,
         "head_dim": head_dim,
         "dtype": str(dtype).removeprefix("torch."),
+        "sliding_windows": sliding_windows(model.config),
     }
 
 
@@ -143,8 +180,10 @@ def measure_generation(
 
     Returns:
         ``{"prompt_tokens", "new_tokens", "repeats", "torch_threads", "by_batch": {"1": {name: {"prefill_seconds",
-        "generate_seconds", "tokens_per_second"}, "prefill_ratio", "tokens_per_second_ratio"}, ...}}``; ratios are
-        of the second model over the first (``pruned / dense`` for prefill seconds and for tokens/s).
+        "generate_seconds", "tokens_per_second"}, "prefill_ratio", "tokens_per_second_ratio", "prefill_ratio_range",
+        "tokens_per_second_ratio_range"}, ...}}``; ratios are of the second model over the first (``pruned / dense``
+        for prefill seconds and for tokens/s), of the medians; a range is the lowest and highest ratio of the two
+        models timed back to back in one repeat.
 
     Raises:
         CahpError: no models, or a batch size, prompt length, new-token count or repeat count below 1.
@@ -185,6 +224,12 @@ def measure_generation(
             base, other = row[names[0]], row[names[1]]
             row["prefill_ratio"] = round(other["prefill_seconds"] / base["prefill_seconds"], 3)
             row["tokens_per_second_ratio"] = round(other["tokens_per_second"] / base["tokens_per_second"], 3)
+            # the spread: the same ratio in every repeat (the two models timed back to back in each)
+            pairs = zip(prefill[names[1]]["seconds"], prefill[names[0]]["seconds"], strict=True)
+            prefill_ratios = [o / b for o, b in pairs]
+            speed_ratios = [b / o for o, b in zip(samples[names[1]], samples[names[0]], strict=True)]
+            row["prefill_ratio_range"] = [round(min(prefill_ratios), 3), round(max(prefill_ratios), 3)]
+            row["tokens_per_second_ratio_range"] = [round(min(speed_ratios), 3), round(max(speed_ratios), 3)]
         by_batch[str(batch_size)] = row
     return {
         "prompt_tokens": prompt_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,11 +26,12 @@ def measure_latency(
     *,
     repeats: int = 10,
     warmup: int = 2,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Median and spread of forward latency (seconds per batch) of each model on the same batch.
 
     Models are timed round-robin (dense, pruned, dense, pruned, ...) so that load changes on the machine hit
-    every model alike; report their ratio rather than absolute times.
+    every model alike; report their ratio rather than absolute times. Per model: ``median_seconds``,
+    ``min_seconds``, ``max_seconds``, ``repeats`` and every repeat's ``seconds`` (in order).
     """
     for model in models.values():
         model.eval()
@@ -48,6 +50,7 @@ def measure_latency(
             "min_seconds": min(times),
             "max_seconds": max(times),
             "repeats": repeats,
+            "seconds": times,
         }
         for name, times in samples.items()
     }

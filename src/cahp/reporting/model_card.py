@@ -37,6 +37,7 @@ ALIAS_HUB_IDS: dict[str, str] = {
     "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
     "mpnet-base": "sentence-transformers/all-mpnet-base-v2",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
 }
 
 #: ``pipeline_tag`` by the suffix of the saved architecture's class name.
@@ -461,16 +462,27 @@ def _generation_section(report: dict[str, Any]) -> str:
     ]
     for batch, measured in generation.get("by_batch", {}).items():
         dense, pruned = measured["dense"], measured["pruned"]
+        spread = measured.get("tokens_per_second_ratio_range")
+        shown = f" [{spread[0]:.3f}, {spread[1]:.3f}]" if spread else ""
         lines.append(
             f"| generation, batch {batch} (tokens/s) | {dense['tokens_per_second']:.1f} | "
-            f"{pruned['tokens_per_second']:.1f} | {pruned['tokens_per_second'] / dense['tokens_per_second']:.3f} |"
+            f"{pruned['tokens_per_second']:.1f} | {pruned['tokens_per_second'] / dense['tokens_per_second']:.3f}"
+            f"{shown} |"
         )
+    repeats = generation.get("repeats")
     lines += [
         "",
         f"Measured on {generation.get('device', 'cpu')} with {generation.get('torch_threads')} PyTorch thread(s): "
         f"{generation.get('prompt_tokens')}-token prompts, {generation.get('new_tokens')} new tokens, "
-        f"{generation.get('repeats')} timed repeats.",
+        + (
+            "one timed run (a single, noisy sample)."
+            if repeats == 1
+            else f"medians of {repeats} timed repeats; in brackets the lowest and highest ratio of one repeat."
+        ),
     ]
+    export = report.get("export", {})
+    if export.get("dtype"):
+        lines += ["", f"Weights saved in {export['dtype']} ({export.get('size_mb')} MB): {export.get('dtype_why')}."]
     return "\n".join(lines)
 
 

@@ -99,7 +99,7 @@ __all__ = [
 #: Families whose attention reads ``head_dim`` from the config instead of deriving it from the head count
 #: (Llama-style decoders, and ViT in transformers 5): a uniform prune of them is again a stock model (see
 #: docs/loading.md for why the others are not).
-STOCK_CONFIG_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "vit")
+STOCK_CONFIG_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma3_text", "vit")
 
 #: Files of a saved folder that hold settings (not a vocabulary), checked for local paths by :func:`make_shareable`.
 SETTINGS_FILES: tuple[str, ...] = (
@@ -697,11 +697,34 @@ def stock_config_dict(model: PreTrainedModel) -> dict[str, Any]:
     config_dict.pop(KEPT_KV_HEADS_KEY, None)
     config_dict.pop(LAYOUT_KEY, None)
     config_dict.pop("auto_map", None)
-    _drop_classifier_labels(config_dict)
     config_dict["model_type"] = stock_type
-    config_dict["architectures"] = _stock_architectures(config_dict)
+    # a model read from a GGUF file (Gemma 3) has no architectures in its config: its own class is the one
+    own_class = type(model).__name__.removeprefix(CLASS_PREFIX)
+    config_dict["architectures"] = _stock_architectures(config_dict) or [own_class]
+    _drop_classifier_labels(config_dict)
     config_dict["head_dim"] = adapter.head_size(model)
     config_dict["num_attention_heads"] = query_heads
     if adapter.num_kv_heads_key is not None:
         config_dict[adapter.num_kv_heads_key] = kv_heads
+    _check_stock_config(config_dict, query_heads)
     return config_dict
+
+
+def _check_stock_config(config_dict: dict[str, Any], query_heads: int) -> None:
+    """Refuse a stock config that transformers' own config class would not load: Llama's and Gemma 3's check
+    that ``hidden_size`` is a multiple of ``num_attention_heads``, although their attention reads ``head_dim``.
+
+    Raises:
+        PrunedModelError: the config class's complaint, in one line.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+
+    config_class = CONFIG_MAPPING[config_dict["model_type"]]
+    try:
+        config_class.from_dict({key: value for key, value in config_dict.items() if key != "model_type"})
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise PrunedModelError(
+            f"transformers' {config_class.__name__} refuses {query_heads} heads per layer ({reason}), so no stock "
+            "config loads this model; keep a head count that divides hidden_size, or save with stock=False"
+        ) from None

@@ -398,13 +398,16 @@ class CausalLMWorkload(Workload):
         for batch, row in generation["by_batch"].items():
             lines.append(
                 f"batch {batch}: prefill {row['dense']['prefill_seconds'] * 1e3:.0f} -> "
-                f"{row['pruned']['prefill_seconds'] * 1e3:.0f} ms ({generation['prompt_tokens']} tokens), generation "
-                f"{row['dense']['tokens_per_second']:.1f} -> {row['pruned']['tokens_per_second']:.1f} tokens/s "
-                f"(CPU, {generation['torch_threads']} thread(s))"
+                f"{row['pruned']['prefill_seconds'] * 1e3:.0f} ms ({generation['prompt_tokens']} tokens; "
+                f"{_ratio_text(row, 'prefill_ratio')}), generation {row['dense']['tokens_per_second']:.1f} -> "
+                f"{row['pruned']['tokens_per_second']:.1f} tokens/s ({_ratio_text(row, 'tokens_per_second_ratio')}; "
+                f"CPU, {generation['torch_threads']} thread(s), {_repeats_text(generation['repeats'])})"
             )
         for before, final in zip(quality["dense"]["continuations"], quality[after]["continuations"], strict=True):
             lines.append(f"{before['prompt']!r}: dense {before['continuation']!r} | {after} {final['continuation']!r}")
-        lines.append(f"saved as a {report['export']['format']} config ({report['export']['why']})")
+        export = report["export"]
+        weights = f" in {export['dtype']}, {export['size_mb']} MB" if export.get("dtype") else ""
+        lines.append(f"saved as a {export['format']} config{weights} ({export['why']})")
         return "\n".join(lines)
 
     def save(self, model: PreTrainedModel, folder: Path) -> dict[str, Any]:
@@ -430,3 +433,14 @@ class CausalLMWorkload(Workload):
             "why": why,
             **saved_dtype_record(folder, saved),
         }
+
+
+def _ratio_text(row: dict[str, Any], key: str) -> str:
+    """``1.02x [0.95, 1.10]``: a median ratio and its range over the repeats (a record without one: the ratio)."""
+    spread = row.get(f"{key}_range")
+    text = f"{row[key]:.2f}x"
+    return f"{text} [{spread[0]:.2f}, {spread[1]:.2f}]" if spread and spread[0] != spread[1] else text
+
+
+def _repeats_text(repeats: int) -> str:
+    return "one sample: a noisy single measurement" if repeats == 1 else f"median and range of {repeats} repeats"
