@@ -3,10 +3,11 @@ llama.cpp. Dense SmolLM2-135M against two prunes of ``gguf_smollm2.py`` (the sam
 ``uniform`` (6 of 9 query heads in every layer, every key-value head kept: the KV cache is unchanged) and
 ``uneven`` (whole key-value groups, 180 of 270 heads: a third of the KV cache goes).
 
-    OMP_NUM_THREADS=2 CAHP_DATA_DIR=../shared/data python benchmarks/llm_speed.py
+    OMP_NUM_THREADS=2 CAHP_DATA_DIR=../shared/data python benchmarks/llm_speed.py   # --threads 2: both cores
 
 Measured, per model, interleaved (dense, uniform, uneven, dense, ...) so that load changes on the machine hit every
-model alike, ``--repeats`` times after one warm-up; each figure is the median with its range (min-max):
+model alike, ``--repeats`` times (one warm-up round first, at the shortest context); each figure is the median
+with its range (min-max):
 
 * **prefill**: one forward over ``L - D`` tokens that fills the cache, at ``L`` in ``--contexts`` (batch 1), and
   (PyTorch) over the first context at batch ``--batch``;
@@ -71,10 +72,13 @@ def spread(samples: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
-def interleaved(jobs: dict[str, Callable[[], dict[str, float]]], repeats: int) -> dict[str, dict[str, Any]]:
-    """Each job once as a warm-up, then ``repeats`` rounds of every job in turn. A job returns the seconds of its
-    phases (``{"prefill": s, "decode": s}``); the result is ``{phase: {job: spread}}``."""
-    for job in jobs.values():
+def interleaved(
+    jobs: dict[str, Callable[[], dict[str, float]]], repeats: int, warmup: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Each job once as a warm-up (unless ``warmup`` is false: the shapes before warmed up the same code), then
+    ``repeats`` rounds of every job in turn. A job returns the seconds of its phases (``{"prefill": s, "decode":
+    s}``); the result is ``{phase: {job: spread}}``."""
+    for job in jobs.values() if warmup else ():
         job()
     samples: dict[str, dict[str, list[float]]] = {}
     for _ in range(repeats):
@@ -160,7 +164,8 @@ def run_pytorch(models: dict[str, Any], args: argparse.Namespace) -> dict[str, A
         print(f"pytorch: prefill {length - steps} tokens, decode {steps} at batch 1 and {batch}", flush=True)
         jobs = {n: (lambda m=m, c=context: torch_job(m, c, batch, steps)) for n, m in models.items()}
         shapes = {"prefill": (length - steps, 1), "decode@1": (steps, 1), f"decode@{batch}": (steps, batch)}
-        rows += rows_of("pytorch", length, interleaved(jobs, args.repeats), shapes)
+        warm = length == args.contexts[0]  # one warm-up, at the shortest context: a long one costs minutes
+        rows += rows_of("pytorch", length, interleaved(jobs, args.repeats, warm), shapes)
     first = args.contexts[0]
     ids = _ids(vocab, batch, first)
     print(f"pytorch: prefill {batch} x {first}", flush=True)
@@ -223,7 +228,9 @@ def run_llama_cpp(files: dict[str, Path], args: argparse.Namespace, vocab: int) 
             return {"prefill": prefill, "decode@1": time.perf_counter() - start}
 
         print(f"llama.cpp: prefill {length - steps} tokens, decode {steps}", flush=True)
-        timed = interleaved({n: (lambda e=e: job(e)) for n, e in engines.items()}, args.repeats)
+        timed = interleaved(
+            {n: (lambda e=e: job(e)) for n, e in engines.items()}, args.repeats, length == args.contexts[0]
+        )
         rows += rows_of("llama.cpp", length, timed, {"prefill": (length - steps, 1), "decode@1": (steps, 1)})
         for engine in engines.values():
             engine.close()
@@ -339,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in MODELS[1:]:
         folders[name] = ensure_pruned(name, work)
     result: dict[str, Any] = {
-        "command": "OMP_NUM_THREADS=2 CAHP_DATA_DIR=../shared/data python benchmarks/llm_speed.py"
-        + (" " + " ".join(argv) if argv else ""),
+        "command": f"OMP_NUM_THREADS={args.threads} CAHP_DATA_DIR=../shared/data python benchmarks/llm_speed.py"
+        + "".join(f" {part}" for part in (sys.argv[1:] if argv is None else argv)),
         "setup": {
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
             "threads": args.threads,
