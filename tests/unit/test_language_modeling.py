@@ -23,7 +23,7 @@ from cahp.calibration import (
     lm_calibration,
 )
 from cahp.data.batching import EncodedSplit
-from cahp.data.lm import DEFAULT_CORPUS, TextCorpus, block_spans, load_corpus, make_blocks
+from cahp.data.lm import DEFAULT_CORPUS, TextCorpus, adds_bos, block_spans, load_corpus, make_blocks
 from cahp.engine import Engine
 from cahp.errors import CahpError, DataError
 from cahp.evaluation.perplexity import perplexity
@@ -124,6 +124,27 @@ def test_blocks_join_documents_with_eos_and_record_their_scored_counts() -> None
     assert len(first_two) == 2 and first_two.examples.labels.tolist() == [7, 4]
     with pytest.raises(CahpError, match="too short"):
         make_blocks(tokenizer, TextCorpus("c", "file", ["w1"], "memory"), 4)
+
+
+@pytest.mark.parametrize("stride", [None, 2])
+def test_a_tokenizer_that_adds_bos_gets_it_before_every_block_and_every_token_scored_once(stride: int | None) -> None:
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    assert adds_bos(tokenizer) and not adds_bos(word_tokenizer())
+    corpus = TextCorpus("c", "file", ["w0 w1 w2", "w3 w4 w5 w6"], "memory")
+    blocks = make_blocks(tokenizer, corpus, context_length=4, stride=stride)
+    stream = [4, 5, 6, 2, 7, 8, 9, 10]
+    ids = [f["input_ids"] for f in blocks.examples.features]
+    assert all(block[0] == 1 and len(block) <= 4 for block in ids), "a BOS, then at most 3 stream tokens"
+    scored = [t for block, count in zip(ids, blocks.examples.labels, strict=True) for t in block[len(block) - count :]]
+    assert scored == stream, "every stream token once, in order: the first of each block too, never the BOS"
+    assert blocks.describe()["bos_first"] and blocks.stride == (3 if stride is None else 2)
+    plain = make_blocks(word_tokenizer(), corpus, context_length=4)
+    assert "bos_first" not in plain.describe() and plain.examples.features[0]["input_ids"] == stream[:4]
 
 
 # ---------------------------------------------------------------------------------------------------- corpora
