@@ -24,8 +24,7 @@ the first token of each block is not scored (nothing in its block precedes it).
 A tokenizer that adds a BOS token to every text (Gemma, Llama 2 and 3; not SmolLM2) gets it at the start of every
 block, as its model was trained to see: a window then holds ``context_length - 1`` stream tokens after the BOS,
 windows start every ``min(stride, context_length - 1)`` tokens, the BOS is never a target, and every token of the
-stream is scored exactly once, the first of each block included (the BOS precedes it). Gemma 3 without its BOS
-reads the text far worse (the 270M model's perplexity on the default corpus is several times higher).
+stream is scored exactly once, the first of each block included (the BOS precedes it).
 
 A block set is an :class:`~cahp.data.batching.EncodedSplit` whose ``labels`` are the number of scored target
 tokens of each block: the LAST ``labels[i]`` real tokens of block ``i`` are its targets. That holds on either
