@@ -367,14 +367,18 @@ def main(argv: list[str] | None = None) -> None:
         vocab = models["dense"].config.vocab_size
         result["pytorch"] = run_pytorch(models, args)
         del models
+        write(result, Path(args.out))  # kept if the llama.cpp part fails
     if "llama.cpp" in args.engines:
         import importlib.metadata
 
         result["setup"]["llama_cpp_python"] = importlib.metadata.version("llama-cpp-python")
         files = {name: gguf_file(name, folder, work) for name, folder in folders.items()}
         result["llama.cpp"] = run_llama_cpp(files, args, vocab)
+    write(result, Path(args.out))
+
+
+def write(result: dict[str, Any], out: Path) -> None:
     add_ratios(result)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "llm_speed.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "llm_speed.md").write_text(markdown(result))
