@@ -69,7 +69,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def spread(samples: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+        "samples": samples,
+    }
+
+
+def ratio_range(dense: dict[str, Any], pruned: dict[str, Any]) -> tuple[float, float]:
+    """The lowest and highest speed-up of one repeat (the two timed back to back) when the samples were kept; for
+    a record without them, dense's fastest over the pruned model's slowest and the reverse (a wider bracket)."""
+    if "samples" in dense and "samples" in pruned:
+        ratios = [d / p for d, p in zip(dense["samples"], pruned["samples"], strict=True)]
+        return min(ratios), max(ratios)
+    return dense["min"] / pruned["max"], dense["max"] / pruned["min"]
 
 
 def interleaved(
@@ -286,9 +301,10 @@ def markdown(result: dict[str, Any]) -> str:
         + "; ".join(f"`{name}`: {PRUNES[name][0]}" for name in MODELS[1:])
         + " (retraining-free magnitude prunes of `benchmarks/gguf_smollm2.py`).",
         "",
-        "Speed-up = dense time / pruned time (decode: pruned tokens/s over dense), median of "
-        f"{setup['repeats']} interleaved repeats; in brackets the range over those repeats. Ideal: prefill's FLOPs "
-        "ratio, decode's ratio of bytes read per step (weights + KV cache).",
+        "Speed-up = dense time / pruned time (decode: pruned tokens/s over dense), medians of "
+        f"{setup['repeats']} interleaved repeats; in brackets the lowest and highest speed-up of one repeat (a record "
+        "made before the repeats were kept: dense's fastest over the pruned model's slowest and the reverse, a wider "
+        "bracket). Ideal: prefill's FLOPs ratio, decode's ratio of bytes read per step (weights + KV cache).",
     ]
     for engine in ("pytorch", "llama.cpp"):
         part = result.get(engine)
@@ -307,8 +323,7 @@ def markdown(result: dict[str, Any]) -> str:
                 cell = f"{dense['median']:.3f} s"
             values = [row["phase"], str(row["context"]), str(row["tokens"]), str(row["batch"]), cell]
             for name in MODELS[1:]:
-                timing = row["seconds"][name]
-                low, high = dense["min"] / timing["max"], dense["max"] / timing["min"]
+                low, high = ratio_range(dense, row["seconds"][name])
                 values.append(f"{row['speedup'][name]:.2f}x [{low:.2f}, {high:.2f}]")
                 ideal = row["ideal_speedup"].get(name)
                 values.append(f"{ideal:.2f}x" if ideal else "-")
