@@ -20,9 +20,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import os
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cahp.gguf_export import ARCHITECTURE_TOLERANCE, CHECK_PROMPT, OUTTYPES, TOLERANCES, export_gguf
 from cahp.models import cahp_home, load_causal_lm
-from gguf_smollm2 import checked, made_with, settings
+from gguf_smollm2 import checked, ensure_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: ``--reconstruct weights`` (``cahp prune``'s default, what the committed figures were made with, their command not
@@ -44,22 +42,6 @@ PRUNE = shlex.split(
     "--uniform-layers --recovery-epochs 0 --calibration-blocks 4 --eval-blocks 2 --context-length 64 --prompted none "
     "--latency-repeats 1 --generation-batch-sizes 1"
 )
-
-
-def ensure_pruned(work: Path) -> Path:
-    """The prune's ``model/`` folder: made unless ``work`` holds a finished run of the same command."""
-    argv = ["prune", *PRUNE, "--out", str(work)]
-    report = work / "report.json"
-    if report.is_file():
-        made_by = made_with(json.loads(report.read_text()))
-        if settings(made_by) != settings(argv):
-            raise SystemExit(f"{work} was made by `cahp {shlex.join(made_by)}`, not this script's: remove it")
-        return work / "model"
-    print("$ cahp", shlex.join(argv), flush=True)
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    if subprocess.run([sys.executable, "-m", "cahp", *argv], env=env).returncode != 0:
-        raise SystemExit("the prune run failed; rerun to resume it")
-    return work / "model"
 
 
 def measure(name: str, model: str | Path, scratch: Path, tolerance: float) -> dict[str, Any]:
@@ -130,7 +112,10 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1000.0, help="the export's tolerance (writes every file)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    models = {"dense": "gemma3-270m", "uniform": ensure_pruned(Path(args.work))}
+    models = {
+        "dense": "gemma3-270m",
+        "uniform": ensure_run("uniform", ["prune", *PRUNE, "--out", args.work], Path(args.work)),
+    }
     result: dict[str, Any] = {
         "command": "OMP_NUM_THREADS=1 CAHP_DATA_DIR=../shared/data python benchmarks/gguf_gemma3.py",
         "prune_command": "cahp " + shlex.join(["prune", *PRUNE, "--out", "$CAHP_HOME/gguf/gemma3-uniform"]),

@@ -144,19 +144,28 @@ def ensure_pruned(name: str, work: Path) -> Path:
     Raises:
         SystemExit: the folder holds a run of another command, or the run failed.
     """
-    argv = prune_argv(name, work)
-    report = work / name / "report.json"
+    return ensure_run(name, prune_argv(name, work), work / name)
+
+
+def ensure_run(name: str, argv: list[str], folder: Path) -> Path:
+    """Run ``cahp <argv>`` (one thread) unless ``folder`` (its ``--out``) holds a finished run of the same command
+    (:func:`made_with`, :func:`settings`); return the run's ``model/``.
+
+    Raises:
+        SystemExit: the folder holds a run of another command, or the run failed.
+    """
+    report = folder / "report.json"
     if report.is_file():
         made_by = made_with(json.loads(report.read_text()))
         if settings(made_by) != settings(argv):
-            raise SystemExit(f"{work / name} was made by `cahp {shlex.join(made_by)}`, not this script's: remove it")
-        print(f"{name}: reusing {work / name}", flush=True)
-        return work / name / "model"
+            raise SystemExit(f"{folder} was made by `cahp {shlex.join(made_by)}`, not this script's: remove it")
+        print(f"{name}: reusing {folder}", flush=True)
+        return folder / "model"
     print(f"{name}: {shown(argv)}", flush=True)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     if subprocess.run([sys.executable, "-m", "cahp", *argv], env=env).returncode != 0:
         raise SystemExit(f"the prune run {name} failed; rerun to resume it")
-    return work / name / "model"
+    return folder / "model"
 
 
 # ---- llama.cpp -----------------------------------------------------------------------------------------------

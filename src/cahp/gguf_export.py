@@ -496,8 +496,10 @@ def _add_special_tokens(writer: Any, tokenizer: Any) -> None:
     ):
         if token_id is not None:
             add(token_id)
+    from cahp.data.lm import adds_bos
+
     encoded = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and encoded[0] == tokenizer.bos_token_id)
+    writer.add_add_bos_token(adds_bos(tokenizer))
     writer.add_add_eos_token(tokenizer.eos_token_id is not None and encoded[-1] == tokenizer.eos_token_id)
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         writer.add_chat_template(tokenizer.chat_template)
