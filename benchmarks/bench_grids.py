@@ -3,6 +3,7 @@
     python benchmarks/bench_grids.py                          # every config in configs/
     python benchmarks/bench_grids.py --configs minilm_sst5    # one grid
     python benchmarks/bench_grids.py --publish-only           # copy what the grids hold now (partial too)
+    python benchmarks/bench_grids.py --resummarize            # rewrite the published summaries from their cells
 
 A grid starts from its fine-tuned baseline (``finetune_baselines.py`` makes it first when missing) and runs
 in ``$CAHP_HOME/bench/<name>``, resumable cell by cell. Publishing copies the summary, its plots, the config
@@ -171,7 +172,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=None, help="config names in configs/ (default: all)")
     parser.add_argument("--publish-only", action="store_true", help="do not run; publish what is there")
+    parser.add_argument(
+        "--resummarize",
+        action="store_true",
+        help="do not run; rewrite the published grids' summaries from their own cells (after results/noise_floor.json "
+        "or the report changed; their plots stay)",
+    )
     args = parser.parse_args()
+    if args.resummarize:
+        from cahp.reporting.bench_report import rebuild_published_summary
+
+        names = args.configs or sorted(path.name for path in RESULTS.iterdir() if (path / "summary.json").is_file())
+        for name in names:
+            print(f"rewrote {rebuild_published_summary(RESULTS / name)}")
+        print(overview(sorted(path.name for path in RESULTS.iterdir() if (path / "summary.json").is_file())))
+        return
     names = args.configs or sorted(path.stem for path in CONFIGS.glob("*.json"))
     for name in names:
         if not (CONFIGS / f"{name}.json").is_file():

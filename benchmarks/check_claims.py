@@ -192,6 +192,17 @@ def config(grid: str) -> dict[str, Any]:
     return _json(BENCH / grid / "bench_config.json")
 
 
+def floor_of(grid: str) -> dict[str, Any] | None:
+    """The noise floor a published grid's summary prints (``summary.json``; ``None`` for a causal-LM grid)."""
+    floor: dict[str, Any] | None = _json(BENCH / grid / "summary.json").get("noise_floor")
+    return floor
+
+
+def published() -> list[str]:
+    """Every published grid (a folder of ``results/bench`` with a summary)."""
+    return sorted(path.parent.name for path in BENCH.glob("*/summary.json"))
+
+
 def _budget(budget: float | str) -> str:
     return budget if isinstance(budget, str) else f"{budget:g}"
 

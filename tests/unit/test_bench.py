@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from matplotlib.image import imread
@@ -469,6 +471,7 @@ def _noise_floor_script():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("noise_floor_script", REPO / "benchmarks" / "noise_floor.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -485,17 +488,17 @@ def test_noise_floor_script_fine_tunes_one_model_per_seed(classifier: tuple[Path
     model, task = classifier
     folders: dict[int, Path] = {}
 
-    def tiny_finetune(seed: int) -> Path:
+    def tiny_finetune(seed: int) -> dict[str, Any]:
         training = TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=8, seed=seed)
         folders[seed] = tmp_path / f"tiny-toy-seed{seed}"
         finetune(FinetuneConfig(model=str(model), task=task, training=training), folders[seed], progress=False)
-        return folders[seed]
+        return script.folder_result(folders[seed], seed)
 
     measured = script.measure([0, 1], tiny_finetune)
     assert sorted(folders) == [0, 1]
     for row in measured["per_seed"]:
         metrics = json.loads((folders[row["seed"]] / "metrics.json").read_text())
-        assert row["test_accuracy"] == metrics["results"]["test"]["accuracy"]
+        assert row["test_accuracy"] == metrics["results"]["test"]["accuracy"] and row["source"] == "fine-tuned"
         assert metrics["history"][0]["train_loss"] is not None
     histories = [json.loads((f / "metrics.json").read_text())["history"] for f in folders.values()]
     assert histories[0][0]["train_loss"] != histories[1][0]["train_loss"], "the seeds trained differently"
@@ -503,18 +506,43 @@ def test_noise_floor_script_fine_tunes_one_model_per_seed(classifier: tuple[Path
     assert measured["mean"] == pytest.approx(statistics.mean(measured["accuracies"]))
     assert measured["sd"] == pytest.approx(statistics.stdev(measured["accuracies"]))
 
+    # a folder of the same recipe with another seed is reused; one of another recipe or seed is refused
+    script.check_same_recipe(folders[1], folders[0], 1)
+    with pytest.raises(SystemExit, match="trained with seed 1, not 2"):
+        script.check_same_recipe(folders[1], folders[0], 2)
+    other = json.loads((folders[1] / "run_config.json").read_text())
+    other["training"]["learning_rate"] = 5e-3
+    (folders[1] / "run_config.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"another recipe .*\(training differ\)"):
+        script.check_same_recipe(folders[1], folders[0], 1)
+
     results = tmp_path / "noise_floor.json"
-    script.store_result(results, "tiny:toy", {"model": "tiny", "task": "toy", **measured})
+    script.store_result(results, "finetuned/tiny-toy", {"model": "tiny", "task": "toy", **measured})
     grid = {"model": str(tmp_path / "finetuned" / "tiny-toy"), "task": {"task": "toy"}}
     floor = grid_noise_floor(grid, results)
     assert floor is not None and floor["measured"] and floor["sd"] == pytest.approx(measured["sd"])
 
+    # the table: per-seed values, and which published grids print the row (their own, or as a stand-in)
+    bench = tmp_path / "bench"
+    for grid, folder in {"on_it": "finetuned/tiny-toy", "grouped": "finetuned/tiny-toy-grouped"}.items():
+        (bench / grid).mkdir(parents=True)
+        config = {"model": str(tmp_path / folder), "task": {"task": "toy"}}
+        (bench / grid / "bench_config.json").write_text(json.dumps(config))
+    record = {"model": "tiny", "task": "toy", **measured, "command": "python benchmarks/noise_floor.py --rows x"}
+    record["finetune_commands"] = {"0": "cahp finetune A", "1": "cahp finetune B"}
+    table = script.write_table({"finetuned/tiny-toy": record}, tmp_path / "noise_floor.md", bench).read_text()
+    values = ", ".join(f"{row['seed']}: {row['test_accuracy']:.4f}" for row in measured["per_seed"])
+    assert f"| `finetuned/tiny-toy` | tiny | toy | test | {values} | {measured['mean']:.4f} |" in table
+    assert "| 1 on it, 1 as stand-in |" in table and "- stand-in for: grouped" in table
+    assert "- seed 1 (fine-tuned): `cahp finetune B`" in table
+
     assert script.seeds_of(3) == [42, 43, 44]
-    assert script.seed_command("minilm-l6", "sst5", 42) == script.finetune_command("minilm-l6", "sst5")
-    command = script.seed_command("minilm-l6", "sst5", 43)
+    baseline = script.recipe_of("finetuned/minilm-l6-sst5")
+    assert baseline.command(42) == script.finetune_command("minilm-l6", "sst5")
+    command = baseline.command(43)
     assert command[-2:] == ["--seed", "43"] and "--epochs" in command
     assert command[command.index("--out") + 1].endswith("noise_floor/minilm-l6-sst5-seed43")
-    with pytest.raises(SystemExit, match="not a row"):
-        script.main(["--rows", "tiny:toy"])
+    with pytest.raises(SystemExit, match=r"neither a row of finetune_baselines\.py"):
+        script.main(["--rows", "finetuned/tiny-toy"])
     with pytest.raises(SystemExit, match="at least 2"):
-        script.main(["--rows", "minilm-l6:sst5", "--num-seeds", "1"])
+        script.main(["--rows", "finetuned/minilm-l6-sst5", "--num-seeds", "1"])

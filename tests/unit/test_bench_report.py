@@ -18,6 +18,7 @@ from cahp.methods.base import PruningMethod, available_methods, register_method
 from cahp.reporting.bench_report import (
     NOISE_FLOOR_FILE,
     PERPLEXITY,
+    _noise_floor_lines,
     _style,
     control_method,
     fit_seconds,
@@ -501,7 +502,7 @@ def _noise_paragraph(summary: str) -> str:
 def test_the_noise_floor_of_the_dense_fine_tune_is_printed_beside_the_tables(tmp_path: Path) -> None:
     root = _noise_grid(tmp_path / "bench", str(tmp_path / "cache" / "finetuned" / "toy-sst5"))
     floors = tmp_path / "noise_floor.json"
-    floors.write_text(json.dumps({"toy:sst5": {"split": "test", "mean": 0.5, "sd": 0.0061, "n": 3}}))
+    floors.write_text(json.dumps({"finetuned/toy-sst5": {"split": "test", "mean": 0.5, "sd": 0.0061, "n": 3}}))
     summary = write_bench_report(root, noise_floor=floors).read_text()
     line = _noise_paragraph(summary)
     assert line.startswith(
@@ -510,9 +511,11 @@ def test_the_noise_floor_of_the_dense_fine_tune_is_printed_beside_the_tables(tmp
     )
     assert summary.index("Noise floor:") < summary.index("## Accuracy after pruning"), "beside the tables"
     record = json.loads((root / "summary.json").read_text())
+    assert "Measured on" not in line, "this grid's own checkpoint"
     assert record["noise_floor"] == {
-        "key": "toy:sst5",
+        "key": "finetuned/toy-sst5",
         "measured": True,
+        "measured_on": "finetuned/toy-sst5",
         "split": "test",
         "mean": 0.5,
         "sd": 0.0061,
@@ -525,20 +528,60 @@ def test_the_noise_floor_of_the_dense_fine_tune_is_printed_beside_the_tables(tmp
 def test_an_unmeasured_noise_floor_says_how_to_measure_it(tmp_path: Path) -> None:
     root = _noise_grid(tmp_path / "bench", str(tmp_path / "cache" / "finetuned" / "toy-sst5"))
     floors = tmp_path / "noise_floor.json"
-    for content in (None, {"other:sst5": {"sd": 0.01, "n": 3}}):
+    other_rows = {
+        "finetuned/other-sst5": {"model": "other", "task": "sst5", "sd": 0.01, "n": 3},  # another model
+        "demo/toy-mnli": {"model": "toy", "task": "mnli", "sd": 0.01, "n": 3},  # another task
+        "finetuned/toy-sst5-long": {"model": "toy", "task": "sst5", "sd": 0.01, "n": 1},  # one seed: no spread
+    }
+    for content in (None, other_rows):
         if content is not None:
             floors.write_text(json.dumps(content))
         line = _noise_paragraph(write_bench_report(root, noise_floor=floors).read_text())
         assert line.startswith(
-            "Noise floor: not measured yet for toy:sst5 (a dense fine-tune's spread over training seeds); "
-            "`python benchmarks/noise_floor.py --rows toy:sst5` measures it"
+            "Noise floor: not measured yet for finetuned/toy-sst5 (a dense fine-tune's spread over training seeds); "
+            "`python benchmarks/noise_floor.py --rows finetuned/toy-sst5` measures it"
         )
         floor = json.loads((root / "summary.json").read_text())["noise_floor"]
-        assert floor["measured"] is False and floor["command"] == "python benchmarks/noise_floor.py --rows toy:sst5"
+        assert floor["measured"] is False
+        assert floor["command"] == "python benchmarks/noise_floor.py --rows finetuned/toy-sst5"
     other = _noise_grid(tmp_path / "other", "/models/toy")
     line = _noise_paragraph(write_bench_report(other, noise_floor=floors).read_text())
     assert line.startswith("Noise floor: not measured for this grid's model")
     assert json.loads((other / "summary.json").read_text())["noise_floor"]["key"] is None
+    without_test = {"model": "/cache/finetuned/toy-sst2", "task": {"task": "sst2"}, "eval_splits": ["validation"]}
+    floor = grid_noise_floor(without_test, floors)
+    assert floor is not None and floor["command"] == (
+        "python benchmarks/noise_floor.py --rows finetuned/toy-sst2 --split validation"
+    ), "scored on the split the grid reports"
+
+
+def test_a_grid_on_another_recipe_reads_the_noise_floor_of_its_model_and_task_and_says_so(tmp_path: Path) -> None:
+    root = _noise_grid(tmp_path / "bench", str(tmp_path / "cache" / "finetuned" / "toy-sst5-grouped"))
+    floors = tmp_path / "noise_floor.json"
+    rows = {
+        "demo/toy-sst5": {"model": "toy", "task": "sst5", "split": "test", "mean": 0.48, "sd": 0.009, "n": 3},
+        "finetuned/toy-mnli": {"model": "toy", "task": "mnli", "split": "test", "mean": 0.6, "sd": 0.002, "n": 3},
+    }
+    floors.write_text(json.dumps(rows))
+    line = _noise_paragraph(write_bench_report(root, noise_floor=floors).read_text())
+    assert "varies by sd 0.0090 over 3 training seeds" in line
+    assert (
+        "Measured on `demo/toy-sst5`, another fine-tune recipe of the same model and task (this grid's "
+        "`finetuned/toy-sst5-grouped` was not measured: `python benchmarks/noise_floor.py --rows "
+        "finetuned/toy-sst5-grouped`)." in line
+    )
+    floor = json.loads((root / "summary.json").read_text())["noise_floor"]
+    assert floor["key"] == "finetuned/toy-sst5-grouped" and floor["measured_on"] == "demo/toy-sst5"
+    rows["finetuned/toy-sst5-grouped"] = {"model": "toy", "task": "sst5", "split": "test", "sd": 0.004, "n": 2}
+    floors.write_text(json.dumps(rows))
+    line = _noise_paragraph(write_bench_report(root, noise_floor=floors).read_text())
+    assert "sd 0.0040 over 2 training seeds" in line and "Measured on" not in line, "its own row first"
+
+
+def test_a_causal_lm_grid_says_it_has_no_fine_tune_to_measure(tmp_path: Path) -> None:
+    assert grid_noise_floor({"objective": "causal-lm", "model": "m"}) is None
+    text = " ".join(_noise_floor_lines(None, {"objective": "causal-lm"}))
+    assert text.startswith("Noise floor: none to measure: the dense model is the released checkpoint")
 
 
 def test_the_summary_says_whether_each_seed_recovers_with_its_own_training_seed(tmp_path: Path) -> None:
@@ -564,7 +607,8 @@ def test_a_per_seed_recovery_runs_deterministic_methods_on_every_seed() -> None:
 
 
 def test_noise_floor_keys_of_the_committed_grids() -> None:
-    """A grid on ``finetuned/<model>-<task>`` reads the noise floor of ``<model>:<task>``; other models none."""
+    """A grid on ``$CAHP_HOME/finetuned/<name>`` or ``$CAHP_HOME/demo/<name>`` reads the noise floor of that
+    folder's row; a causal LM none."""
     from cahp.bench import BenchConfig
 
     configs = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
@@ -572,9 +616,9 @@ def test_noise_floor_keys_of_the_committed_grids() -> None:
     def key(name: str) -> str | None:
         return noise_floor_key(BenchConfig.from_file(configs / f"{name}.json").to_dict())
 
-    assert key("minilm_sst5") == "minilm-l6:sst5" and key("mpnet_mnli") == "mpnet-base:mnli"
-    assert key("recovery_minilm_mnli_kd") == "minilm-l6:mnli"
-    assert key("reconstruction_pilot_minilm_sst5_none") is None, "the demo's fine-tune is not a baseline"
+    assert key("minilm_sst5") == "finetuned/minilm-l6-sst5" and key("mpnet_mnli") == "finetuned/mpnet-base-mnli"
+    assert key("recovery_minilm_mnli_kd") == "finetuned/minilm-l6-mnli"
+    assert key("reconstruction_pilot_minilm_sst5_none") == "demo/minilm-l6-sst5", "the demo's fine-tune"
+    assert key("ablation_minilm_mnli_reference") == "finetuned/minilm-l6-mnli-grouped"
     assert key("smollm2_lm_groups") is None, "a causal LM is not fine-tuned"
-    assert grid_noise_floor({"objective": "causal-lm", "model": "m"}) is None
     assert NOISE_FLOOR_FILE.parts[-3:] == ("benchmarks", "results", "noise_floor.json")

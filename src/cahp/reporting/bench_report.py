@@ -19,11 +19,13 @@ how many distinct cells stand behind it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -601,7 +603,25 @@ def rebuild_published_summary(folder: str | Path) -> Path:
     """
     folder = Path(folder)
     recorded = json.loads((folder / "summary.json").read_text())
-    return write_bench_report(folder, figures=False, recorded=recorded)
+    out = Path(str(json.loads((folder / "bench_config.json").read_text()).get("out", "")))
+    if out.parent.name != "bench":
+        return write_bench_report(folder, figures=False, recorded=recorded)
+    with _cahp_home(out.parent.parent):  # its paths are shown relative to the cache folder it ran in
+        return write_bench_report(folder, figures=False, recorded=recorded)
+
+
+@contextlib.contextmanager
+def _cahp_home(home: Path) -> Iterator[None]:
+    """``$CAHP_HOME`` set to ``home`` for the duration."""
+    before = os.environ.get("CAHP_HOME")
+    os.environ["CAHP_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CAHP_HOME"]
+        else:
+            os.environ["CAHP_HOME"] = before
 
 
 def write_bench_report(
@@ -896,34 +916,48 @@ NOISE_FLOOR_FILE = Path(__file__).resolve().parents[3] / "benchmarks" / "results
 NOISE_FLOOR_SCRIPT = "benchmarks/noise_floor.py"
 
 
+#: The folders under ``$CAHP_HOME`` whose fine-tunes benchmarks/noise_floor.py measures (a baseline's, the demo's).
+NOISE_FLOOR_PARENTS = ("finetuned", "demo")
+
+
 def noise_floor_key(config: dict[str, Any]) -> str | None:
-    """``<model>:<task>`` of a grid whose model is a baseline fine-tune (``.../finetuned/<model>-<task>``, as
-    ``benchmarks/finetune_baselines.py`` names its folders), else ``None`` (another model, a causal-LM grid)."""
+    """The row of ``noise_floor.json`` of a classification grid's model: its folder under ``$CAHP_HOME``,
+    ``<parent>/<name>`` (``finetuned/minilm-l6-sst5``, ``demo/minilm-l6-sst5``), else ``None`` (a folder elsewhere,
+    a causal-LM grid)."""
     if config.get("objective") == "causal-lm":
         return None
+    model = Path(str(config.get("model", "")))
+    if model.parent.name not in NOISE_FLOOR_PARENTS:
+        return None
+    return f"{model.parent.name}/{model.name}"
+
+
+def _grid_task(config: dict[str, Any]) -> str | None:
     task = config.get("task")
     name = task.get("task") if isinstance(task, dict) else task
-    model = Path(str(config.get("model", "")))
-    if not isinstance(name, str) or model.parent.name != "finetuned" or not model.name.endswith(f"-{name}"):
-        return None
-    return f"{model.name[: -len(name) - 1]}:{name}"
+    return name if isinstance(name, str) else None
+
+
+def _has_spread(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("sd"), int | float) and int(entry.get("n", 0)) >= 2
 
 
 def grid_noise_floor(config: dict[str, Any], path: Path = NOISE_FLOOR_FILE) -> dict[str, Any] | None:
     """The noise floor of a classification grid's dense model, as ``summary.json`` records it (``None`` for a
     causal-LM grid, whose model is not fine-tuned):
 
-    * measured: ``{"key", "measured": True, "split", "mean", "sd", "n", "file"}`` (``sd``: the sample standard
-      deviation of the dense fine-tune's accuracy over ``n`` training seeds);
+    * measured: ``{"key", "measured": True, "measured_on", "split", "mean", "sd", "n", "file"}`` (``sd``: the
+      sample standard deviation of the dense fine-tune's accuracy over ``n`` training seeds). ``measured_on`` is
+      ``key`` when this grid's checkpoint was measured, else the row of another recipe of the same model and task
+      (``<model>-<task>...`` under ``finetuned/`` or ``demo/``), whose spread stands in, said as such;
     * not measured: ``{"key", "measured": False, "command", "file"}`` (``key`` and ``command`` are ``None`` when the
-      grid's model is not a baseline fine-tune: :func:`noise_floor_key`).
+      grid's model is not a fine-tune under ``$CAHP_HOME``: :func:`noise_floor_key`).
 
     Raises:
         CahpError: ``path`` exists but is not a JSON object.
     """
     if config.get("objective") == "causal-lm":
         return None
-    key = noise_floor_key(config)
     shown = "benchmarks/results/noise_floor.json" if path == NOISE_FLOOR_FILE else _shown(str(path))
     records: Any = {}
     if path.is_file():
@@ -932,40 +966,82 @@ def grid_noise_floor(config: dict[str, Any], path: Path = NOISE_FLOOR_FILE) -> d
         except ValueError as error:
             raise CahpError(f"{path} is not JSON ({error}): rerun {NOISE_FLOOR_SCRIPT}") from error
         if not isinstance(records, dict):
-            raise CahpError(f"{path} must hold an object keyed <model>:<task>: rerun {NOISE_FLOOR_SCRIPT}")
-    entry = records.get(key) if key is not None else None
-    if isinstance(entry, dict) and isinstance(entry.get("sd"), int | float) and int(entry.get("n", 0)) >= 2:
+            raise CahpError(f"{path} must hold an object keyed by checkpoint folder: rerun {NOISE_FLOOR_SCRIPT}")
+    return noise_floor_of(config, records, shown)
+
+
+def noise_floor_of(config: dict[str, Any], records: dict[str, Any], shown: str) -> dict[str, Any]:
+    """:func:`grid_noise_floor` of a classification grid over the rows ``records`` (of the file ``shown``)."""
+    key = noise_floor_key(config)
+    task = _grid_task(config)
+    name = Path(str(config.get("model", ""))).name
+    same_model = sorted(
+        row
+        for row, entry in records.items()
+        if _has_spread(entry) and entry.get("task") == task and name.startswith(f"{entry.get('model')}-{task}")
+    )
+    measured_on = key if key is not None and _has_spread(records.get(key)) else next(iter(same_model), None)
+    if key is not None and measured_on is not None:
+        entry = records[measured_on]
         return {
             "key": key,
             "measured": True,
+            "measured_on": measured_on,
             "split": entry.get("split", "test"),
             "mean": entry.get("mean"),
             "sd": float(entry["sd"]),
             "n": int(entry["n"]),
             "file": shown,
         }
-    command = f"python {NOISE_FLOOR_SCRIPT} --rows {key}" if key is not None else None
+    splits = config.get("eval_splits") or ["test"]
+    option = "" if "test" in splits else f" --split {splits[0]}"
+    command = f"python {NOISE_FLOOR_SCRIPT} --rows {key}{option}" if key is not None else None
     return {"key": key, "measured": False, "command": command, "file": shown}
+
+
+def published_noise_floor(folder: str | Path) -> str:
+    """One sentence for a study's table: the noise floor that the published grid in ``folder`` prints (its
+    ``summary.json``)."""
+    floor = json.loads((Path(folder) / "summary.json").read_text()).get("noise_floor")
+    if floor is None:
+        return "Noise floor: none (the dense model is the released checkpoint, not a fine-tune)."
+    if not floor.get("measured"):
+        return f"Noise floor: not measured ({floor.get('command') or NOISE_FLOOR_SCRIPT})."
+    where = "" if floor["measured_on"] == floor["key"] else f", measured on `{floor['measured_on']}`"
+    return (
+        f"Noise floor: the dense fine-tune's {floor['split']} accuracy varies by sd {floor['sd']:.4f} over "
+        f"{floor['n']} training seeds ({100 * floor['sd']:.1f} points{where}; results/noise_floor.md)."
+    )
 
 
 def _noise_floor_lines(floor: dict[str, Any] | None, config: dict[str, Any]) -> list[str]:
     """The paragraph beside the tables: the dense fine-tune's spread over training seeds (or how to measure it),
     and whether this grid's seeds vary the recovery's training seed."""
     parts = []
-    if floor is not None and floor["measured"]:
+    if floor is None:
+        parts.append(
+            "Noise floor: none to measure: the dense model is the released checkpoint, not a fine-tune of ours; "
+            "the spread over seeds is that of the calibration sample, the method and the recovery."
+        )
+    elif floor["measured"]:
         parts.append(
             f"Noise floor: a dense fine-tune's {floor['split']} accuracy varies by sd {floor['sd']:.4f} over "
             f"{floor['n']} training seeds ({NOISE_FLOOR_SCRIPT})."
         )
-    elif floor is not None and floor["key"] is not None:
+        if floor.get("measured_on", floor["key"]) != floor["key"]:
+            parts.append(
+                f"Measured on `{floor['measured_on']}`, another fine-tune recipe of the same model and task (this "
+                f"grid's `{floor['key']}` was not measured: `python {NOISE_FLOOR_SCRIPT} --rows {floor['key']}`)."
+            )
+    elif floor["key"] is not None:
         parts.append(
             f"Noise floor: not measured yet for {floor['key']} (a dense fine-tune's spread over training seeds); "
             f"`{floor['command']}` measures it into `{floor['file']}`."
         )
-    elif floor is not None:
+    else:
         parts.append(
-            f"Noise floor: not measured for this grid's model ({NOISE_FLOOR_SCRIPT} measures the baseline "
-            "fine-tunes of benchmarks/finetune_baselines.py, `finetuned/<model>-<task>`)."
+            f"Noise floor: not measured for this grid's model ({NOISE_FLOOR_SCRIPT} measures the fine-tunes in the "
+            f"cache folder's {' and '.join(f'`{parent}/`' for parent in NOISE_FLOOR_PARENTS)})."
         )
     recovery = config.get("recovery") or {}
     if recovery.get("epochs"):
@@ -976,7 +1052,7 @@ def _noise_floor_lines(floor: dict[str, Any] | None, config: dict[str, Any]) -> 
             if recovery_varies(config)
             else f"Every cell recovers with training seed {seed}, so the spread over seeds leaves training noise out."
         )
-    return [" ".join(parts), ""] if parts else []
+    return [" ".join(parts), ""]
 
 
 def _focus_vs_best(
