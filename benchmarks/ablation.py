@@ -2,6 +2,7 @@
 
     python benchmarks/ablation.py configs               # (re)write the grids' configs under configs/
     python benchmarks/ablation.py run sst5 ablation     # run one task's study (resumable) and publish its grids
+    python benchmarks/ablation.py run mnli ablation_recovery embedding_none   # one variant of a study
     python benchmarks/ablation.py report                # results/ablation.{json,md} from the published cells
 
 Two studies per task (MiniLM-L6 on SST-5 and on MNLI), each a set of ``cahp bench`` grids that differ only in
@@ -10,6 +11,9 @@ CAHP's settings, so every comparison is paired by seed (each seed draws its own 
 - ``ablation``: one choice changed at a time from the faithful ``cahp`` (the ``reference`` grid, which also runs
   the leading methods at CAHP's own head count and at 20%), at the knee and at 20% of the heads, 3 seeds, scored
   right after surgery with the ``weights`` reconstruction (``cahp prune``'s default). No recovery (CPU time).
+- ``ablation_recovery``: the reference and the choices that moved accuracy after surgery (the embedding, the
+  representative rule) or came closest to the leaders (AttAttr as the salience), again with the fits of
+  ``ablation`` (same heads), then one recovery epoch (1,000 examples, its training seed varying with the grid seed).
 - ``calibration``: the reference sweep against ``sweep=shared`` and ``converge_tol`` on a large calibration set
   (all of SST-5's training split, 4,096 MNLI examples), with no reconstruction, right after pruning and after one
   recovery epoch (1,000 examples, its training seed varying with the grid seed).
@@ -48,6 +52,10 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "salience_fisher": ("salience source", {"salience": "fisher"}),
     "salience_attattr": ("salience source", {"salience": "attattr"}),
 }
+#: The choices ``ablation_recovery`` reruns with a recovery epoch (CPU time: not all of them).
+RECOVERY_ABLATIONS = ["embedding_none", "representative_medoid", "salience_attattr"]
+#: The studies and the variant each compares with.
+STUDY_REFERENCE = {"ablation": "reference", "calibration": "separate", "ablation_recovery": "reference"}
 #: ``dsp`` cannot be a salience: its scores depend on how many heads are kept, so CAHP refuses it (one line).
 #: The faster calibrations, against the reference (``separate``): ``benchmarks/calibration.py``'s settings.
 CALIBRATIONS: dict[str, dict[str, Any]] = {
@@ -95,22 +103,25 @@ def study_grids(task: str, study: str) -> dict[str, dict[str, Any]]:
         "eval_max_examples": spec["eval_max_examples"],
     }
     grids: dict[str, dict[str, Any]] = {}
-    if study == "ablation":
+    recovery = {"recovery": {"epochs": 1.0, **RECOVERY_RECIPE}, "recovery_seeding": "per_seed"}
+    if study in ("ablation", "ablation_recovery"):
         base.update(
             calibration_size=512,
             fitted_dir=f"{home}/reconstruction_{spec['study']}_fitted",  # the reconstruction study's fits
             recovery={"epochs": 0.0},
             reconstruct="weights",
         )
+        if study == "ablation_recovery":
+            base.update(**recovery, recovery_max_examples=1000)
+        variants = ABLATIONS if study == "ablation" else {v: ABLATIONS[v] for v in RECOVERY_ABLATIONS}
         grids[grid_name(task, study, "reference")] = {**base, "methods": ["cahp", *LEADERS]}
-        for variant, (_, settings) in ABLATIONS.items():
+        for variant, (_, settings) in variants.items():
             grids[grid_name(task, study, variant)] = {**base, "method_settings": {"cahp": settings}}
     else:
         base.update(
             calibration_size=spec["large_calibration"],
             fitted_dir=f"{home}/calibration_minilm_{task}_fitted",
-            recovery={"epochs": 1.0, **RECOVERY_RECIPE},
-            recovery_seeding="per_seed",
+            **recovery,
             recovery_max_examples=1000,
             reconstruct="none",
         )
@@ -125,7 +136,7 @@ def study_grids(task: str, study: str) -> dict[str, dict[str, Any]]:
 
 def write_configs() -> None:
     for task in TASKS:
-        for study in ("ablation", "calibration"):
+        for study in STUDY_REFERENCE:
             for name, config in study_grids(task, study).items():
                 (CONFIGS / f"{name}.json").write_text(json.dumps(config, indent=1) + "\n")
                 print(f"wrote benchmarks/configs/{name}.json")
@@ -161,11 +172,15 @@ def _summary(values: dict[int, float]) -> dict[str, Any]:
 def collect(task: str, study: str) -> dict[str, Any]:
     """``{variant: {method: {budget: {stage: summary}}}}`` plus each variant's paired difference from the reference
     (``cahp`` in the reference grid) per budget and stage, heads kept and fit seconds."""
-    from cahp.reporting.bench_report import paired_difference
+    from cahp.reporting.bench_report import paired_difference, published_noise_floor
 
     stages = ("after_pruning",) if study == "ablation" else ("after_pruning", "after_recovery")
-    reference_variant = "reference" if study == "ablation" else "separate"
-    variants = ["reference", *ABLATIONS] if study == "ablation" else list(CALIBRATIONS)
+    reference_variant = STUDY_REFERENCE[study]
+    variants = {
+        "ablation": ["reference", *ABLATIONS],
+        "calibration": list(CALIBRATIONS),
+        "ablation_recovery": ["reference", *RECOVERY_ABLATIONS],
+    }[study]
     table: dict[str, Any] = {}
     for variant in variants:
         for cell in _cells(grid_name(task, study, variant)):
@@ -198,9 +213,16 @@ def collect(task: str, study: str) -> dict[str, Any]:
                 for stage in stages:
                     paired = paired_difference(entry[stage]["values"], reference[budget][stage]["values"])
                     entry[stage]["vs_reference"] = paired
-    dense_file = RESULTS / grid_name(task, study, reference_variant) / "dense.json"
+    reference_grid = RESULTS / grid_name(task, study, reference_variant)
+    dense_file = reference_grid / "dense.json"
     dense = json.loads(dense_file.read_text())["accuracy"]["test"]["accuracy"] if dense_file.is_file() else None
-    return {"title": TASKS[task]["title"], "dense": dense, "stages": list(stages), "table": table}
+    return {
+        "title": TASKS[task]["title"],
+        "dense": dense,
+        "noise_floor": published_noise_floor(reference_grid),
+        "stages": list(stages),
+        "table": table,
+    }
 
 
 def _fmt(entry: dict[str, Any] | None) -> str:
@@ -236,6 +258,7 @@ def markdown(payload: dict[str, Any]) -> str:
         study = key.split("/")[1]
         lines += ["", f"## {result['title']}: {study}", ""]
         lines.append(f"Dense accuracy {result['dense']:.4f}." if result["dense"] is not None else "Dense: not run.")
+        lines += ["", result["noise_floor"]]
         lines.append("")
         stages = result["stages"]
         header = ["variant", "method"] + [
@@ -261,8 +284,8 @@ def markdown(payload: dict[str, Any]) -> str:
 def report() -> None:
     results = {}
     for task in TASKS:
-        for study in ("ablation", "calibration"):
-            if _cells(grid_name(task, study, "reference" if study == "ablation" else "separate")):
+        for study, reference in STUDY_REFERENCE.items():
+            if _cells(grid_name(task, study, reference)):
                 results[f"{task}/{study}"] = collect(task, study)
     payload = {"command": "python benchmarks/ablation.py report", "results": results}
     (OUT / "ablation.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -276,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("configs")
     runner = sub.add_parser("run")
     runner.add_argument("task", choices=sorted(TASKS))
-    runner.add_argument("study", choices=("ablation", "calibration"))
+    runner.add_argument("study", choices=list(STUDY_REFERENCE))
     runner.add_argument("variants", nargs="*", help="only these variants (default: all)")
     sub.add_parser("report")
     args = parser.parse_args(argv)

@@ -330,7 +330,7 @@ def study_table(study: str) -> dict[str, Any]:
     """``{method: {budget: {mode: {mean, sd, seeds, values}}}}``, the dense figure, and each mode's gain over
     ``none`` paired by seed (:func:`cahp.reporting.bench_report.paired_difference`: the difference, in accuracy or
     perplexity, with its 95% t interval)."""
-    from cahp.reporting.bench_report import paired_difference
+    from cahp.reporting.bench_report import paired_difference, published_noise_floor
 
     spec = STUDIES[study]
     by_mode = {mode: cells(grid_name(study, mode)) for mode in spec.get("modes", MODES)}
@@ -363,9 +363,11 @@ def study_table(study: str) -> dict[str, Any]:
                     paired = paired_difference(modes[mode]["values"], modes["none"]["values"])  # seed by seed
                     if mode != "none" and paired is not None:
                         modes[mode]["gain_over_none"] = paired
+    none_grid = RESULTS / grid_name(study, "none")
     return {
         "title": spec["title"],
         "dense": _dense_quality(dense),
+        "noise_floor": published_noise_floor(none_grid) if (none_grid / "summary.json").is_file() else None,
         "table": table,
         "flops_share": flops,
         "reconstruction_seconds_median": {m: statistics.median(v) for m, v in seconds.items() if v},
@@ -434,6 +436,7 @@ def markdown(results: dict[str, Any]) -> str:
         modes = [m for m in MODES if any(m in b for r in result["table"].values() for b in r.values())]
         dense = result["dense"]
         lines += [f"## {result['title']}", "", f"Dense {unit}: {dense:.4f}" if dense else "Dense: not run", ""]
+        lines += [result["noise_floor"], ""] if result.get("noise_floor") else []
         budgets = sorted({b for r in result["table"].values() for b in r}, key=lambda b: -float(b))
         for budget in budgets:
             lines += [

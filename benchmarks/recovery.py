@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_grids import RESULTS, publish, run_grid
+from cahp.reporting.bench_report import published_noise_floor
 
 HERE = Path(__file__).resolve().parent
 #: study -> {objective label: grid config name}
@@ -89,9 +90,11 @@ def study_table(study: str) -> dict:
     """``{"dense": ..., "rows": {method: {budget: {objective: {accuracy, macro_f1, kept, seconds, teacher}}}}}``."""
     rows: dict[str, dict[str, dict[str, dict]]] = {}
     dense = None
+    noise_floor = None
     for objective, grid in STUDIES[study].items():
         if not (RESULTS / grid / "dense.json").is_file():
             continue
+        noise_floor = noise_floor or published_noise_floor(RESULTS / grid)
         dense_record = json.loads((RESULTS / grid / "dense.json").read_text())
         split = next(iter(dense_record["accuracy"]))
         dense = {"split": split, **dense_record["accuracy"][split]}
@@ -113,7 +116,13 @@ def study_table(study: str) -> dict:
                 ),
                 "seeds": sorted(c["seed"] for c in cells),
             }
-    return {"dense": dense, "rows": rows, "objectives": list(STUDIES[study]), "about": ABOUT[study]}
+    return {
+        "dense": dense,
+        "noise_floor": noise_floor,
+        "rows": rows,
+        "objectives": list(STUDIES[study]),
+        "about": ABOUT[study],
+    }
 
 
 def _markdown(tables: dict[str, dict]) -> str:
@@ -139,6 +148,7 @@ def _markdown(tables: dict[str, dict]) -> str:
             table["about"],
             "",
             f"Dense model: accuracy {dense['accuracy']:.4f}, macro-F1 {dense['macro_f1']:.4f} ({dense['split']}).",
+            table["noise_floor"],
             "",
         ]
         objectives = table["objectives"]
