@@ -182,10 +182,10 @@ def main() -> None:
     if args.resummarize:
         from cahp.reporting.bench_report import rebuild_published_summary
 
-        names = args.configs or sorted(path.name for path in RESULTS.iterdir() if (path / "summary.json").is_file())
-        for name in names:
+        published = sorted(path.name for path in RESULTS.iterdir() if (path / "summary.json").is_file())
+        for name in args.configs or published:
             print(f"rewrote {rebuild_published_summary(RESULTS / name)}")
-        print(overview(sorted(path.name for path in RESULTS.iterdir() if (path / "summary.json").is_file())))
+        print(overview(published))
         return
     names = args.configs or sorted(path.stem for path in CONFIGS.glob("*.json"))
     for name in names:

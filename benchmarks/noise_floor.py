@@ -138,7 +138,7 @@ def check_same_recipe(folder: Path, reference: Path, seed: int) -> None:
     """Refuse ``folder`` unless its run is ``reference``'s recipe trained with ``seed`` (see :data:`RUN_VARIABLES`).
 
     Raises:
-        SystemExit: another seed or another recipe, naming the first setting that differs.
+        SystemExit: another seed or another recipe, naming the settings that differ.
     """
     run = json.loads((folder / "run_config.json").read_text())
     if run.get("training", {}).get("seed") != seed:
@@ -152,6 +152,20 @@ def check_same_recipe(folder: Path, reference: Path, seed: int) -> None:
         raise SystemExit(f"{folder} holds another recipe than {reference} ({', '.join(differing)} differ): move it")
 
 
+def _row(seed: int, split: str, accuracy: float, record: dict[str, Any], source: str) -> dict[str, Any]:
+    """A per-seed row: ``accuracy`` on ``split``, the rest from ``record`` (a run's ``metrics.json`` or a baseline's
+    ``finetune_baselines.json`` entry)."""
+    results = record.get("results", {})
+    return {
+        "seed": seed,
+        f"{split}_accuracy": accuracy,
+        "validation_accuracy": results.get("validation", {}).get("accuracy", record.get("validation_accuracy")),
+        "train_seconds": record.get("train_seconds"),
+        "torch_threads": record.get("torch_threads"),
+        "source": source,
+    }
+
+
 def folder_result(folder: Path, seed: int, split: str = SPLIT, source: str = "fine-tuned") -> dict[str, Any]:
     """The per-seed row of a finished fine-tune in ``folder``.
 
@@ -159,17 +173,9 @@ def folder_result(folder: Path, seed: int, split: str = SPLIT, source: str = "fi
         SystemExit: its run did not evaluate ``split``.
     """
     metrics = json.loads((folder / "metrics.json").read_text())
-    results = metrics["results"]
-    if split not in results:
-        raise SystemExit(f"{folder} evaluated {sorted(results)}, not {split!r}")
-    return {
-        "seed": seed,
-        f"{split}_accuracy": results[split]["accuracy"],
-        "validation_accuracy": results.get("validation", {}).get("accuracy"),
-        "train_seconds": metrics.get("train_seconds"),
-        "torch_threads": metrics.get("torch_threads"),
-        "source": source,
-    }
+    if split not in metrics["results"]:
+        raise SystemExit(f"{folder} evaluated {sorted(metrics['results'])}, not {split!r}")
+    return _row(seed, split, metrics["results"][split]["accuracy"], metrics, source)
 
 
 def _evaluated(folder: Path, seed: int, split: str) -> dict[str, Any]:
@@ -181,14 +187,8 @@ def _evaluated(folder: Path, seed: int, split: str) -> dict[str, Any]:
     options = {**run["task"], "data_dir": os.environ.get("CAHP_DATA_DIR") or run["task"].get("data_dir")}
     report = evaluate(folder, TaskOptions(**options), [split])
     metrics = json.loads((folder / "metrics.json").read_text())
-    return {
-        "seed": seed,
-        f"{split}_accuracy": report["results"][split]["accuracy"],
-        "validation_accuracy": metrics["results"].get("validation", {}).get("accuracy"),
-        "train_seconds": metrics.get("train_seconds"),
-        "torch_threads": metrics.get("torch_threads"),
-        "source": "evaluated now: its run tested no split",
-    }
+    accuracy = report["results"][split]["accuracy"]
+    return _row(seed, split, accuracy, metrics, "evaluated now: its run tested no split")
 
 
 def _recorded(recipe: Recipe) -> dict[str, Any] | None:
@@ -198,14 +198,8 @@ def _recorded(recipe: Recipe) -> dict[str, Any] | None:
         return None
     if record.get("command") != display_command(recipe.command(BASELINE_SEED)):
         return None
-    return {
-        "seed": BASELINE_SEED,
-        f"{recipe.split}_accuracy": record[f"{recipe.split}_accuracy"],
-        "validation_accuracy": record.get("validation_accuracy"),
-        "train_seconds": record.get("train_seconds"),
-        "torch_threads": record.get("torch_threads"),
-        "source": "recorded in benchmarks/results/finetune_baselines.json",
-    }
+    accuracy = record[f"{recipe.split}_accuracy"]
+    return _row(BASELINE_SEED, recipe.split, accuracy, record, "recorded in benchmarks/results/finetune_baselines.json")
 
 
 def seed_result(recipe: Recipe, seed: int) -> dict[str, Any]:
@@ -343,7 +337,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--rows", nargs="*", default=None, help="checkpoint folders under $CAHP_HOME (default: every baseline row)"
     )
     parser.add_argument("--num-seeds", type=int, default=NUM_SEEDS, help="training seeds per row (at least 2)")
-    parser.add_argument("--split", default=SPLIT, help="the split scored (default: %(default)s; SST-2: validation)")
+    parser.add_argument(
+        "--split",
+        default=SPLIT,
+        choices=("test", "validation"),
+        help="the split scored (default: %(default)s; SST-2, which has no labelled test split: validation)",
+    )
     parser.add_argument("--out", type=Path, default=NOISE_FLOOR, help="the results file (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="rewrite results/noise_floor.md; fine-tune nothing")
     args = parser.parse_args(argv)

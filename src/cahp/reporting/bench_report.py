@@ -993,10 +993,15 @@ def noise_floor_of(config: dict[str, Any], records: dict[str, Any], shown: str) 
             "n": int(entry["n"]),
             "file": shown,
         }
+    command = _noise_floor_command(key, config) if key is not None else None
+    return {"key": key, "measured": False, "command": command, "file": shown}
+
+
+def _noise_floor_command(key: str, config: dict[str, Any]) -> str:
+    """The command that measures row ``key`` on the split the grid reports (``test`` unless it evaluates none)."""
     splits = config.get("eval_splits") or ["test"]
     option = "" if "test" in splits else f" --split {splits[0]}"
-    command = f"python {NOISE_FLOOR_SCRIPT} --rows {key}{option}" if key is not None else None
-    return {"key": key, "measured": False, "command": command, "file": shown}
+    return f"python {NOISE_FLOOR_SCRIPT} --rows {key}{option}"
 
 
 def published_noise_floor(folder: str | Path) -> str:
@@ -1031,7 +1036,7 @@ def _noise_floor_lines(floor: dict[str, Any] | None, config: dict[str, Any]) -> 
         if floor.get("measured_on", floor["key"]) != floor["key"]:
             parts.append(
                 f"Measured on `{floor['measured_on']}`, another fine-tune recipe of the same model and task (this "
-                f"grid's `{floor['key']}` was not measured: `python {NOISE_FLOOR_SCRIPT} --rows {floor['key']}`)."
+                f"grid's `{floor['key']}` was not measured: `{_noise_floor_command(floor['key'], config)}`)."
             )
     elif floor["key"] is not None:
         parts.append(
