@@ -156,10 +156,12 @@ def _row(seed: int, split: str, accuracy: float, record: dict[str, Any], source:
     """A per-seed row: ``accuracy`` on ``split``, the rest from ``record`` (a run's ``metrics.json`` or a baseline's
     ``finetune_baselines.json`` entry)."""
     results = record.get("results", {})
+    history = record.get("history") or [{}]
     return {
         "seed": seed,
         f"{split}_accuracy": accuracy,
         "validation_accuracy": results.get("validation", {}).get("accuracy", record.get("validation_accuracy")),
+        "train_loss": history[-1].get("train_loss"),  # the last epoch's mean (None: a record without history)
         "train_seconds": record.get("train_seconds"),
         "torch_threads": record.get("torch_threads"),
         "source": source,
@@ -275,20 +277,42 @@ def row_record(recipe: Recipe, seeds: Sequence[int], result_of: SeedResult | Non
     }
 
 
+def _whole_split_dense(grid: Path, split: str) -> float | None:
+    """The dense accuracy a grid measured on the whole of ``split`` (None: not measured, or on a subset)."""
+    dense_file = grid / "dense.json"
+    if not dense_file.is_file():
+        return None
+    dense = json.loads(dense_file.read_text())
+    scored = dense.get("accuracy", {}).get(split)
+    if not scored or scored.get("examples") != dense.get("task", {}).get("split_sizes", {}).get(split):
+        return None
+    return float(scored["accuracy"])
+
+
 def grids_reading(records: dict[str, Any], bench: Path = RESULTS / "bench") -> dict[str, dict[str, list[str]]]:
     """Per row: the published grids whose summaries print its spread, ``{"own": [...], "stand_in": [...]}`` (their
-    own checkpoint, or another recipe of the same model and task: :func:`grid_noise_floor`)."""
+    own checkpoint, or another recipe of the same model and task: :func:`grid_noise_floor`), and under
+    ``"other_fine_tune"`` the own grids whose dense model scores otherwise than the row's first seed (the checkpoint)
+    on the whole split: they pruned another fine-tune of the recipe than the one measured, as ``"grid (accuracy)"``."""
     from cahp.reporting.bench_report import noise_floor_of
 
-    readers: dict[str, dict[str, list[str]]] = {row: {"own": [], "stand_in": []} for row in records}
+    readers: dict[str, dict[str, list[str]]] = {
+        row: {"own": [], "stand_in": [], "other_fine_tune": []} for row in records
+    }
     for config in sorted(bench.glob("*/bench_config.json")):
         grid = json.loads(config.read_text())
         if grid.get("objective") == "causal-lm":
             continue
         floor = noise_floor_of(grid, records, "benchmarks/results/noise_floor.json")
-        if floor["measured"]:
-            own = floor["measured_on"] == floor["key"]
-            readers[floor["measured_on"]]["own" if own else "stand_in"].append(config.parent.name)
+        if not floor["measured"]:
+            continue
+        row = floor["measured_on"]
+        own = row == floor["key"]
+        readers[row]["own" if own else "stand_in"].append(config.parent.name)
+        split = records[row]["split"]
+        dense = _whole_split_dense(config.parent, split) if own else None
+        if dense is not None and round(dense, 4) != round(records[row]["per_seed"][0][f"{split}_accuracy"], 4):
+            readers[row]["other_fine_tune"].append(f"{config.parent.name} ({dense:.4f})")
     return readers
 
 
@@ -309,7 +333,7 @@ def write_table(
         "| checkpoint | model | task | split | accuracy per seed (seed: value) | mean | sd | n | grids printing it |",
         "|---|---|---|---|---|---:|---:|---:|---|",
     ]
-    for name, row in records.items():
+    for name, row in sorted(records.items()):
         per_seed = ", ".join(f"{entry['seed']}: {entry[row['split'] + '_accuracy']:.4f}" for entry in row["per_seed"])
         grids = readers[name]
         shown = f"{len(grids['own'])} on it" + (f", {len(grids['stand_in'])} as stand-in" if grids["stand_in"] else "")
@@ -318,7 +342,7 @@ def write_table(
             f"| {row['sd']:.4f} | {row['n']} | {shown} |"
         )
     lines += ["", "Stand-in: a grid on another recipe of the same model and task, its own checkpoint unmeasured.", ""]
-    for name, row in records.items():
+    for name, row in sorted(records.items()):
         lines += [f"`{name}`: `{row['command']}`", ""]
         for entry in row["per_seed"]:
             command = row["finetune_commands"][str(entry["seed"])]
@@ -326,6 +350,14 @@ def write_table(
             lines.append(f"- seed {entry['seed']} ({entry['source']}): {shown}")
         if readers[name]["stand_in"]:
             lines.append(f"- stand-in for: {', '.join(readers[name]['stand_in'])}")
+        if readers[name]["other_fine_tune"]:
+            first = row["per_seed"][0]
+            lines.append(
+                f"- grids whose dense model is not the checkpoint measured here (its accuracy on the whole "
+                f"{row['split']} split in brackets; seed {first['seed']}'s checkpoint here: "
+                f"{first[row['split'] + '_accuracy']:.4f}): {', '.join(readers[name]['other_fine_tune'])}. They pruned "
+                "another fine-tune of this recipe"
+            )
         lines.append("")
     out.write_text("\n".join(lines))
     return out

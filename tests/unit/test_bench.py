@@ -499,7 +499,7 @@ def test_noise_floor_script_fine_tunes_one_model_per_seed(classifier: tuple[Path
     for row in measured["per_seed"]:
         metrics = json.loads((folders[row["seed"]] / "metrics.json").read_text())
         assert row["test_accuracy"] == metrics["results"]["test"]["accuracy"] and row["source"] == "fine-tuned"
-        assert metrics["history"][0]["train_loss"] is not None
+        assert row["train_loss"] == metrics["history"][-1]["train_loss"] is not None
     histories = [json.loads((f / "metrics.json").read_text())["history"] for f in folders.values()]
     assert histories[0][0]["train_loss"] != histories[1][0]["train_loss"], "the seeds trained differently"
     assert measured["n"] == 2 and measured["split"] == "test"
@@ -528,6 +528,11 @@ def test_noise_floor_script_fine_tunes_one_model_per_seed(classifier: tuple[Path
         (bench / grid).mkdir(parents=True)
         config = {"model": str(tmp_path / folder), "task": {"task": "toy"}}
         (bench / grid / "bench_config.json").write_text(json.dumps(config))
+    # the grid on the row pruned another fine-tune: its dense model scores otherwise on the whole test split
+    checkpoint = measured["per_seed"][0]["test_accuracy"]
+    dense: dict[str, Any] = {"accuracy": {"test": {"accuracy": checkpoint + 0.01, "examples": 40}}}
+    dense["task"] = {"split_sizes": {"test": 40}}
+    (bench / "on_it" / "dense.json").write_text(json.dumps(dense))
     record = {"model": "tiny", "task": "toy", **measured, "command": "python benchmarks/noise_floor.py --rows x"}
     record["finetune_commands"] = {"0": "cahp finetune A", "1": "cahp finetune B"}
     table = script.write_table({"finetuned/tiny-toy": record}, tmp_path / "noise_floor.md", bench).read_text()
@@ -535,6 +540,14 @@ def test_noise_floor_script_fine_tunes_one_model_per_seed(classifier: tuple[Path
     assert f"| `finetuned/tiny-toy` | tiny | toy | test | {values} | {measured['mean']:.4f} |" in table
     assert "| 1 on it, 1 as stand-in |" in table and "- stand-in for: grouped" in table
     assert "- seed 1 (fine-tuned): `cahp finetune B`" in table
+    other = f"seed 0's checkpoint here: {checkpoint:.4f}): on_it ({checkpoint + 0.01:.4f}). They pruned another"
+    assert other in table
+    # a dense accuracy on a subset of the split, or equal to the checkpoint's, is no sign of another fine-tune
+    for accuracy, examples in ((checkpoint + 0.01, 20), (checkpoint, 40)):
+        dense["accuracy"]["test"] = {"accuracy": accuracy, "examples": examples}
+        (bench / "on_it" / "dense.json").write_text(json.dumps(dense))
+        readers = script.grids_reading({"finetuned/tiny-toy": record}, bench)
+        assert readers["finetuned/tiny-toy"]["other_fine_tune"] == []
 
     assert script.seeds_of(3) == [42, 43, 44]
     baseline = script.recipe_of("finetuned/minilm-l6-sst5")
