@@ -354,9 +354,9 @@ def write_table(
             first = row["per_seed"][0]
             lines.append(
                 f"- grids whose dense model is not the checkpoint measured here (its accuracy on the whole "
-                f"{row['split']} split in brackets; seed {first['seed']}'s checkpoint here: "
+                f"{row['split']} split in brackets; seed {first['seed']}'s checkpoint as measured: "
                 f"{first[row['split'] + '_accuracy']:.4f}): {', '.join(readers[name]['other_fine_tune'])}. They pruned "
-                "another fine-tune of this recipe"
+                "another fine-tune of this recipe."
             )
         lines.append("")
     out.write_text("\n".join(lines))

@@ -540,7 +540,7 @@ def test_noise_floor_script_fine_tunes_one_model_per_seed(classifier: tuple[Path
     assert f"| `finetuned/tiny-toy` | tiny | toy | test | {values} | {measured['mean']:.4f} |" in table
     assert "| 1 on it, 1 as stand-in |" in table and "- stand-in for: grouped" in table
     assert "- seed 1 (fine-tuned): `cahp finetune B`" in table
-    other = f"seed 0's checkpoint here: {checkpoint:.4f}): on_it ({checkpoint + 0.01:.4f}). They pruned another"
+    other = f"seed 0's checkpoint as measured: {checkpoint:.4f}): on_it ({checkpoint + 0.01:.4f}). They pruned another"
     assert other in table
     # a dense accuracy on a subset of the split, or equal to the checkpoint's, is no sign of another fine-tune
     for accuracy, examples in ((checkpoint + 0.01, 20), (checkpoint, 40)):
