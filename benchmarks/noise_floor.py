@@ -5,11 +5,12 @@ A row is a checkpoint that bench grids prune, named by its folder under ``$CAHP_
 (``demo/minilm-l6-sst5``: ``cahp demo``'s; ``finetuned/minilm-l6-mnli-grouped``: the reconstruction study's). Its
 recipe is fine-tuned again with other training seeds (a baseline: its ``finetune_baselines.py`` command plus
 ``--seed S``; any other run: ``cahp finetune --config <its folder> --seed S``); the seed shuffles the batches, draws
-the dropout masks and initialises the classification head. Each seed is evaluated on the test split, and the
-per-seed accuracies, their mean and their sample standard deviation are recorded in
-``benchmarks/results/noise_floor.json`` under the row's name. Every bench summary of a grid on that checkpoint prints
-the standard deviation beside its tables (:func:`cahp.reporting.bench_report.grid_noise_floor`); a grid on another
-checkpoint of the same model and task prints it as measured on that other recipe.
+the dropout masks and initialises the classification head. Each seed is evaluated on the test split (``--split
+validation`` for a task without a labelled one, SST-2), and the per-seed accuracies, their mean and their sample
+standard deviation are recorded in ``benchmarks/results/noise_floor.json`` under the row's name. Every bench summary
+of a grid on that checkpoint prints the standard deviation beside its tables
+(:func:`cahp.reporting.bench_report.grid_noise_floor`); a grid on another checkpoint of the same model and task
+prints it as measured on that other recipe.
 
 The first seed is the checkpoint's own (42, ``cahp finetune``'s default): its test accuracy is read from its
 ``metrics.json``, from ``finetune_baselines.json`` for a baseline whose folder is not on this machine (the recorded
@@ -52,7 +53,7 @@ SPLIT = "test"
 #: What may differ between two runs of one recipe: the seed, the splits evaluated, where the data was read from.
 RUN_VARIABLES = {("training", "seed"), ("eval_splits",), ("task", "data_dir"), ("command",)}
 
-#: ``(seed) -> per-seed row``: ``{"seed", "<split>_accuracy", "validation_accuracy", "train_seconds",
+#: ``(seed) -> per-seed row``: ``{"seed", "<split>_accuracy", "validation_accuracy", "train_loss", "train_seconds",
 #: "torch_threads", "source"}`` of the row's recipe trained with that seed.
 SeedResult = Callable[[int], dict[str, Any]]
 

@@ -604,9 +604,9 @@ def rebuild_published_summary(folder: str | Path) -> Path:
     folder = Path(folder)
     recorded = json.loads((folder / "summary.json").read_text())
     out = Path(str(json.loads((folder / "bench_config.json").read_text()).get("out", "")))
-    if out.parent.name != "bench":
-        return write_bench_report(folder, figures=False, recorded=recorded)
-    with _cahp_home(out.parent.parent):  # its paths are shown relative to the cache folder it ran in
+    # its paths are shown relative to the cache folder it ran in
+    home = _cahp_home(out.parent.parent) if out.parent.name == "bench" else contextlib.nullcontext()
+    with home:
         return write_bench_report(folder, figures=False, recorded=recorded)
 
 
